@@ -1,0 +1,1 @@
+"""Qwen evaluation harness: tasks, runner, scoring. See README.md and EVALUATION.md."""
