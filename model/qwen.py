@@ -1,0 +1,298 @@
+"""Qwen (v1) in plain PyTorch: RMSNorm, RoPE with dynamic NTK, LogN, layer-wise windows, SwiGLU.
+
+Parameter names equal the checkpoint keys of both published layouts, so loading needs no mapping.
+Positions are an explicit [B, T] input counted from each row's first real token (-1 marks padding):
+a left-padded row then computes exactly what it computes alone, and LogN / NTK see true lengths.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelArgs
+
+try:  # optional: the flash-attn package, used for plain causal attention when present
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+def ntk_alpha(length: Tensor, seq_length: int) -> Tensor:
+    """Dynamic-NTK alpha per row (spec 6.4): 2**ceil(log2(L / seq_length) + 1) - 1, at least 1."""
+    context_value = torch.log2(length.double() / seq_length) + 1
+    return torch.clamp(2 ** torch.ceil(context_value) - 1, min=1)
+
+
+def rope_inv_freq(alpha: Tensor, base: float, head_dim: int) -> Tensor:
+    """Inverse frequencies [B, head_dim/2] for per-row alphas: base' = base * alpha^(d/(d-2)), in fp32."""
+    scaled_base = (base * alpha.double() ** (head_dim / (head_dim - 2))).float()
+    exponents = torch.arange(0, head_dim, 2, device=alpha.device).float() / head_dim
+    return 1.0 / scaled_base[:, None] ** exponents[None, :]
+
+
+def logn_scale(positions: Tensor, seq_length: int) -> Tensor:
+    """LogN query factor (spec 6.5): log(p+1) / log(seq_length) once p+1 > seq_length, else 1."""
+    count = (positions + 1).double()
+    return torch.where(count > seq_length, torch.log(count) / math.log(seq_length), torch.ones_like(count))
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Static cache for decoding: every row owns its slots; `pos` says which position each slot holds."""
+
+    k: Tensor  # [n_layer, batch, n_head, max_len, head_dim]
+    v: Tensor
+    pos: Tensor  # [batch, max_len], -1 = empty
+    ntk_len: Tensor  # [batch]: the prefill length that chose each row's NTK alpha (kept while decoding)
+
+    @classmethod
+    def empty(cls, args: ModelArgs, batch: int, max_len: int, dtype, device) -> "KVCache":
+        shape = (args.n_layer, batch, args.n_head, max_len, args.head_dim)
+        return cls(
+            k=torch.zeros(shape, dtype=dtype, device=device),
+            v=torch.zeros(shape, dtype=dtype, device=device),
+            pos=torch.full((batch, max_len), -1, dtype=torch.long, device=device),
+            ntk_len=torch.ones(batch, dtype=torch.long, device=device),
+        )
+
+    def prefill(self, rows: Tensor, positions: Tensor, ntk_len: Tensor | None = None) -> "CacheView":
+        """Write rows' tokens into slots 0..T-1; attention runs over the new tokens (and a prefix) only."""
+        slots = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+        self.pos[rows] = -1
+        self.pos[rows[:, None], slots] = positions
+        self.ntk_len[rows] = positions.max(dim=1).values + 1 if ntk_len is None else ntk_len
+        return CacheView(self, rows, slots, read=False)
+
+    def decode(self, slots: Tensor, positions: Tensor) -> "CacheView":
+        """Write one step for every row at `slots` [B, T]; attention reads the whole cache."""
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        self.pos[rows[:, None], slots] = positions
+        return CacheView(self, rows, slots, read=True)
+
+
+@dataclass
+class CacheView:
+    cache: KVCache
+    rows: Tensor
+    slots: Tensor
+    read: bool
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v [b, T, H, D]; return what attention reads, [b, H, S, D]."""
+        self.cache.k[layer][self.rows[:, None], :, self.slots] = k
+        self.cache.v[layer][self.rows[:, None], :, self.slots] = v
+        if self.read:
+            return self.cache.k[layer], self.cache.v[layer]
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # fp32 statistics, cast back before the weight, as the original
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate: SiLU goes on w2
+        self.c_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+@dataclass
+class LayerInputs:
+    """Everything attention needs that depends on positions, not on weights (built once per window size)."""
+
+    cos: Tensor  # [B, T, 1, D]
+    sin: Tensor
+    q_scale: Tensor | None  # LogN factor [B, T, 1, 1] or None
+    mask: Tensor | None  # [B, 1, T, S] True = attend; None = plain causal
+    prefix_mask: Tensor | None  # [B, 1, T, P] or None = every prefix token visible
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_head, self.head_dim = args.n_head, args.head_dim
+        self.c_attn = nn.Linear(args.dim, 3 * args.dim, bias=True)  # fused q, k, v
+        self.c_proj = nn.Linear(args.dim, args.dim, bias=False)
+
+    def forward(self, x: Tensor, inp: LayerInputs, layer: int, kv: CacheView | None, prefix, impl: str) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each [B, T, H, D]
+        q = _rope(q, inp.cos, inp.sin)
+        k = _rope(k, inp.cos, inp.sin)
+        if inp.q_scale is not None:
+            q = q * inp.q_scale.to(q.dtype)
+        if kv is not None:
+            k, v = kv.update(layer, k, v)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        pkv = None if prefix is None else (prefix.k[layer][0], prefix.v[layer][0])
+        y = attention(q.transpose(1, 2), k, v, inp.mask, pkv, inp.prefix_mask, impl)  # [B, H, T, D]
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x32 = x.float()  # RoPE in fp32, cast back, as the original
+    return (x32 * cos + rotate_half(x32) * sin).type_as(x)
+
+
+def attention(q, k, v, mask, prefix_kv=None, prefix_mask=None, impl: str = "sdpa") -> Tensor:
+    """q [B, H, T, D] against own keys k, v [B, H, S, D] and optionally a shared prefix [H, P, D].
+
+    The prefix is one tensor for the whole batch: its scores come from one matrix product per head,
+    never from a per-row copy of its K/V.
+    """
+    if prefix_kv is None and impl == "sdpa":
+        if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    scale = q.shape[-1] ** -0.5
+    if mask is None:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if prefix_kv is None:
+        return (scores.softmax(-1).to(v.dtype)) @ v
+    pk, pv = prefix_kv
+    prefix_scores = torch.einsum("bhtd,hpd->bhtp", q, pk).float() * scale
+    if prefix_mask is not None:
+        prefix_scores = prefix_scores.masked_fill(~prefix_mask, float("-inf"))
+    probs = torch.cat([prefix_scores, scores], dim=-1).softmax(-1).to(v.dtype)
+    n_prefix = pk.shape[1]
+    return torch.einsum("bhtp,hpd->bhtd", probs[..., :n_prefix], pv) + probs[..., n_prefix:] @ v
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.ln_1 = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(args)
+        self.ln_2 = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, inp, layer, kv, prefix, impl):
+        h = x + self.attn(self.ln_1(x), inp, layer, kv, prefix, impl)
+        return h + self.mlp(self.ln_2(h))
+
+
+class Qwen(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.attn_impl = "sdpa"  # "math": the plain reference attention, for tests
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(args.vocab_size, args.dim),
+                h=nn.ModuleList(Block(args) for _ in range(args.n_layer)),
+                ln_f=RMSNorm(args.dim, args.norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, **kw) -> Tensor:
+        """Logits [B, T, vocab] for token ids [B, T]; see `hidden` for the keyword arguments."""
+        return self.lm_head(self.hidden(tokens, attention_mask, **kw))
+
+    def hidden(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        positions: Tensor | None = None,
+        kv: CacheView | None = None,
+        prefix: KVCache | None = None,
+    ) -> Tensor:
+        """Final-norm hidden states [B, T, dim].
+
+        attention_mask [B, T] (1 = token, 0 = padding) or explicit positions [B, T] (-1 = padding);
+        kv: a view of a KVCache to write (and, when decoding, read); prefix: a batch-1 KVCache holding
+        positions 0..P-1 that every row attends to (its rows' positions then start at P).
+        """
+        positions = self._positions(tokens, attention_mask, positions, prefix)
+        if kv is not None:
+            ntk_len = kv.cache.ntk_len[kv.rows]
+            key_pos = kv.cache.pos if kv.read else positions
+        else:
+            ntk_len = positions.max(dim=1).values + 1
+            key_pos = positions
+        plain_causal = kv is None and prefix is None and attention_mask is None and bool((positions >= 0).all())
+        inputs = {}
+        x = self.transformer.wte(tokens)
+        for i, block in enumerate(self.transformer.h):
+            window = self.args.windows[i] if self.args.windows else None
+            if window not in inputs:
+                inputs[window] = self._layer_inputs(positions, key_pos, ntk_len, window, prefix, plain_causal)
+            x = block(x, inputs[window], i, kv, prefix, self.attn_impl)
+        return self.transformer.ln_f(x)
+
+    def _positions(self, tokens, attention_mask, positions, prefix) -> Tensor:
+        if positions is not None:
+            return positions
+        start = 0 if prefix is None else prefix.pos.shape[1]
+        if attention_mask is None:
+            return start + torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        mask = attention_mask.bool()
+        return torch.where(mask, start + mask.long().cumsum(1) - 1, -1)
+
+    def _layer_inputs(self, positions, key_pos, ntk_len, window, prefix, plain_causal) -> LayerInputs:
+        args = self.args
+        span = ntk_len if window is None else ntk_len.clamp(max=window)  # a layer never sees more than its window
+        alpha = ntk_alpha(span, args.seq_length) if args.use_dynamic_ntk else torch.ones_like(span, dtype=torch.double)
+        angles = positions.clamp(min=0)[..., None].float() * rope_inv_freq(alpha, args.rope_base, args.head_dim)[:, None, :]
+        emb = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # [B, T, 1, D]
+        q_scale = None
+        if args.use_logn_attn:
+            counted = positions if window is None else positions.clamp(max=window - 1)
+            q_scale = logn_scale(counted, args.seq_length)[:, :, None, None]
+        mask = None if plain_causal and window is None else _visible(positions, key_pos, window)
+        prefix_mask = None
+        if prefix is not None and window is not None:
+            prefix_mask = _visible(positions, prefix.pos.expand(positions.shape[0], -1), window)
+        return LayerInputs(emb.cos(), emb.sin(), q_scale, mask, prefix_mask)
+
+
+def _visible(q_pos: Tensor, key_pos: Tensor, window: int | None) -> Tensor:
+    """[B, 1, T, S]: key visible iff it holds a token at or before the query and within the window.
+
+    Padding queries (position -1) see every key so that their (unused) outputs stay finite.
+    """
+    q = q_pos[:, None, :, None]
+    k = key_pos[:, None, None, :]
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible &= q - k < window
+    return visible | (q < 0)
+
+
+def init_weights(model: Qwen, std: float = 0.02, seed: int = 0) -> Qwen:
+    """Random weights (tests and speed benchmarks); norms stay at 1."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=gen)
+    return model

@@ -1,0 +1,166 @@
+"""Checkpoints in both published layouts load to identical logits; each bad input has its clear error."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from checkpoints import SHARED, tiny_model, write_checkpoint
+from model import ConfigError, ModelLoadError, load_model, load_tokenizer
+from model.config import args_from_config, parse_windows
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, model):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {fmt: write_checkpoint(model, root / fmt, fmt) for fmt in ("original", "v1.1")}
+
+
+def test_both_layouts_load_to_identical_logits(model, checkpoints):
+    ids = torch.randint(0, 151851, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected = model(ids)
+    for path in checkpoints.values():
+        loaded = load_model(path, dtype="fp32", device="cpu")
+        assert loaded.args == model.args
+        assert torch.equal(loaded(ids), expected)
+
+
+def test_switch_overrides_and_config_defaults(checkpoints):
+    default = load_model(checkpoints["v1.1"], device="cpu")
+    assert default.args.use_dynamic_ntk and default.args.use_logn_attn and default.args.windows is None
+    assert next(default.parameters()).dtype == torch.float32  # auto on CPU
+    off = load_model(checkpoints["v1.1"], device="cpu", dynamic_ntk=False, logn=False, window_attn="1x8,16")
+    assert not off.args.use_dynamic_ntk and not off.args.use_logn_attn and off.args.windows == (8, 16)
+    assert next(load_model(checkpoints["original"], device="cpu", dtype="bf16").parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not (SHARED / "qwen").exists(), reason="real Qwen config files live in ../shared/qwen")
+def test_real_qwen_configs_give_qwen_7b_shapes():
+    for name in ("original", "v1.1"):
+        args = args_from_config(json.loads((SHARED / "qwen" / name / "config.json").read_text()))
+        assert (args.dim, args.n_layer, args.n_head, args.head_dim, args.intermediate_size) == (4096, 32, 32, 128, 11008)
+        assert args.vocab_size == 151936 and args.rope_base == 10000
+    original = args_from_config(json.loads((SHARED / "qwen" / "original" / "config.json").read_text()))
+    v11 = args_from_config(json.loads((SHARED / "qwen" / "v1.1" / "config.json").read_text()))
+    assert (original.seq_length, v11.seq_length) == (2048, 8192)
+
+
+def test_window_schedules():
+    assert parse_windows("4x2048,4x4096,8192", 12) == (2048,) * 4 + (4096,) * 4 + (8192,) * 4
+    assert parse_windows(512, 3) == (512, 512, 512)
+    assert parse_windows("none", 3) is None
+    for bad in ("4x2048,x", "2048,4x4096", "9x10"):
+        with pytest.raises(ConfigError, match="window schedule"):
+            parse_windows(bad, 8)
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_config(checkpoints, tmp_path):
+    path = _copy(checkpoints["original"], tmp_path)
+    (path / "config.json").unlink()
+    with pytest.raises(ConfigError, match="config.json: config file not found"):
+        load_model(path, device="cpu")
+
+
+def test_config_without_size_key(checkpoints, tmp_path):
+    path = _copy(checkpoints["original"], tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["n_embd"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="missing size key 'n_embd' or 'hidden_size'"):
+        load_model(path, device="cpu")
+
+
+def test_missing_weights(checkpoints, tmp_path):
+    path = _copy(checkpoints["original"], tmp_path)
+    (path / "pytorch_model.bin").unlink()
+    with pytest.raises(ModelLoadError, match="no weights"):
+        load_model(path, device="cpu")
+
+
+def test_missing_shard(checkpoints, tmp_path):
+    path = _copy(checkpoints["v1.1"], tmp_path)
+    (path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="model-00002-of-00002.safetensors"):
+        load_model(path, device="cpu")
+
+
+def _rewrite_shard(path, edit):
+    shard = path / "model-00001-of-00002.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard)
+
+
+def test_wrong_shape_names_file_and_tensor(checkpoints, tmp_path):
+    path = _copy(checkpoints["v1.1"], tmp_path)
+    name = "transformer.h.0.attn.c_attn.weight"
+    shard = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][name]
+    from safetensors.torch import load_file
+
+    tensors = load_file(path / shard)
+    tensors[name] = tensors[name][:-1].contiguous()
+    save_file(tensors, path / shard)
+    with pytest.raises(ModelLoadError, match=rf"{shard}: tensor '{name}' has shape \[191, 64\], config says \[192, 64\]"):
+        load_model(path, device="cpu")
+
+
+def test_missing_and_unexpected_tensors(checkpoints, tmp_path):
+    path = _copy(checkpoints["v1.1"], tmp_path)
+    _rewrite_shard(path, lambda t: t.pop(sorted(t)[0]))
+    with pytest.raises(ModelLoadError, match="missing tensor"):
+        load_model(path, device="cpu")
+    path = _copy(checkpoints["v1.1"], tmp_path / "b")
+    _rewrite_shard(path, lambda t: t.update({"transformer.h.9.mlp.extra": torch.zeros(2)}))
+    with pytest.raises(ModelLoadError, match="unexpected tensor 'transformer.h.9.mlp.extra'"):
+        load_model(path, device="cpu")
+
+
+def test_truncated_files(checkpoints, tmp_path):
+    path = _copy(checkpoints["v1.1"], tmp_path)
+    shard = path / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError, match="model-00001-of-00002.safetensors: truncated"):
+        load_model(path, device="cpu")
+    path = _copy(checkpoints["original"], tmp_path / "b")
+    weights = path / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="pytorch_model.bin: cannot read PyTorch weights"):
+        load_model(path, device="cpu")
+
+
+def test_missing_vocab(checkpoints, tmp_path):
+    path = _copy(checkpoints["original"], tmp_path)
+    (path / "qwen.tiktoken").unlink()
+    with pytest.raises(ModelLoadError, match="no qwen.tiktoken"):
+        load_tokenizer(path)
+    assert load_tokenizer(checkpoints["original"]).encode("答案") == [102349]
+
+
+def test_nonexistent_path_and_offline_hub_id(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nope", device="cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match=r"could not fetch 'Qwen/Qwen-7B'.*--model /path/to/Qwen-7B"):
+        load_model("Qwen/Qwen-7B", device="cpu")
+
+
+def test_bad_dtype(checkpoints):
+    with pytest.raises(ModelLoadError, match="unknown dtype 'fp8'"):
+        load_model(checkpoints["original"], device="cpu", dtype="fp8")
