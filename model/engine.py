@@ -1,0 +1,396 @@
+"""Batched inference over token ids: choice scores, greedy generation, rolling log-likelihood.
+
+Where the speed comes from:
+- requests are grouped by their shared prefix (the few-shot shots); the prefix K/V is computed once
+  and every row of a batch attends to that one tensor (no per-row copy);
+- rows are sorted by length and batched to a memory budget derived from free device memory;
+- generation keeps a static KV cache, decodes all rows in one fixed-shape step (CUDA-graphed on a
+  GPU), checks stop conditions on the host only every `sync_every` steps, and refills the rows of
+  finished sequences with waiting ones (continuous batching);
+- only the positions that are scored reach the LM head, in chunks for long sequences.
+Results come back in input order and do not depend on how requests were batched.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .config import with_switches
+from .qwen import KVCache, Qwen, ntk_alpha
+
+
+@dataclass(frozen=True)
+class ChoiceResult:
+    logits: tuple[float, ...]  # fp32 logits of the choice tokens
+    parity_probs: tuple[float, ...]  # softmax over the choices of the full-vocab softmax, in the model dtype
+    top_id: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    tokens: tuple[int, ...]  # new tokens, the stop token excluded
+    finish: str  # "stop" or "length"
+
+
+Done = Callable[[list[tuple[int, object]]], None]  # called with (request index, result) pairs per batch
+
+
+@dataclass
+class _Group:
+    prefix: tuple[int, ...]
+    members: list[int]
+    ntk_len: int  # a member's length: every member gives the same per-layer NTK alphas
+
+
+class Engine:
+    def __init__(self, model: Qwen, *, max_batch: int | None = None, memory_fraction: float = 0.85,
+                 cpu_batch_tokens: int = 8192, sync_every: int = 16, progress: bool = True,
+                 cuda_graphs: bool = True, loss_chunk: int = 1024):
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_batch = max_batch
+        self.memory_fraction = memory_fraction
+        self.cpu_batch_tokens = cpu_batch_tokens
+        self.sync_every = sync_every
+        self.progress = progress
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.loss_chunk = loss_chunk
+
+    # ---- sizing -------------------------------------------------------------------------------
+    def _memory_budget(self) -> int | None:
+        """Bytes available for activations and KV cache; None on CPU (a token budget applies instead)."""
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(free * self.memory_fraction)
+
+    def _kv_bytes_per_token(self) -> int:
+        a = self.model.args
+        return 2 * a.n_layer * a.n_head * a.head_dim * self.dtype.itemsize
+
+    def _forward_bytes(self, batch: int, length: int, prefix: int) -> int:
+        """Peak activation bytes of one forward without a cache (a generous estimate, no trial and error)."""
+        a = self.model.args
+        per_token = (6 * a.dim + 3 * a.intermediate_size) * self.dtype.itemsize + 4 * a.dim
+        scores = 3 * 4 * a.n_head * length * (length + prefix)  # attention scores and probs in fp32 (math path)
+        return batch * (length * per_token + scores)
+
+    def _fits(self, batch: int, length: int, prefix: int, extra_per_row: int = 0) -> bool:
+        if self.max_batch is not None and batch > self.max_batch:
+            return False
+        budget = self._memory_budget()
+        if budget is None:
+            return batch == 1 or batch * length <= self.cpu_batch_tokens
+        return batch == 1 or self._forward_bytes(batch, length, prefix) + batch * extra_per_row <= budget
+
+    def _batches(self, order: list[int], lengths: Sequence[int], prefix: int):
+        """Consecutive slices of `order` (sorted longest first) that fit in memory."""
+        start = 0
+        while start < len(order):
+            width, end = lengths[order[start]], start + 1
+            while end < len(order) and self._fits(end + 1 - start, width, prefix):
+                end += 1
+            yield order[start:end]
+            start = end
+
+    # ---- shared prefixes ----------------------------------------------------------------------
+    def _groups(self, prompts: Sequence[Sequence[int]], shared: Sequence[int], ntk_lengths: Sequence[int]) -> list[_Group]:
+        """Group requests by (shared prefix, per-layer NTK alphas): a prefix's K/V depends on both."""
+        a = self.model.args
+        lengths = torch.tensor(list(ntk_lengths), dtype=torch.long)
+        windows = sorted({w for w in (a.windows or (None,))}, key=lambda w: w or 0)
+        if a.use_dynamic_ntk:
+            alphas = torch.stack([ntk_alpha(lengths if w is None else lengths.clamp(max=w), a.seq_length) for w in windows], 1)
+        else:
+            alphas = torch.ones(len(lengths), 1)
+        groups: dict[tuple, _Group] = {}
+        for i, prompt in enumerate(prompts):
+            prefix = tuple(prompt[: min(shared[i], len(prompt) - 1)])
+            key = (prefix, tuple(alphas[i].tolist()) if prefix else ())
+            groups.setdefault(key, _Group(prefix, [], int(lengths[i]))).members.append(i)
+        return list(groups.values())
+
+    def _prefix_cache(self, group: _Group) -> KVCache | None:
+        if not group.prefix:
+            return None
+        n = len(group.prefix)
+        cache = KVCache.empty(self.model.args, 1, n, self.dtype, self.device)
+        positions = torch.arange(n, device=self.device)[None]
+        tokens = torch.tensor(group.prefix, device=self.device)[None]
+        rows = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.model.hidden(tokens, positions=positions, kv=cache.prefill(rows, positions, torch.tensor([group.ntk_len], device=self.device)))
+        return cache
+
+    def _pad(self, seqs: list[Sequence[int]], start: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Right-padded tokens, positions from `start` (-1 on padding), and lengths."""
+        width = max(len(s) for s in seqs)
+        tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+        positions = torch.full((len(seqs), width), -1, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            tokens[row, : len(seq)] = torch.tensor(seq)
+            positions[row, : len(seq)] = torch.arange(start, start + len(seq))
+        lengths = torch.tensor([len(s) for s in seqs])
+        return tokens.to(self.device), positions.to(self.device), lengths.to(self.device)
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=False)
+
+    # ---- 1. choice scores ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def score_choices(self, prompts: Sequence[Sequence[int]], choice_ids: Sequence[Sequence[int]],
+                      shared_prefix: Sequence[int] | None = None, on_done: Done | None = None) -> list[ChoiceResult]:
+        shared = shared_prefix or [0] * len(prompts)
+        results: list[ChoiceResult | None] = [None] * len(prompts)
+        with self._bar(len(prompts), "choice") as bar:
+            for group in self._groups(prompts, shared, [len(p) for p in prompts]):
+                prefix = self._prefix_cache(group)
+                n_prefix = len(group.prefix)
+                suffixes = {i: prompts[i][n_prefix:] for i in group.members}
+                lengths = {i: len(s) for i, s in suffixes.items()}
+                order = sorted(group.members, key=lambda i: -lengths[i])
+                for batch in self._batches(order, lengths, n_prefix):
+                    done = self._score_batch(batch, suffixes, choice_ids, prefix, n_prefix)
+                    for i, r in done:
+                        results[i] = r
+                    if on_done:
+                        on_done(done)
+                    bar.update(len(batch))
+        return results
+
+    def _score_batch(self, batch, suffixes, choice_ids, prefix, n_prefix):
+        tokens, positions, lengths = self._pad([suffixes[i] for i in batch], n_prefix)
+        hidden = self.model.hidden(tokens, positions=positions, prefix=prefix)
+        last = hidden[torch.arange(len(batch), device=self.device), lengths - 1]  # [b, dim]
+        logits = self.model.lm_head(last)  # model dtype, as the original
+        probs = logits.softmax(-1)
+        top = logits.argmax(-1).tolist()
+        out = []
+        for row, i in enumerate(batch):
+            ids = torch.tensor(choice_ids[i], device=self.device)
+            exact = last[row].float() @ self.model.lm_head.weight[ids].float().T  # fp32 compare
+            parity = probs[row, ids].softmax(-1).float()
+            out.append((i, ChoiceResult(tuple(exact.tolist()), tuple(parity.tolist()), top[row])))
+        return out
+
+    # ---- 2. rolling log-likelihood ------------------------------------------------------------
+    @torch.inference_mode()
+    def loglikelihood(self, sequences: Sequence[Sequence[int]], switches: Sequence[dict] | None = None,
+                      on_done: Done | None = None) -> list[tuple[float, int]]:
+        """Summed NLL of tokens[1:] given their prefixes, and the number of predicted tokens."""
+        switches = switches or [{}] * len(sequences)
+        results: list[tuple[float, int] | None] = [None] * len(sequences)
+        by_switch = defaultdict(list)
+        for i, sw in enumerate(switches):
+            by_switch[tuple(sorted(sw.items()))].append(i)
+        base = self.model.args
+        with self._bar(len(sequences), "loglikelihood") as bar:
+            try:
+                for key, members in by_switch.items():
+                    self.model.args = with_switches(base, **dict(key))
+                    lengths = {i: len(sequences[i]) for i in members}
+                    order = sorted(members, key=lambda i: -lengths[i])
+                    for batch in self._batches(order, lengths, 0):
+                        done = self._nll_batch(batch, sequences)
+                        for i, r in done:
+                            results[i] = r
+                        if on_done:
+                            on_done(done)
+                        bar.update(len(batch))
+            finally:
+                self.model.args = base
+        return results
+
+    def _nll_batch(self, batch, sequences):
+        tokens, positions, lengths = self._pad([sequences[i] for i in batch], 0)
+        hidden = self.model.hidden(tokens, positions=positions)
+        nll = torch.zeros(len(batch), dtype=torch.float64, device=self.device)
+        width = tokens.shape[1]
+        for start in range(0, width - 1, self.loss_chunk):  # never all vocab logits of a long row at once
+            stop = min(start + self.loss_chunk, width - 1)
+            logits = self.model.lm_head(hidden[:, start:stop]).float()
+            targets = tokens[:, start + 1: stop + 1]
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            valid = positions[:, start + 1: stop + 1] >= 0
+            nll += (loss * valid).double().sum(1)
+        return [(i, (float(nll[row]), int(lengths[row]) - 1)) for row, i in enumerate(batch)]
+
+    # ---- 3. greedy generation -----------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], stop_ids: Sequence[Sequence[int]],
+                 shared_prefix: Sequence[int] | None = None, stop_check: Callable[[int, list[int]], bool] | None = None,
+                 on_done: Done | None = None) -> list[Generation]:
+        """Greedy continuations. stop_check(i, new_tokens) -> True once request i may stop (text rules);
+        the returned tokens end at the shortest prefix for which it holds, whatever the batching."""
+        shared = shared_prefix or [0] * len(prompts)
+        results: list[Generation | None] = [None] * len(prompts)
+        with self._bar(len(prompts), "generate") as bar:
+            for group in self._groups(prompts, shared, [len(p) for p in prompts]):
+                run = _Decoder(self, group, prompts, max_new_tokens, stop_ids, stop_check)
+                for done in run:
+                    for i, r in done:
+                        results[i] = r
+                    if on_done:
+                        on_done(done)
+                    bar.update(len(done))
+        return results
+
+
+class _Decoder:
+    """Continuous batching of one prefix group over a static KV cache."""
+
+    def __init__(self, engine: Engine, group: _Group, prompts, max_new, stop_ids, stop_check):
+        self.e, self.model = engine, engine.model
+        self.prefix = engine._prefix_cache(group)
+        self.n_prefix = len(group.prefix)
+        self.suffix = {i: prompts[i][self.n_prefix:] for i in group.members}
+        self.max_new, self.stop_ids, self.stop_check = max_new, stop_ids, stop_check
+        self.queue = sorted(group.members, key=lambda i: -len(self.suffix[i]))  # longest first
+        self.max_len = max(len(s) for s in self.suffix.values()) + max(max_new[i] for i in group.members)
+        self.rows = self._rows()
+        dev = engine.device
+        self.cache = KVCache.empty(self.model.args, self.rows, self.max_len, engine.dtype, dev)
+        self.owner = [-1] * self.rows  # request index per row
+        self.tokens_out = torch.zeros(self.rows, max(max_new[i] for i in group.members), dtype=torch.long, device=dev)
+        self.n_new = torch.zeros(self.rows, dtype=torch.long, device=dev)
+        self.limit = torch.ones(self.rows, dtype=torch.long, device=dev)
+        self.finished = torch.ones(self.rows, dtype=torch.bool, device=dev)
+        self.stop_table = torch.full((self.rows, max(1, max(len(stop_ids[i]) for i in group.members))), -1, device=dev)
+        self.next_token = torch.zeros(self.rows, 1, dtype=torch.long, device=dev)
+        self.position = torch.zeros(self.rows, 1, dtype=torch.long, device=dev)
+        self.slot = torch.zeros(self.rows, 1, dtype=torch.long, device=dev)
+        self.graph = None
+        self.checked = [0] * self.rows  # tokens of each row already offered to stop_check
+
+    def _rows(self) -> int:
+        e = self.e
+        n = len(self.queue)
+        if e.max_batch is not None:
+            n = min(n, e.max_batch)
+        budget = e._memory_budget()
+        if budget is None:
+            return max(1, min(n, e.cpu_batch_tokens // max(1, self.max_len) or 1))
+        per_row = self.max_len * e._kv_bytes_per_token()
+        prefill = e._forward_bytes(1, max(len(s) for s in self.suffix.values()), self.n_prefix)
+        return max(1, min(n, (budget - prefill) // per_row))
+
+    def __iter__(self):
+        while self.queue or any(o >= 0 for o in self.owner):
+            self._refill()
+            for _ in range(self.e.sync_every):
+                self._step()
+            yield self._collect()
+
+    def _refill(self):
+        free = [r for r in range(self.rows) if self.owner[r] < 0]
+        joiners = [(r, self.queue.pop(0)) for r in free[: len(self.queue)]]
+        if not joiners:
+            return
+        rows = torch.tensor([r for r, _ in joiners], device=self.e.device)
+        tokens, positions, lengths = self.e._pad([self.suffix[i] for _, i in joiners], self.n_prefix)
+        hidden = self.model.hidden(tokens, positions=positions, kv=self.cache.prefill(rows, positions), prefix=self.prefix)
+        first = self.model.lm_head(hidden[torch.arange(len(joiners), device=self.e.device), lengths - 1]).argmax(-1)
+        for k, (row, i) in enumerate(joiners):
+            self.owner[row] = i
+            self.checked[row] = 0
+            ids = self.stop_ids[i]
+            self.stop_table[row] = -1
+            if ids:
+                self.stop_table[row, : len(ids)] = torch.tensor(ids, device=self.e.device)
+            self.limit[row] = self.max_new[i]
+        self.slot[rows, 0] = lengths
+        self.position[rows, 0] = lengths + self.n_prefix
+        self.n_new[rows] = 0
+        self.finished[rows] = False
+        self._accept(rows, first)
+
+    def _accept(self, rows: Tensor, token: Tensor):
+        """Record each row's new token unless the row has finished; finish on stop token or length."""
+        live = ~self.finished[rows]
+        is_stop = (self.stop_table[rows] == token[:, None]).any(-1)
+        write = live & ~is_stop
+        column = self.n_new[rows].clamp(max=self.tokens_out.shape[1] - 1)
+        self.tokens_out[rows, column] = torch.where(write, token, self.tokens_out[rows, column])
+        self.n_new[rows] += write.long()
+        self.finished[rows] |= is_stop | (self.n_new[rows] >= self.limit[rows])
+        self.next_token[rows, 0] = torch.where(self.finished[rows], self.next_token[rows, 0], token)
+
+    def _decode(self):
+        logits = self.model(self.next_token, positions=self.position, kv=self.cache.decode(self.slot, self.position), prefix=self.prefix)
+        live = ~self.finished
+        self.slot += live[:, None].long()  # finished rows keep rewriting one slot: static shapes, no growth
+        self.position += live[:, None].long()
+        self._accept(self.all_rows, logits[:, -1].argmax(-1))
+
+    @property
+    def all_rows(self) -> Tensor:
+        return torch.arange(self.rows, device=self.e.device)
+
+    def _step(self):
+        if not self.e.cuda_graphs:
+            return self._decode()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+
+    def _capture(self):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up kernels off the capture
+            self._snapshot(self._decode)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        self._snapshot(lambda: self._capture_into(self.graph))
+
+    def _capture_into(self, graph):
+        with torch.cuda.graph(graph):
+            self._decode()
+
+    def _snapshot(self, fn):
+        """Run fn (a warm-up or a capture) without changing the decoder's state."""
+        saved = [t.clone() for t in self._state()]
+        cache_pos = self.cache.pos.clone()
+        fn()
+        for t, s in zip(self._state(), saved):
+            t.copy_(s)
+        self.cache.pos.copy_(cache_pos)
+
+    def _state(self):
+        return [self.tokens_out, self.n_new, self.finished, self.next_token, self.position, self.slot]
+
+    def _collect(self) -> list[tuple[int, Generation]]:
+        finished = self.finished.tolist()
+        counts = self.n_new.tolist()
+        out_rows = self.tokens_out.tolist()
+        done = []
+        for row, i in enumerate(self.owner):
+            if i < 0:
+                continue
+            new = out_rows[row][: counts[row]]
+            cut = self._text_stop(row, i, new)
+            if cut is not None:
+                done.append((row, i, Generation(tuple(new[:cut]), "stop")))
+            elif finished[row]:
+                reason = "length" if counts[row] >= self.max_new[i] else "stop"
+                done.append((row, i, Generation(tuple(new), reason)))
+        for row, _, _ in done:
+            self.owner[row] = -1
+        if done:
+            self.finished[torch.tensor([r for r, _, _ in done], device=self.e.device)] = True
+        return [(i, g) for _, i, g in done]
+
+    def _text_stop(self, row: int, i: int, new: list[int]) -> int | None:
+        """The shortest length at which stop_check holds, searching only tokens not yet checked."""
+        if self.stop_check is None or not new or not self.stop_check(i, new):
+            self.checked[row] = len(new)
+            return None
+        for n in range(max(1, self.checked[row]), len(new) + 1):
+            if self.stop_check(i, new[:n]):
+                return n
+        return len(new)

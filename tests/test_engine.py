@@ -1,0 +1,137 @@
+"""The engine's fast paths (shared prefixes, batching, static-cache decoding) against naive loops."""
+import pytest
+import torch
+
+from checkpoints import tiny_model
+from model.engine import Engine
+
+torch.set_grad_enabled(False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(vocab_size=512, seed=11)
+
+
+def random_prompts(n, lo, hi, seed=0, prefix=()):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(lo, hi, (1,), generator=gen))
+        out.append(list(prefix) + torch.randint(0, 512, (length,), generator=gen).tolist())
+    return out
+
+
+def naive_greedy(model, prompt, max_new, stop_ids=()):
+    ids = list(prompt)
+    new = []
+    alpha_len = len(prompt)  # the original keeps the prefill alpha while decoding
+    for _ in range(max_new):
+        x = torch.tensor(ids)[None]
+        model_args = model.args
+        hidden = model.hidden(x) if len(ids) == alpha_len else _hidden_with_fixed_alpha(model, x, alpha_len)
+        token = int(model.lm_head(hidden[0, -1]).argmax())
+        if token in stop_ids:
+            break
+        new.append(token)
+        ids.append(token)
+        model.args = model_args
+    return new
+
+
+def _hidden_with_fixed_alpha(model, x, alpha_len):
+    from model import KVCache
+
+    cache = KVCache.empty(model.args, 1, x.shape[1], torch.float32, "cpu")
+    pos = torch.arange(x.shape[1])[None]
+    return model.hidden(x, positions=pos, kv=cache.prefill(torch.zeros(1, dtype=torch.long), pos, torch.tensor([alpha_len])))
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, None])
+def test_generation_equals_naive_greedy(model, max_batch):
+    prompts = random_prompts(5, 3, 20, seed=1, prefix=[7, 8, 9, 10])
+    max_new = [6, 9, 4, 12, 7]
+    engine = Engine(model, max_batch=max_batch, sync_every=4, progress=False)
+    got = engine.generate(prompts, max_new, [()] * 5, shared_prefix=[4] * 5)
+    for prompt, n, g in zip(prompts, max_new, got):
+        assert list(g.tokens) == naive_greedy(model, prompt, n)
+        assert g.finish == "length"
+
+
+def test_generation_crossing_the_training_length_keeps_prefill_alpha(model):
+    prompts = random_prompts(3, 58, 70, seed=2)  # seq_length 64: some prompts start under, decode goes over
+    engine = Engine(model, max_batch=2, sync_every=5, progress=False)
+    got = engine.generate(prompts, [12] * 3, [()] * 3)
+    for prompt, g in zip(prompts, got):
+        assert list(g.tokens) == naive_greedy(model, prompt, 12)
+
+
+def test_stop_tokens_and_stop_rules(model):
+    prompts = random_prompts(4, 5, 15, seed=3)
+    reference = [naive_greedy(model, p, 20) for p in prompts]
+    stop_token = reference[0][3]
+    engine = Engine(model, max_batch=2, sync_every=7, progress=False)
+    got = engine.generate(prompts, [20] * 4, [(stop_token,)] * 4)
+    for ref, g in zip(reference, got):
+        expected = ref[: ref.index(stop_token)] if stop_token in ref else ref
+        assert list(g.tokens) == expected
+    # a text rule: stop once 5 tokens exist; the result is cut at exactly 5 whatever the sync phase
+    for sync in (1, 3, 8):
+        engine = Engine(model, max_batch=3, sync_every=sync, progress=False)
+        got = engine.generate(prompts, [20] * 4, [()] * 4, stop_check=lambda i, new: len(new) >= 5)
+        assert [list(g.tokens) for g in got] == [ref[:5] for ref in reference]
+        assert all(g.finish == "stop" for g in got)
+
+
+@pytest.mark.parametrize("max_batch", [1, 4, None])
+def test_choice_scores_equal_full_forward(model, max_batch):
+    shots = list(range(100, 130))
+    prompts = random_prompts(7, 2, 25, seed=4, prefix=shots)
+    choices = [[1, 2, 3, 4]] * 7
+    engine = Engine(model, max_batch=max_batch, progress=False)
+    got = engine.score_choices(prompts, choices, shared_prefix=[len(shots)] * 7)
+    for prompt, r in zip(prompts, got):
+        logits = model(torch.tensor(prompt)[None])[0, -1]
+        assert torch.allclose(torch.tensor(r.logits), logits[[1, 2, 3, 4]], atol=1e-4)
+        assert r.top_id == int(logits.argmax())
+        assert torch.allclose(torch.tensor(r.parity_probs), logits.softmax(-1)[[1, 2, 3, 4]].softmax(-1), atol=1e-5)
+
+
+def test_prefix_groups_split_by_ntk_alpha(model):
+    shots = list(range(200, 250))  # 50 tokens; seq_length 64: some prompts pass it, others not
+    prompts = random_prompts(6, 5, 40, seed=5, prefix=shots)
+    engine = Engine(model, max_batch=3, progress=False)
+    got = engine.score_choices(prompts, [[5, 6]] * 6, shared_prefix=[50] * 6)
+    for prompt, r in zip(prompts, got):
+        logits = model(torch.tensor(prompt)[None])[0, -1, [5, 6]]
+        assert torch.allclose(torch.tensor(r.logits), logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("max_batch", [1, 2, None])
+def test_loglikelihood_equals_full_forward(model, max_batch):
+    seqs = random_prompts(4, 10, 140, seed=6)
+    engine = Engine(model, max_batch=max_batch, progress=False, loss_chunk=7)
+    got = engine.loglikelihood(seqs)
+    for seq, (nll, n) in zip(seqs, got):
+        x = torch.tensor(seq)[None]
+        logp = model(x)[0, :-1].log_softmax(-1)
+        expected = -logp.gather(1, x[0, 1:, None]).sum().item()
+        assert n == len(seq) - 1
+        assert nll == pytest.approx(expected, rel=1e-5)
+
+
+def test_loglikelihood_switches_apply_per_request(model):
+    seq = random_prompts(1, 150, 151, seed=7)[0]
+    engine = Engine(model, progress=False)
+    plain, ntk = engine.loglikelihood([seq, seq], switches=[{"dynamic_ntk": False, "logn": False}, {}])
+    assert plain[0] != ntk[0]
+    assert model.args.use_dynamic_ntk  # restored afterwards
+
+
+def test_results_come_back_through_on_done_in_batches(model):
+    prompts = random_prompts(5, 3, 9, seed=8)
+    seen = []
+    engine = Engine(model, max_batch=2, progress=False)
+    engine.score_choices(prompts, [[1, 2]] * 5, on_done=lambda done: seen.append([i for i, _ in done]))
+    assert sorted(i for batch in seen for i in batch) == list(range(5))
+    assert max(len(b) for b in seen) <= 2
