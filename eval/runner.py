@@ -1,0 +1,205 @@
+"""Command line: python eval/runner.py --task gsm8k [--task mmlu ...] [options]
+
+Also: `--rescore RUN_DIR` (re-score saved records, no model), `--list-tasks`, `--dry-run`.
+User errors print one line and exit with code 2; Ctrl-C writes the partial table and exits 130.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import from the repository, never from eval/ itself
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from eval.api import UserError, stable_hash  # noqa: E402
+from eval.data import DataSource  # noqa: E402
+from eval.pipeline import execute, plan_task, rescore, write_dry_run  # noqa: E402
+from eval.registry import get_task, task_names  # noqa: E402
+
+DEFAULT_MODELS = {"fewshot": "Qwen/Qwen-7B", "chat": "Qwen/Qwen-7B-Chat"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python eval/runner.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", action="append", default=[], help="task name (repeat, or comma-separate, for several)")
+    p.add_argument("--model", help="checkpoint directory or hub id (default Qwen/Qwen-7B; Qwen/Qwen-7B-Chat in chat mode)")
+    p.add_argument("--tokenizer", help="qwen.tiktoken file or checkpoint dir (default: the model's)")
+    p.add_argument("--mode", choices=["fewshot", "chat"], default="fewshot")
+    p.add_argument("--backend", choices=["native", "hf"], default="native")
+    p.add_argument("--dynamic-ntk", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the checkpoint config's use_dynamic_ntk")
+    p.add_argument("--logn", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the checkpoint config's use_logn_attn")
+    p.add_argument("--window-attn", metavar="SPEC",
+                   help="layer-wise attention windows, e.g. 4x2048,4x4096,8192 (see EVALUATION.md)")
+    p.add_argument("--data-dir", help="root of the original benchmark files (default: Hugging Face hub)")
+    p.add_argument("--limit", type=int, help="first N documents of each subject (or of the task)")
+    p.add_argument("--subjects", help="comma-separated subjects of a multiple-choice task")
+    p.add_argument("--batch-size", type=int, help="most sequences per batch (default: sized from free memory)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--output-dir", default="results")
+    p.add_argument("--overwrite", action="store_true", help="discard a previous run of another configuration")
+    p.add_argument("--list-tasks", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="write requests.jsonl without loading weights")
+    p.add_argument("--rescore", metavar="RUN_DIR", help="recompute metrics and tables from saved samples")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="run model-written code (HumanEval) in the sandbox; or set QWEN_EVAL_ALLOW_CODE_EXECUTION=1")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed data rows instead of failing")
+    p.add_argument("--verbatim-csv", action="store_true",
+                   help="read CSV cells as written (the original parsed them with pandas: 'None' became 'nan')")
+    p.add_argument("--lengths", help="long_ppl sample lengths, e.g. 1024,2048,4096,8192,16384")
+    p.add_argument("--ceval-chat-rules", choices=["2023-08-25", "2023-08-03"], default="2023-08-25",
+                   help="version of the chat C-Eval/CMMLU extraction regexes")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds per HumanEval program")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.task = [t for item in args.task for t in item.split(",") if t]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args) -> int:
+    if args.list_tasks:
+        for name in task_names():
+            task = get_task(name)
+            print(f"{name:10s} modes: {', '.join(task.modes):14s} {(task.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    if args.rescore:
+        rescore(Path(args.rescore), get_task)
+        return 0
+    if not args.task:
+        raise UserError("no task given: pass --task NAME (see --list-tasks)")
+    tasks = [get_task(name) for name in args.task]
+    if any(t.name == "humaneval" for t in tasks) and not args.dry_run:
+        from eval.sandbox import require_opt_in
+
+        require_opt_in(args.allow_code_execution)  # before any generation is spent
+    model_id = args.model or DEFAULT_MODELS[args.mode]
+    tok = _tokenizer(args.tokenizer or model_id)
+    data = _data_source(args)
+    options = _options(args)
+    model_name = _model_name(model_id)
+    plans = []
+    for task in tasks:
+        run_dir = Path(args.output_dir) / model_name / _run_name(task.name, args)
+        subjects = args.subjects.split(",") if args.subjects else None
+        plans.append(plan_task(task, args.mode, data, tok, subjects=subjects, limit=args.limit, options=options,
+                               run_dir=run_dir))
+    if args.dry_run:
+        for plan in plans:
+            print(f"{plan.task.name}: {sum(map(len, plan.requests))} requests -> {write_dry_run(plan)}")
+        return 0
+    _seed(args.seed)
+    backend, identity = _backend(args, model_id, tok)
+    for plan in plans:
+        plan.identity = {**identity, "model_name": model_name, "task": plan.task.name, "task_version": plan.task.version,
+                         "mode": args.mode, "options": plan.options, "data": stable_hash(plan.data_manifest["files"])}
+        execute(plan, backend, overwrite=args.overwrite, config=vars(args))
+    return 0
+
+
+def _tokenizer(path_or_id):
+    from model import ModelLoadError, TokenizerError, load_tokenizer
+
+    try:
+        return load_tokenizer(path_or_id)
+    except (ModelLoadError, TokenizerError) as err:
+        raise UserError(f"tokenizer: {err}") from None
+
+
+def _data_source(args) -> DataSource:
+    root = None
+    if args.data_dir:
+        root = Path(args.data_dir).expanduser()
+        if not root.is_dir():
+            raise UserError(f"--data-dir {root} is not a directory")
+    return DataSource(root, skip_bad_rows=args.skip_bad_rows, verbatim_csv=args.verbatim_csv)
+
+
+def _options(args) -> dict:
+    options = {"ceval_chat_rules": args.ceval_chat_rules, "timeout": args.timeout, "verbatim_csv": args.verbatim_csv}
+    if args.lengths:
+        try:
+            options["lengths"] = [int(x) for x in args.lengths.split(",")]
+        except ValueError:
+            raise UserError(f"--lengths {args.lengths!r}: expected comma-separated integers") from None
+    if args.window_attn:
+        options["window_attn"] = args.window_attn
+    return options
+
+
+def _model_name(model_id: str) -> str:
+    return Path(model_id.rstrip("/")).name or "model"
+
+
+def _run_name(task: str, args) -> str:
+    """<task>-<mode>, plus a suffix for every switch given on the command line and a non-native backend."""
+    parts = [task, args.mode]
+    if args.dynamic_ntk is not None:
+        parts.append(f"ntk_{'on' if args.dynamic_ntk else 'off'}")
+    if args.logn is not None:
+        parts.append(f"logn_{'on' if args.logn else 'off'}")
+    if args.window_attn and task != "long_ppl":
+        parts.append("win_" + re.sub(r"[^0-9x,]", "", args.window_attn).replace(",", "_"))
+    if args.backend != "native":
+        parts.append(args.backend)
+    return "-".join(parts)
+
+
+def _seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _backend(args, model_id: str, tok):
+    """Load the model (the only slow step) and describe it for the run's identity."""
+    from model import ConfigError, ModelLoadError, load_model
+    from model.loading import resolve_checkpoint
+
+    from eval.backends import HFBackend, NativeBackend
+
+    try:
+        ckpt = resolve_checkpoint(model_id)
+        model = load_model(ckpt, dtype=args.dtype, device=args.device, dynamic_ntk=args.dynamic_ntk, logn=args.logn,
+                           window_attn=args.window_attn)
+    except (ModelLoadError, ConfigError) as err:
+        raise UserError(str(err)) from None
+    kw = dict(batch_size=args.batch_size, progress=not args.no_progress)
+    backend = HFBackend.from_native(model, tok, **kw) if args.backend == "hf" else NativeBackend(model, tok, **kw)
+    a = model.args
+    identity = {"model": _fingerprint(ckpt), "backend": args.backend, "dtype": str(next(model.parameters()).dtype),
+                "switches": {"dynamic_ntk": a.use_dynamic_ntk, "logn": a.use_logn_attn, "windows": a.windows}}
+    return backend, identity
+
+
+def _fingerprint(ckpt: Path) -> str:
+    """Config content plus weight file names and sizes: cheap, and changes when the weights do."""
+    files = sorted((p.name, p.stat().st_size) for p in ckpt.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    return stable_hash([(ckpt / "config.json").read_text(), files])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
