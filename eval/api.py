@@ -49,6 +49,8 @@ class GenerateRequest:
     shared_prefix: int = 0
     truncated: bool = False
     query: str | None = None  # chat mode: the user message
+    temperature: float = 0.0  # 0: greedy; > 0: sampling, reproducible from `seed` whatever the batching
+    seed: int = 0
 
 
 @dataclass(frozen=True)

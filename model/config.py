@@ -100,10 +100,13 @@ def parse_windows(spec, n_layer: int) -> tuple[int, ...] | None:
 
     Accepted: None/"none"/"off" (full attention); an int or "8192" (every layer); a list of ints
     (one per layer); "4x2048,4x4096,8192": COUNTxSIZE groups from layer 0 up, a bare last SIZE
-    filling the remaining layers (the maintainers' example: 4 layers at 2048, 4 at 4096, the rest 8192).
+    filling the remaining layers (the maintainers' example: 4 layers at 2048, 4 at 4096, the rest 8192);
+    "auto": that example scaled to the model, see `auto_windows`.
     """
     if spec is None or spec is False or (isinstance(spec, str) and spec.strip().lower() in ("", "none", "off")):
         return None
+    if isinstance(spec, str) and spec.strip().lower() == "auto":
+        raise ConfigError("window schedule 'auto' needs the model's seq_length: use with_switches")
     if isinstance(spec, int):
         return (spec,) * n_layer
     if isinstance(spec, (list, tuple)):
@@ -137,5 +140,15 @@ def with_switches(args: ModelArgs, dynamic_ntk=None, logn=None, window_attn=None
     if logn is not None:
         changes["use_logn_attn"] = bool(logn)
     if window_attn is not None:
+        if isinstance(window_attn, str) and window_attn.strip().lower() == "auto":
+            window_attn = auto_windows(args)
         changes["windows"] = parse_windows(window_attn, args.n_layer)
     return replace(args, **changes)
+
+
+def auto_windows(args: ModelArgs) -> str:
+    """The maintainers' example (Qwen-7B: 4 layers at 2048, 4 at 4096, the rest 8192) scaled to a model:
+    the lowest eighth of the layers at seq_length, the next eighth at 2x, the rest at 4x."""
+    eighth = max(1, args.n_layer // 8)
+    s = args.seq_length
+    return f"{eighth}x{s},{eighth}x{2 * s},{4 * s}"
