@@ -49,7 +49,8 @@ class NativeBackend:
             [r.tokens for r in requests], [r.max_new_tokens for r in requests], [r.stop_ids for r in requests],
             shared_prefix=[r.shared_prefix for r in requests],
             stop_check=lambda i, new: stop_rules_met(requests[i].stop, decode(new)),
-            on_done=_mapped(on_done, convert))
+            on_done=_mapped(on_done, convert), temperature=[r.temperature for r in requests],
+            seed=[r.seed for r in requests])
         return [convert(i, g) for i, g in enumerate(results)]
 
     def loglikelihood(self, requests: list[LoglikelihoodRequest], on_done: OnDone = None) -> list[LoglikelihoodResponse]:

@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ceval-chat-rules", choices=["2023-08-25", "2023-08-03"], default="2023-08-25",
                    help="version of the chat C-Eval/CMMLU extraction regexes")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per HumanEval program")
+    p.add_argument("--samples", type=int, default=1, help="HumanEval samples per task (pass@k for k <= samples)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.task = [t for item in args.task for t in item.split(",") if t]
@@ -80,7 +82,8 @@ def run(args) -> int:
     if args.list_tasks:
         for name in task_names():
             task = get_task(name)
-            print(f"{name:10s} modes: {', '.join(task.modes):14s} {(task.__doc__ or '').strip().splitlines()[0]}")
+            summary = (sys.modules[type(task).__module__].__doc__ or "").strip().splitlines()[0]
+            print(f"{name:10s} modes: {', '.join(task.modes):14s} {summary}")
         return 0
     if args.rescore:
         rescore(Path(args.rescore), get_task)
@@ -136,6 +139,8 @@ def _data_source(args) -> DataSource:
 
 def _options(args) -> dict:
     options = {"ceval_chat_rules": args.ceval_chat_rules, "timeout": args.timeout, "verbatim_csv": args.verbatim_csv}
+    if args.samples > 1:
+        options.update(samples=args.samples, temperature=args.temperature)
     if args.lengths:
         try:
             options["lengths"] = [int(x) for x in args.lengths.split(",")]

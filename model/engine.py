@@ -51,7 +51,7 @@ class _Group:
 class Engine:
     def __init__(self, model: Qwen, *, max_batch: int | None = None, memory_fraction: float = 0.85,
                  cpu_batch_tokens: int = 8192, sync_every: int = 16, progress: bool = True,
-                 cuda_graphs: bool = True, loss_chunk: int = 1024):
+                 cuda_graphs: bool = True, loss_chunk: int = 1024, pad_multiple: int = 16):
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -62,6 +62,7 @@ class Engine:
         self.progress = progress
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.loss_chunk = loss_chunk
+        self.pad_multiple = pad_multiple
 
     # ---- sizing -------------------------------------------------------------------------------
     def _memory_budget(self) -> int | None:
@@ -90,12 +91,18 @@ class Engine:
             return batch == 1 or batch * length <= self.cpu_batch_tokens
         return batch == 1 or self._forward_bytes(batch, length, prefix) + batch * extra_per_row <= budget
 
-    def _batches(self, order: list[int], lengths: Sequence[int], prefix: int):
-        """Consecutive slices of `order` (sorted longest first) that fit in memory."""
+    def _width(self, length: int) -> int:
+        """Padded width of a row: a function of its own length only, so that what a row computes never
+        depends on which rows share its batch (results do not move with the batch size)."""
+        return max(2, -(-length // self.pad_multiple) * self.pad_multiple)
+
+    def _batches(self, order: list[int], lengths, prefix: int):
+        """Consecutive slices of `order` (sorted longest first) of one padded width that fit in memory."""
         start = 0
         while start < len(order):
-            width, end = lengths[order[start]], start + 1
-            while end < len(order) and self._fits(end + 1 - start, width, prefix):
+            width, end = self._width(lengths[order[start]]), start + 1
+            while (end < len(order) and self._width(lengths[order[end]]) == width
+                   and self._fits(end + 1 - start, width, prefix)):
                 end += 1
             yield order[start:end]
             start = end
@@ -129,8 +136,8 @@ class Engine:
         return cache
 
     def _pad(self, seqs: list[Sequence[int]], start: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Right-padded tokens, positions from `start` (-1 on padding), and lengths."""
-        width = max(len(s) for s in seqs)
+        """Right-padded tokens, positions from `start` (-1 on padding), and lengths (see `_width`)."""
+        width = max(self._width(len(s)) for s in seqs)
         tokens = torch.zeros(len(seqs), width, dtype=torch.long)
         positions = torch.full((len(seqs), width), -1, dtype=torch.long)
         for row, seq in enumerate(seqs):
@@ -138,6 +145,14 @@ class Engine:
             positions[row, : len(seq)] = torch.arange(start, start + len(seq))
         lengths = torch.tensor([len(s) for s in seqs])
         return tokens.to(self.device), positions.to(self.device), lengths.to(self.device)
+
+    def _head(self, rows: Tensor) -> Tensor:
+        """LM head over [b, dim]. A one-row product would take BLAS's matrix-vector path, which sums in
+        another order than the matrix-matrix path of larger batches; two rows keep results independent
+        of the batch size."""
+        if rows.shape[0] > 1:
+            return self.model.lm_head(rows)
+        return self.model.lm_head(rows.expand(2, -1))[:1]
 
     def _bar(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=False)
@@ -168,7 +183,7 @@ class Engine:
         tokens, positions, lengths = self._pad([suffixes[i] for i in batch], n_prefix)
         hidden = self.model.hidden(tokens, positions=positions, prefix=prefix)
         last = hidden[torch.arange(len(batch), device=self.device), lengths - 1]  # [b, dim]
-        logits = self.model.lm_head(last)  # model dtype, as the original
+        logits = self._head(last)  # model dtype, as the original
         probs = logits.softmax(-1)
         top = logits.argmax(-1).tolist()
         out = []
@@ -225,14 +240,20 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], stop_ids: Sequence[Sequence[int]],
                  shared_prefix: Sequence[int] | None = None, stop_check: Callable[[int, list[int]], bool] | None = None,
-                 on_done: Done | None = None) -> list[Generation]:
-        """Greedy continuations. stop_check(i, new_tokens) -> True once request i may stop (text rules);
-        the returned tokens end at the shortest prefix for which it holds, whatever the batching."""
+                 on_done: Done | None = None, temperature: Sequence[float] | None = None,
+                 seed: Sequence[int] | None = None) -> list[Generation]:
+        """Greedy (temperature 0) or sampled continuations.
+
+        stop_check(i, new_tokens) -> True once request i may stop (text rules); the returned tokens end at
+        the shortest prefix for which it holds, whatever the batching. Sampling draws Gumbel noise from a
+        hash of (seed, step, token id), so a request samples the same tokens in any batch.
+        """
         shared = shared_prefix or [0] * len(prompts)
+        sampling = (list(temperature or [0.0] * len(prompts)), list(seed or [0] * len(prompts)))
         results: list[Generation | None] = [None] * len(prompts)
         with self._bar(len(prompts), "generate") as bar:
             for group in self._groups(prompts, shared, [len(p) for p in prompts]):
-                run = _Decoder(self, group, prompts, max_new_tokens, stop_ids, stop_check)
+                run = _Decoder(self, group, prompts, max_new_tokens, stop_ids, stop_check, sampling)
                 for done in run:
                     for i, r in done:
                         results[i] = r
@@ -242,17 +263,31 @@ class Engine:
         return results
 
 
+def gumbel_noise(seed: Tensor, step: Tensor, vocab: int) -> Tensor:
+    """Gumbel(0, 1) noise [B, vocab] from a counter-based hash (murmur3's finaliser) of (seed, step, id):
+    reproducible per request, with no generator state shared between rows."""
+    mask = 0xFFFFFFFF
+    x = (seed[:, None] * 0x9E3779B1 + step[:, None] * 0x85EBCA77
+         + torch.arange(vocab, device=seed.device)[None, :]) & mask
+    for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        x = ((x ^ (x >> shift)) * multiplier) & mask
+    x = x ^ (x >> 16)
+    uniform = (x.double() + 0.5) / 2.0**32
+    return -torch.log(-torch.log(uniform)).float()
+
+
 class _Decoder:
     """Continuous batching of one prefix group over a static KV cache."""
 
-    def __init__(self, engine: Engine, group: _Group, prompts, max_new, stop_ids, stop_check):
+    def __init__(self, engine: Engine, group: _Group, prompts, max_new, stop_ids, stop_check, sampling):
         self.e, self.model = engine, engine.model
+        self.temperatures, self.seeds = sampling
         self.prefix = engine._prefix_cache(group)
         self.n_prefix = len(group.prefix)
         self.suffix = {i: prompts[i][self.n_prefix:] for i in group.members}
         self.max_new, self.stop_ids, self.stop_check = max_new, stop_ids, stop_check
         self.queue = sorted(group.members, key=lambda i: -len(self.suffix[i]))  # longest first
-        self.max_len = max(len(s) for s in self.suffix.values()) + max(max_new[i] for i in group.members)
+        self.max_len = max(engine._width(len(s)) for s in self.suffix.values()) + max(max_new[i] for i in group.members)
         self.rows = self._rows()
         dev = engine.device
         self.cache = KVCache.empty(self.model.args, self.rows, self.max_len, engine.dtype, dev)
@@ -265,6 +300,8 @@ class _Decoder:
         self.next_token = torch.zeros(self.rows, 1, dtype=torch.long, device=dev)
         self.position = torch.zeros(self.rows, 1, dtype=torch.long, device=dev)
         self.slot = torch.zeros(self.rows, 1, dtype=torch.long, device=dev)
+        self.temperature = torch.zeros(self.rows, device=dev)
+        self.seed = torch.zeros(self.rows, dtype=torch.long, device=dev)
         self.graph = None
         self.checked = [0] * self.rows  # tokens of each row already offered to stop_check
 
@@ -275,10 +312,12 @@ class _Decoder:
             n = min(n, e.max_batch)
         budget = e._memory_budget()
         if budget is None:
-            return max(1, min(n, e.cpu_batch_tokens // max(1, self.max_len) or 1))
-        per_row = self.max_len * e._kv_bytes_per_token()
-        prefill = e._forward_bytes(1, max(len(s) for s in self.suffix.values()), self.n_prefix)
-        return max(1, min(n, (budget - prefill) // per_row))
+            rows = min(n, e.cpu_batch_tokens // max(1, self.max_len))
+        else:
+            per_row = self.max_len * e._kv_bytes_per_token()
+            prefill = e._forward_bytes(1, max(len(s) for s in self.suffix.values()), self.n_prefix)
+            rows = min(n, (budget - prefill) // per_row)
+        return max(2, rows)  # two rows at least: see Engine._head
 
     def __iter__(self):
         while self.queue or any(o >= 0 for o in self.owner):
@@ -290,13 +329,23 @@ class _Decoder:
     def _refill(self):
         free = [r for r in range(self.rows) if self.owner[r] < 0]
         joiners = [(r, self.queue.pop(0)) for r in free[: len(self.queue)]]
-        if not joiners:
-            return
+        by_width = defaultdict(list)
+        for row, i in joiners:
+            by_width[self.e._width(len(self.suffix[i]))].append((row, i))
+        for group in by_width.values():
+            self._prefill(group)
+
+    def _prefill(self, joiners: list[tuple[int, int]]):
+        """Prefill waiting requests into free rows; their first token comes from the prompt's last logits."""
         rows = torch.tensor([r for r, _ in joiners], device=self.e.device)
         tokens, positions, lengths = self.e._pad([self.suffix[i] for _, i in joiners], self.n_prefix)
         hidden = self.model.hidden(tokens, positions=positions, kv=self.cache.prefill(rows, positions), prefix=self.prefix)
-        first = self.model.lm_head(hidden[torch.arange(len(joiners), device=self.e.device), lengths - 1]).argmax(-1)
-        for k, (row, i) in enumerate(joiners):
+        for row, i in joiners:
+            self.temperature[row] = self.temperatures[i]
+            self.seed[row] = self.seeds[i]
+        self.n_new[rows] = 0
+        first = self._pick(self.e._head(hidden[torch.arange(len(joiners), device=self.e.device), lengths - 1]), rows)
+        for row, i in joiners:
             self.owner[row] = i
             self.checked[row] = 0
             ids = self.stop_ids[i]
@@ -306,7 +355,6 @@ class _Decoder:
             self.limit[row] = self.max_new[i]
         self.slot[rows, 0] = lengths
         self.position[rows, 0] = lengths + self.n_prefix
-        self.n_new[rows] = 0
         self.finished[rows] = False
         self._accept(rows, first)
 
@@ -326,7 +374,14 @@ class _Decoder:
         live = ~self.finished
         self.slot += live[:, None].long()  # finished rows keep rewriting one slot: static shapes, no growth
         self.position += live[:, None].long()
-        self._accept(self.all_rows, logits[:, -1].argmax(-1))
+        self._accept(self.all_rows, self._pick(logits[:, -1], self.all_rows))
+
+    def _pick(self, logits: Tensor, rows: Tensor) -> Tensor:
+        """Greedy argmax, or Gumbel-max sampling for rows with a temperature."""
+        temperature = self.temperature[rows]
+        noise = gumbel_noise(self.seed[rows], self.n_new[rows], logits.shape[-1])
+        sampled = (logits.float() / temperature.clamp(min=1e-6)[:, None] + noise).argmax(-1)
+        return torch.where(temperature > 0, sampled, logits.argmax(-1))
 
     @property
     def all_rows(self) -> Tensor:

@@ -62,7 +62,20 @@ class QwenTokenizer:
         return self.enc.encode(text, allowed_special=set(allowed_special), disallowed_special=())
 
     def decode(self, ids, errors: str = "replace") -> str:
-        return self.enc.decode(list(ids), errors=errors)
+        """Text of token ids; ids of the padded embedding rows (151851..151935) have none and show as U+FFFD."""
+        ids = list(ids)
+        if all(i < self.n_vocab for i in ids):
+            return self.enc.decode(ids, errors=errors)
+        pieces, run = [], []
+        for i in ids + [None]:
+            if i is not None and i < self.n_vocab:
+                run.append(i)
+                continue
+            pieces.append(self.enc.decode(run, errors=errors))
+            run = []
+            if i is not None:
+                pieces.append("\ufffd")
+        return "".join(pieces)
 
     def make_context(self, query: str, history=(), system: str = DEFAULT_SYSTEM, max_window_size: int = 6144):
         """ChatML prompt (raw_text, ids), each piece tokenized separately as the original (spec 6.8)."""

@@ -30,8 +30,9 @@ CHINESE_ROWS = [  # question, A, B, C, D, answer
 ]
 
 
-def write_mmlu(root: Path, subjects=("anatomy", "astronomy")) -> None:
-    for split, rows in (("dev", MMLU_ROWS[:5]), ("test", MMLU_ROWS)):
+def write_mmlu(root: Path, subjects=("anatomy", "astronomy"), rows_per_subject: int = len(MMLU_ROWS)) -> None:
+    test_rows = [MMLU_ROWS[i % len(MMLU_ROWS)] for i in range(rows_per_subject)]
+    for split, rows in (("dev", MMLU_ROWS[:5]), ("test", test_rows)):
         (root / "mmlu" / split).mkdir(parents=True, exist_ok=True)
         for subject in subjects:
             with open(root / "mmlu" / split / f"{subject}_{split}.csv", "w", newline="") as f:

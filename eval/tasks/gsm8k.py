@@ -11,6 +11,7 @@ the named GSM8K-train problems (reference reasoning, `<<...>>` annotations and `
 The rendered block was checked byte-equal to QwenLM/Qwen eval/evaluate_chat_gsm8k.py (67adc5d).
 """
 import hashlib
+import warnings
 import math
 import re
 
@@ -184,8 +185,9 @@ class GSM8K:
     def prompt_file(self, data: DataSource) -> str:
         path = data.path("gsm8k", "gsm8k_prompt.txt") if data.root else data.fetch(PROMPT_URL, "gsm8k/gsm8k_prompt.txt")
         digest = hashlib.md5(path.read_bytes()).hexdigest()
-        if digest != PROMPT_MD5:
-            raise UserError(f"{path}: md5 {digest}, expected {PROMPT_MD5} (the original Qwen eval/gsm8k_prompt.txt)")
+        if digest != PROMPT_MD5:  # a prompt variant is allowed, but never mistaken for the original
+            warnings.warn(f"{path}: md5 {digest} is not the original Qwen eval/gsm8k_prompt.txt ({PROMPT_MD5}); "
+                          f"scores are not comparable with the published numbers")
         return data.read_text(path)
 
     def requests(self, doc: Doc, tok, mode: str, options: dict) -> list[GenerateRequest]:

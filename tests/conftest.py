@@ -1,0 +1,23 @@
+"""Shared fixtures: a tiny random checkpoint with the real vocabulary, and a data root."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, eval/
+
+from checkpoints import tiny_model, write_checkpoint  # noqa: E402
+from fixtures import fixture_root  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Qwen in the v1.1 on-disk layout (real vocabulary size, so real token ids fit)."""
+    model = tiny_model(seed=5, dim=32, n_head=2, intermediate_size=48)
+    return write_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "tiny", "v1.1")
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """Small benchmark files in the release layouts (tests never depend on ../shared being there)."""
+    return fixture_root(tmp_path_factory.mktemp("data"))

@@ -1,0 +1,79 @@
+"""The CLI end to end with a tiny random checkpoint: every task, dry runs, re-scoring, resume, bad input."""
+import json
+
+import pytest
+
+from eval.runner import main
+from fixtures import SHARED_DATA
+
+MC_TASKS = [("mmlu", "anatomy,astronomy"), ("ceval", "computer_network,logic"), ("cmmlu", "agronomy,arts")]
+
+
+def run_cli(*argv):
+    return main([str(a) for a in argv])
+
+
+@pytest.mark.parametrize("task,subjects", MC_TASKS)
+@pytest.mark.parametrize("mode", ["fewshot", "chat"])
+def test_multiple_choice_tasks_end_to_end(task, subjects, mode, tiny_checkpoint, data_root, tmp_path):
+    out = tmp_path / "results"
+    assert run_cli("--task", task, "--mode", mode, "--model", tiny_checkpoint, "--data-dir", data_root,
+                   "--subjects", subjects, "--limit", 3, "--output-dir", out, "--no-progress") == 0
+    run_dir = out / "tiny" / f"{task}-{mode}"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["n_done"] == results["n_docs"] == 6 and not results["partial"]
+    assert 0.0 <= results["metrics"]["acc"] <= 100.0
+    records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [r["doc_id"] for r in records] == [f"{task}/{s}/{i}" for s in subjects.split(",") for i in range(3)]
+    assert all(r["prompt_hash"] and r["responses"] for r in records)
+    assert (run_dir / "table.md").read_text().startswith(f"### {task} ({mode})")
+    assert (run_dir / "table.csv").read_text().splitlines()[0].startswith("name,n,acc")
+    provenance = results["provenance"]
+    assert provenance["packages"]["torch"] and provenance["data"]["files"]
+    assert results["identity"]["switches"] == {"dynamic_ntk": True, "logn": True, "windows": None}
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
+def test_real_data_end_to_end(tiny_checkpoint, tmp_path):
+    assert run_cli("--task", "mmlu", "--model", tiny_checkpoint, "--data-dir", SHARED_DATA, "--subjects",
+                   "high_school_european_history", "--limit", 2, "--output-dir", tmp_path, "--no-progress") == 0
+    records = (tmp_path / "tiny" / "mmlu-fewshot" / "samples.jsonl").read_text().splitlines()
+    assert len(records) == 2 and all(json.loads(r)["truncated"] for r in records)  # the spec's longest subject
+
+
+def test_dry_run_writes_every_request_without_weights(tiny_checkpoint, data_root, tmp_path):
+    vocab = tiny_checkpoint / "qwen.tiktoken"
+    assert run_cli("--task", "mmlu", "--mode", "chat", "--model", tmp_path / "no-weights-here", "--tokenizer", vocab,
+                   "--data-dir", data_root, "--subjects", "anatomy", "--output-dir", tmp_path, "--dry-run") == 0
+    lines = [json.loads(x) for x in (tmp_path / "no-weights-here" / "mmlu-chat" / "requests.jsonl").read_text().splitlines()]
+    assert len(lines) == 7 and lines[0]["doc_id"] == "mmlu/anatomy/0"
+    assert set(lines[0]) == {"doc_id", "prompt", "n_tokens", "truncated", "query"}
+    assert lines[0]["prompt"].startswith("<|im_start|>system\n") and lines[0]["query"] in lines[0]["prompt"]
+
+
+def test_rescore_reproduces_the_tables_without_a_model(tiny_checkpoint, data_root, tmp_path):
+    assert run_cli("--task", "ceval", "--model", tiny_checkpoint, "--data-dir", data_root, "--subjects", "logic",
+                   "--output-dir", tmp_path, "--no-progress") == 0
+    run_dir = tmp_path / "tiny" / "ceval-fewshot"
+    before = (run_dir / "table.md").read_text(), json.loads((run_dir / "results.json").read_text())["metrics"]
+    (run_dir / "table.md").unlink()
+    assert run_cli("--rescore", run_dir) == 0
+    after = (run_dir / "table.md").read_text(), json.loads((run_dir / "results.json").read_text())["metrics"]
+    assert after == before
+
+
+def test_rerun_resumes_and_extends(tiny_checkpoint, data_root, tmp_path, capsys):
+    args = ["--task", "mmlu", "--model", tiny_checkpoint, "--data-dir", data_root, "--subjects", "anatomy",
+            "--output-dir", tmp_path, "--no-progress"]
+    assert run_cli(*args, "--limit", 2) == 0
+    assert run_cli(*args, "--limit", 5) == 0
+    assert "resuming, 2 of 5 documents already done" in capsys.readouterr().out
+    lines = (tmp_path / "tiny" / "mmlu-fewshot" / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(x)["doc_id"] for x in lines] == [f"mmlu/anatomy/{i}" for i in range(5)]
+
+
+def test_list_tasks(capsys):
+    assert run_cli("--list-tasks") == 0
+    out = capsys.readouterr().out
+    for name in ("mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "long_ppl"):
+        assert name in out
