@@ -51,7 +51,8 @@ class _Group:
 class Engine:
     def __init__(self, model: Qwen, *, max_batch: int | None = None, memory_fraction: float = 0.85,
                  cpu_batch_tokens: int = 8192, sync_every: int = 16, progress: bool = True,
-                 cuda_graphs: bool = True, loss_chunk: int = 1024, pad_multiple: int = 16):
+                 cuda_graphs: bool = True, loss_chunk: int = 1024, pad_multiple: int = 16,
+                 gpu_batch_tokens: int = 16384):
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -63,6 +64,7 @@ class Engine:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.loss_chunk = loss_chunk
         self.pad_multiple = pad_multiple
+        self.gpu_batch_tokens = gpu_batch_tokens  # past ~16k tokens per forward the GEMMs gain nothing
 
     # ---- sizing -------------------------------------------------------------------------------
     def _memory_budget(self) -> int | None:
@@ -80,16 +82,20 @@ class Engine:
         """Peak activation bytes of one forward without a cache (a generous estimate, no trial and error)."""
         a = self.model.args
         per_token = (6 * a.dim + 3 * a.intermediate_size) * self.dtype.itemsize + 4 * a.dim
-        scores = 3 * 4 * a.n_head * length * (length + prefix)  # attention scores and probs in fp32 (math path)
+        scores = 0
+        if a.windows:  # windows take the explicit-scores path: scores and probabilities in fp32
+            scores = 3 * 4 * a.n_head * length * (length + prefix)
         return batch * (length * per_token + scores)
 
-    def _fits(self, batch: int, length: int, prefix: int, extra_per_row: int = 0) -> bool:
+    def _fits(self, batch: int, length: int, prefix: int) -> bool:
+        if batch == 1:
+            return True
         if self.max_batch is not None and batch > self.max_batch:
             return False
         budget = self._memory_budget()
         if budget is None:
-            return batch == 1 or batch * length <= self.cpu_batch_tokens
-        return batch == 1 or self._forward_bytes(batch, length, prefix) + batch * extra_per_row <= budget
+            return batch * length <= self.cpu_batch_tokens
+        return batch * length <= self.gpu_batch_tokens and self._forward_bytes(batch, length, prefix) <= budget
 
     def _width(self, length: int) -> int:
         """Padded width of a row: a function of its own length only, so that what a row computes never
@@ -185,14 +191,15 @@ class Engine:
         last = hidden[torch.arange(len(batch), device=self.device), lengths - 1]  # [b, dim]
         logits = self._head(last)  # model dtype, as the original
         probs = logits.softmax(-1)
+        width = max(len(choice_ids[i]) for i in batch)
+        ids = torch.tensor([list(choice_ids[i]) + [choice_ids[i][0]] * (width - len(choice_ids[i])) for i in batch],
+                           device=self.device)  # [b, c]; short lists repeat their first id (dropped below)
+        exact = torch.einsum("bd,bcd->bc", last.float(), self.model.lm_head.weight[ids].float())  # fp32 compare
+        parity = probs.gather(1, ids).softmax(-1).float()
         top = logits.argmax(-1).tolist()
-        out = []
-        for row, i in enumerate(batch):
-            ids = torch.tensor(choice_ids[i], device=self.device)
-            exact = last[row].float() @ self.model.lm_head.weight[ids].float().T  # fp32 compare
-            parity = probs[row, ids].softmax(-1).float()
-            out.append((i, ChoiceResult(tuple(exact.tolist()), tuple(parity.tolist()), top[row])))
-        return out
+        exact, parity = exact.tolist(), parity.tolist()
+        return [(i, ChoiceResult(tuple(exact[row][: len(choice_ids[i])]), tuple(parity[row][: len(choice_ids[i])]), top[row]))
+                for row, i in enumerate(batch)]
 
     # ---- 2. rolling log-likelihood ------------------------------------------------------------
     @torch.inference_mode()
@@ -302,7 +309,9 @@ class _Decoder:
         self.slot = torch.zeros(self.rows, 1, dtype=torch.long, device=dev)
         self.temperature = torch.zeros(self.rows, device=dev)
         self.seed = torch.zeros(self.rows, dtype=torch.long, device=dev)
-        self.graph = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.read_len = 0  # slots the decode step reads, rounded up: a CUDA graph per rounded length
+        self.host_slot = [0] * self.rows  # each row's next slot as the host last knew it
         self.checked = [0] * self.rows  # tokens of each row already offered to stop_check
 
     def _rows(self) -> int:
@@ -322,6 +331,9 @@ class _Decoder:
     def __iter__(self):
         while self.queue or any(o >= 0 for o in self.owner):
             self._refill()
+            # slots advance at most one a step: read what the busiest row can have filled by the sync
+            furthest = max(self.host_slot) + self.e.sync_every
+            self.read_len = min(self.max_len, -(-furthest // 128) * 128)
             for _ in range(self.e.sync_every):
                 self._step()
             yield self._collect()
@@ -355,6 +367,8 @@ class _Decoder:
             self.limit[row] = self.max_new[i]
         self.slot[rows, 0] = lengths
         self.position[rows, 0] = lengths + self.n_prefix
+        for (row, _), n in zip(joiners, lengths.tolist()):
+            self.host_slot[row] = n
         self.finished[rows] = False
         self._accept(rows, first)
 
@@ -370,7 +384,8 @@ class _Decoder:
         self.next_token[rows, 0] = torch.where(self.finished[rows], self.next_token[rows, 0], token)
 
     def _decode(self):
-        logits = self.model(self.next_token, positions=self.position, kv=self.cache.decode(self.slot, self.position), prefix=self.prefix)
+        kv = self.cache.decode(self.slot, self.position, self.read_len)
+        logits = self.model(self.next_token, positions=self.position, kv=kv, prefix=self.prefix)
         live = ~self.finished
         self.slot += live[:, None].long()  # finished rows keep rewriting one slot: static shapes, no growth
         self.position += live[:, None].long()
@@ -390,18 +405,19 @@ class _Decoder:
     def _step(self):
         if not self.e.cuda_graphs:
             return self._decode()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
+        if self.read_len not in self.graphs:
+            self.graphs[self.read_len] = self._capture()
+        self.graphs[self.read_len].replay()
 
-    def _capture(self):
+    def _capture(self) -> "torch.cuda.CUDAGraph":
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up kernels off the capture
             self._snapshot(self._decode)
         torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        self._snapshot(lambda: self._capture_into(self.graph))
+        graph = torch.cuda.CUDAGraph()
+        self._snapshot(lambda: self._capture_into(graph))
+        return graph
 
     def _capture_into(self, graph):
         with torch.cuda.graph(graph):
@@ -423,6 +439,7 @@ class _Decoder:
         finished = self.finished.tolist()
         counts = self.n_new.tolist()
         out_rows = self.tokens_out.tolist()
+        self.host_slot = self.slot[:, 0].tolist()
         done = []
         for row, i in enumerate(self.owner):
             if i < 0:

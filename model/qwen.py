@@ -70,13 +70,13 @@ class KVCache:
         self.pos[rows] = -1
         self.pos[rows[:, None], slots] = positions
         self.ntk_len[rows] = positions.max(dim=1).values + 1 if ntk_len is None else ntk_len
-        return CacheView(self, rows, slots, read=False)
+        return CacheView(self, rows, slots, read=False, read_len=0)
 
-    def decode(self, slots: Tensor, positions: Tensor) -> "CacheView":
-        """Write one step for every row at `slots` [B, T]; attention reads the whole cache."""
+    def decode(self, slots: Tensor, positions: Tensor, read_len: int | None = None) -> "CacheView":
+        """Write one step for every row at `slots` [B, T]; attention reads slots [0, read_len)."""
         rows = torch.arange(positions.shape[0], device=positions.device)
         self.pos[rows[:, None], slots] = positions
-        return CacheView(self, rows, slots, read=True)
+        return CacheView(self, rows, slots, read=True, read_len=read_len or self.pos.shape[1])
 
 
 @dataclass
@@ -85,13 +85,14 @@ class CacheView:
     rows: Tensor
     slots: Tensor
     read: bool
+    read_len: int  # decoding reads only the slots that can hold tokens yet (static per captured graph)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v [b, T, H, D]; return what attention reads, [b, H, S, D]."""
         self.cache.k[layer][self.rows[:, None], :, self.slots] = k
         self.cache.v[layer][self.rows[:, None], :, self.slots] = v
         if self.read:
-            return self.cache.k[layer], self.cache.v[layer]
+            return self.cache.k[layer][:, :, : self.read_len], self.cache.v[layer][:, :, : self.read_len]
         return k.transpose(1, 2), v.transpose(1, 2)
 
 
@@ -160,20 +161,61 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def attention(q, k, v, mask, prefix_kv=None, prefix_mask=None, impl: str = "sdpa") -> Tensor:
     """q [B, H, T, D] against own keys k, v [B, H, S, D] and optionally a shared prefix [H, P, D].
 
-    The prefix is one tensor for the whole batch: its scores come from one matrix product per head,
-    never from a per-row copy of its K/V.
+    mask [B, 1, T, S] (True = attend), or None for plain causal attention (right padding included:
+    a padding key sits after every real query). The prefix is one tensor for the whole batch: all rows'
+    queries meet it in one fused attention call, merged with the own part through the log-sum-exps;
+    its K/V are never copied per row. impl "math" is the plain reference.
     """
-    if prefix_kv is None and impl == "sdpa":
+    if impl == "math" or (prefix_kv is not None and prefix_mask is not None):
+        return _attention_math(q, k, v, mask, prefix_kv, prefix_mask)
+    if prefix_kv is None:
         if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    scale = q.shape[-1] ** -0.5
+    B, H, T, D = q.shape
+    own, own_lse = _attention_lse(q, k, v, mask)
+    pk, pv = prefix_kv
+    rows_as_one = q.transpose(0, 1).reshape(1, H, B * T, D)  # every row's queries against the one prefix
+    pre, pre_lse = _attention_lse(rows_as_one, pk[None], pv[None], None, causal=False)
+    pre = pre.view(H, B, T, D).transpose(0, 1)
+    pre_lse = pre_lse.view(H, B, T).transpose(0, 1)
+    lse = torch.logaddexp(own_lse, pre_lse)
+    out = own.float() * (own_lse - lse).exp()[..., None] + pre.float() * (pre_lse - lse).exp()[..., None]
+    return out.to(q.dtype)
+
+
+def _attention_lse(q, k, v, mask, causal: bool = True) -> tuple[Tensor, Tensor]:
+    """Attention output and its log-sum-exp [B, H, T] (fp32): fused kernels where a mask is not needed."""
     if mask is None:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
+        try:
+            if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
+            elif q.is_cuda:
+                out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)[:2]
+            else:
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+            return out, lse[..., : q.shape[-2]].float()
+        except (AttributeError, RuntimeError, NotImplementedError):  # a build without these kernels
+            pass
+        mask = _causal(q, k) if causal else None
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = scores.logsumexp(-1)
+    return ((scores - lse[..., None]).exp().to(v.dtype) @ v), lse
+
+
+def _causal(q: Tensor, k: Tensor) -> Tensor:
+    return torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
+
+
+def _attention_math(q, k, v, mask, prefix_kv, prefix_mask) -> Tensor:
+    """The plain reference: explicit scores, one softmax over prefix and own keys together."""
+    scale = q.shape[-1] ** -0.5
     scores = (q @ k.transpose(-1, -2)).float() * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~(_causal(q, k) if mask is None else mask), float("-inf"))
     if prefix_kv is None:
-        return (scores.softmax(-1).to(v.dtype)) @ v
+        return scores.softmax(-1).to(v.dtype) @ v
     pk, pv = prefix_kv
     prefix_scores = torch.einsum("bhtd,hpd->bhtp", q, pk).float() * scale
     if prefix_mask is not None:
@@ -232,11 +274,12 @@ class Qwen(nn.Module):
         positions = self._positions(tokens, attention_mask, positions, prefix)
         if kv is not None:
             ntk_len = kv.cache.ntk_len[kv.rows]
-            key_pos = kv.cache.pos if kv.read else positions
         else:
             ntk_len = positions.max(dim=1).values + 1
-            key_pos = positions
-        plain_causal = kv is None and prefix is None and attention_mask is None and bool((positions >= 0).all())
+        if kv is not None and kv.read:  # decoding: keys are cache slots, visibility comes from their positions
+            key_pos, plain_causal = kv.cache.pos[:, : kv.read_len], False
+        else:
+            key_pos, plain_causal = positions, _right_padded(positions)
         inputs = {}
         x = self.transformer.wte(tokens)
         for i, block in enumerate(self.transformer.h):
@@ -270,6 +313,14 @@ class Qwen(nn.Module):
         if prefix is not None and window is not None:
             prefix_mask = _visible(positions, prefix.pos.expand(positions.shape[0], -1), window)
         return LayerInputs(emb.cos(), emb.sin(), q_scale, mask, prefix_mask)
+
+
+def _right_padded(positions: Tensor) -> bool:
+    """True when each row counts up by one from its first token and padding (-1) only follows:
+    plain causal attention is then exact (one host sync; never called while decoding)."""
+    steps = positions[:, 1:] - positions[:, :-1]
+    real = positions[:, 1:] >= 0
+    return bool(((steps == 1) | ~real).all() and (real <= (positions[:, :-1] >= 0)).all())
 
 
 def _visible(q_pos: Tensor, key_pos: Tensor, window: int | None) -> Tensor:
