@@ -42,6 +42,8 @@ def plan_task(task, mode: str, data, tok, *, subjects=None, limit=None, options=
     if mode not in task.modes:
         raise UserError(f"task {task.name} has no {mode!r} mode (modes: {', '.join(task.modes)})")
     options = dict(options or {})
+    if hasattr(task, "bind"):  # tasks whose documents depend on the data dir and tokenizer (long_ppl)
+        task = task.bind(data, tok, options)
     if subjects:
         known = getattr(task, "subjects", None)
         if not known:
