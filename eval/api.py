@@ -86,7 +86,16 @@ class LoglikelihoodResponse:
     n_tokens: int
 
 
-Response = ChoiceResponse | GenerateResponse | LoglikelihoodResponse
+@dataclass(frozen=True)
+class ProfileResponse:
+    """One request served alone, timed, with the device's peak memory (the `profile` task)."""
+
+    seconds: float
+    tokens: int  # generated tokens, or encoded tokens
+    peak_memory_gb: float
+
+
+Response = ChoiceResponse | GenerateResponse | LoglikelihoodResponse | ProfileResponse
 
 
 class Backend(Protocol):

@@ -11,8 +11,10 @@ from typing import Callable
 
 import torch
 
+import time
+
 from .api import (ChoiceRequest, ChoiceResponse, GenerateRequest, GenerateResponse, LoglikelihoodRequest,
-                  LoglikelihoodResponse, UserError)
+                  LoglikelihoodResponse, ProfileResponse, UserError)
 
 OnDone = Callable[[list[tuple[int, object]]], None] | None
 
@@ -60,6 +62,35 @@ class NativeBackend:
         results = self.engine.loglikelihood([r.tokens for r in requests], [dict(r.switches) for r in requests],
                                             on_done=_mapped(on_done, convert))
         return [convert(i, r) for i, r in enumerate(results)]
+
+
+def profile(backend, requests: list, on_done: OnDone = None) -> list[ProfileResponse]:
+    """Serve each request alone after a short warm-up; wall time and peak device memory (GiB)."""
+    cuda = torch.cuda.is_available() and next(backend.model.parameters()).is_cuda
+    out = []
+    for i, request in enumerate(requests):
+        warm = request if not isinstance(request, GenerateRequest) else \
+            GenerateRequest(request.prompt, request.tokens, 16, stop=request.stop, stop_ids=request.stop_ids)
+        _serve_one(backend, warm)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        tokens = _serve_one(backend, request)
+        if cuda:
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        out.append(ProfileResponse(time.perf_counter() - start, tokens, peak))
+        if on_done:
+            on_done([(i, out[-1])])
+    return out
+
+
+def _serve_one(backend, request) -> int:
+    if isinstance(request, GenerateRequest):
+        return len(backend.generate([request])[0].tokens)
+    backend.loglikelihood([request])
+    return len(request.tokens)
 
 
 def _mapped(on_done: OnDone, convert):

@@ -65,6 +65,7 @@ class Engine:
         self.loss_chunk = loss_chunk
         self.pad_multiple = pad_multiple
         self.gpu_batch_tokens = gpu_batch_tokens  # past ~16k tokens per forward the GEMMs gain nothing
+        self.stats = defaultdict(int)  # forwards, tokens, decode steps and slots read: for benchmarks
 
     # ---- sizing -------------------------------------------------------------------------------
     def _memory_budget(self) -> int | None:
@@ -72,7 +73,8 @@ class Engine:
         if self.device.type != "cuda":
             return None
         free, _ = torch.cuda.mem_get_info(self.device)
-        return int(free * self.memory_fraction)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return int((free + cached) * self.memory_fraction)  # blocks PyTorch holds but does not use are free too
 
     def _kv_bytes_per_token(self) -> int:
         a = self.model.args
@@ -98,22 +100,32 @@ class Engine:
         return batch * length <= self.gpu_batch_tokens and self._forward_bytes(batch, length, prefix) <= budget
 
     def _width(self, length: int) -> int:
-        """Padded width of a row: a function of its own length only, so that what a row computes never
-        depends on which rows share its batch (results do not move with the batch size)."""
+        """Padded width of a row: a function of its own length only (see `_batches`)."""
         return max(2, -(-length // self.pad_multiple) * self.pad_multiple)
 
     def _batches(self, order: list[int], lengths, prefix: int):
-        """Consecutive slices of `order` (sorted longest first) of one padded width that fit in memory."""
+        """Consecutive slices of `order` (sorted longest first) that fit in memory.
+
+        On a CPU a batch only takes rows of one padded width: what a row computes then never depends on
+        which rows share its batch, and results are identical for every batch size. On a GPU the matrix
+        kernels change with the batch shape anyway, so a batch takes shorter rows too, as long as padding
+        stays under a quarter of its tokens: few, large forwards.
+        """
         start = 0
         while start < len(order):
             width, end = self._width(lengths[order[start]]), start + 1
-            while (end < len(order) and self._width(lengths[order[end]]) == width
-                   and self._fits(end + 1 - start, width, prefix)):
+            total = lengths[order[start]]
+            while end < len(order) and self._fits(end + 1 - start, width, prefix):
+                length = lengths[order[end]]
+                if self.device.type == "cpu" and self._width(length) != width:
+                    break
+                if self.device.type != "cpu" and 4 * (total + length) < 3 * width * (end + 1 - start):
+                    break
+                total += length
                 end += 1
             yield order[start:end]
             start = end
 
-    # ---- shared prefixes ----------------------------------------------------------------------
     def _groups(self, prompts: Sequence[Sequence[int]], shared: Sequence[int], ntk_lengths: Sequence[int]) -> list[_Group]:
         """Group requests by (shared prefix, per-layer NTK alphas): a prefix's K/V depends on both."""
         a = self.model.args
@@ -152,6 +164,10 @@ class Engine:
         lengths = torch.tensor([len(s) for s in seqs])
         return tokens.to(self.device), positions.to(self.device), lengths.to(self.device)
 
+    def _count(self, tokens: Tensor) -> None:
+        self.stats["forwards"] += 1
+        self.stats["forward_tokens"] += tokens.numel()
+
     def _head(self, rows: Tensor) -> Tensor:
         """LM head over [b, dim]. A one-row product would take BLAS's matrix-vector path, which sums in
         another order than the matrix-matrix path of larger batches; two rows keep results independent
@@ -187,6 +203,7 @@ class Engine:
 
     def _score_batch(self, batch, suffixes, choice_ids, prefix, n_prefix):
         tokens, positions, lengths = self._pad([suffixes[i] for i in batch], n_prefix)
+        self._count(tokens)
         hidden = self.model.hidden(tokens, positions=positions, prefix=prefix)
         last = hidden[torch.arange(len(batch), device=self.device), lengths - 1]  # [b, dim]
         logits = self._head(last)  # model dtype, as the original
@@ -231,14 +248,17 @@ class Engine:
 
     def _nll_batch(self, batch, sequences):
         tokens, positions, lengths = self._pad([sequences[i] for i in batch], 0)
+        self._count(tokens)
         hidden = self.model.hidden(tokens, positions=positions)
         nll = torch.zeros(len(batch), dtype=torch.float64, device=self.device)
         width = tokens.shape[1]
         for start in range(0, width - 1, self.loss_chunk):  # never all vocab logits of a long row at once
             stop = min(start + self.loss_chunk, width - 1)
-            logits = self.model.lm_head(hidden[:, start:stop]).float()
+            logits = self.model.lm_head(hidden[:, start:stop]).float()  # [b, chunk, vocab]
             targets = tokens[:, start + 1: stop + 1]
-            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            # rows of the vocabulary stay contiguous: a class dimension in the middle runs many times slower
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            loss = loss.view(targets.shape)
             valid = positions[:, start + 1: stop + 1] >= 0
             nll += (loss * valid).double().sum(1)
         return [(i, (float(nll[row]), int(lengths[row]) - 1)) for row, i in enumerate(batch)]
@@ -270,6 +290,14 @@ class Engine:
         return results
 
 
+def _bucket(n: int) -> int:
+    """n rounded up to 128 * {1, 1.5, 2, 3, 4, 6, ...}: few distinct lengths, so few captured graphs."""
+    size = 128
+    while size < n:
+        size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3
+    return size
+
+
 def gumbel_noise(seed: Tensor, step: Tensor, vocab: int) -> Tensor:
     """Gumbel(0, 1) noise [B, vocab] from a counter-based hash (murmur3's finaliser) of (seed, step, id):
     reproducible per request, with no generator state shared between rows."""
@@ -289,6 +317,7 @@ class _Decoder:
     def __init__(self, engine: Engine, group: _Group, prompts, max_new, stop_ids, stop_check, sampling):
         self.e, self.model = engine, engine.model
         self.temperatures, self.seeds = sampling
+        self.sampling = any(self.temperatures[i] > 0 for i in group.members)
         self.prefix = engine._prefix_cache(group)
         self.n_prefix = len(group.prefix)
         self.suffix = {i: prompts[i][self.n_prefix:] for i in group.members}
@@ -326,14 +355,13 @@ class _Decoder:
             per_row = self.max_len * e._kv_bytes_per_token()
             prefill = e._forward_bytes(1, max(len(s) for s in self.suffix.values()), self.n_prefix)
             rows = min(n, (budget - prefill) // per_row)
-        return max(2, rows)  # two rows at least: see Engine._head
+        return max(2 if e.device.type == "cpu" else 1, rows)  # CPU: two rows at least, see Engine._head
 
     def __iter__(self):
         while self.queue or any(o >= 0 for o in self.owner):
             self._refill()
             # slots advance at most one a step: read what the busiest row can have filled by the sync
-            furthest = max(self.host_slot) + self.e.sync_every
-            self.read_len = min(self.max_len, -(-furthest // 128) * 128)
+            self.read_len = min(self.max_len, _bucket(max(self.host_slot) + self.e.sync_every))
             for _ in range(self.e.sync_every):
                 self._step()
             yield self._collect()
@@ -351,6 +379,7 @@ class _Decoder:
         """Prefill waiting requests into free rows; their first token comes from the prompt's last logits."""
         rows = torch.tensor([r for r, _ in joiners], device=self.e.device)
         tokens, positions, lengths = self.e._pad([self.suffix[i] for _, i in joiners], self.n_prefix)
+        self.e._count(tokens)
         hidden = self.model.hidden(tokens, positions=positions, kv=self.cache.prefill(rows, positions), prefix=self.prefix)
         for row, i in joiners:
             self.temperature[row] = self.temperatures[i]
@@ -393,6 +422,8 @@ class _Decoder:
 
     def _pick(self, logits: Tensor, rows: Tensor) -> Tensor:
         """Greedy argmax, or Gumbel-max sampling for rows with a temperature."""
+        if not self.sampling:
+            return logits.argmax(-1)
         temperature = self.temperature[rows]
         noise = gumbel_noise(self.seed[rows], self.n_new[rows], logits.shape[-1])
         sampled = (logits.float() / temperature.clamp(min=1e-6)[:, None] + noise).argmax(-1)
@@ -403,6 +434,8 @@ class _Decoder:
         return torch.arange(self.rows, device=self.e.device)
 
     def _step(self):
+        self.e.stats["decode_steps"] += 1
+        self.e.stats["decode_slots_read"] += self.rows * self.read_len
         if not self.e.cuda_graphs:
             return self._decode()
         if self.read_len not in self.graphs:
