@@ -92,7 +92,7 @@ class ProfileResponse:
 
     seconds: float
     tokens: int  # generated tokens, or encoded tokens
-    peak_memory_gb: float
+    peak_memory_gb: float | None  # None on a CPU
 
 
 Response = ChoiceResponse | GenerateResponse | LoglikelihoodResponse | ProfileResponse

@@ -79,7 +79,7 @@ def profile(backend, requests: list, on_done: OnDone = None) -> list[ProfileResp
         tokens = _serve_one(backend, request)
         if cuda:
             torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None  # no device memory to report on a CPU
         out.append(ProfileResponse(time.perf_counter() - start, tokens, peak))
         if on_done:
             on_done([(i, out[-1])])

@@ -19,7 +19,8 @@ from .api import Doc, Request, UserError, serve, stable_hash
 from .results import RunStore, atomic_write, render_markdown
 
 REPO = Path(__file__).resolve().parents[1]
-RESPONSE_KINDS = {cls.__name__: cls for cls in (api.ChoiceResponse, api.GenerateResponse, api.LoglikelihoodResponse)}
+RESPONSE_KINDS = {cls.__name__: cls for cls in (api.ChoiceResponse, api.GenerateResponse, api.LoglikelihoodResponse,
+                                                api.ProfileResponse)}
 
 
 @dataclass
@@ -118,8 +119,12 @@ def execute(plan: Plan, backend, *, overwrite: bool = False, config: dict | None
         saved.update((r["doc_id"], r) for r in records)
 
     interrupted = False
+    if getattr(plan.task, "measures", False):  # timed one request at a time (the profile task)
+        from .backends import profile as answer
+    else:
+        answer = serve
     try:
-        serve(backend, [plan.requests[k][j] for k, j in flat], on_done)
+        answer(backend, [plan.requests[k][j] for k, j in flat], on_done)
     except KeyboardInterrupt:
         interrupted = True
         log(f"{plan.task.name}: interrupted; writing the partial table of the documents finished so far")

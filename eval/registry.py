@@ -6,7 +6,7 @@ import importlib
 
 from .api import UserError
 
-TASK_MODULES = ("mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "long_ppl")
+TASK_MODULES = ("mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "long_ppl", "profile")
 
 
 def task_names() -> list[str]:

@@ -1,6 +1,7 @@
 """Command line: python eval/runner.py --task gsm8k [--task mmlu ...] [options]
 
-Also: `--rescore RUN_DIR` (re-score saved records, no model), `--list-tasks`, `--dry-run`.
+Also: `--rescore RUN_DIR` (re-score saved records, no model), `--list-tasks`, `--dry-run`, and the
+subcommands `report [RESULTS_DIR]` (reported vs measured) and `compare BASE_RUN NEW_RUN` (regression gate).
 User errors print one line and exit with code 2; Ctrl-C writes the partial table and exits 130.
 """
 from __future__ import annotations
@@ -66,7 +67,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+SUBCOMMANDS = {"report": "eval.report", "compare": "eval.compare"}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        command = importlib.import_module(SUBCOMMANDS[argv[0]])
+        try:
+            return command.main(argv[1:])
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     args = parse_args(argv)
     try:
         return run(args)

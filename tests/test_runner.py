@@ -77,3 +77,15 @@ def test_list_tasks(capsys):
     out = capsys.readouterr().out
     for name in ("mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "long_ppl"):
         assert name in out
+
+
+def test_profile_task_times_each_request(tiny_checkpoint, tmp_path, monkeypatch):
+    from eval.tasks import profile
+
+    monkeypatch.setattr(profile.Profile, "load", lambda self, data, mode, subjects=None: [
+        profile.Doc("profile/generate/40", {"kind": "generate", "tokens": 40}),
+        profile.Doc("profile/encode/64", {"kind": "encode", "tokens": 64})])
+    assert run_cli("--task", "profile", "--model", tiny_checkpoint, "--output-dir", tmp_path, "--no-progress") == 0
+    records = [json.loads(x) for x in (tmp_path / "tiny" / "profile-fewshot" / "samples.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in records] == [40, 64]
+    assert all(r["seconds"] > 0 and r["tokens_per_s"] > 0 and r["peak_memory_gb"] is None for r in records)

@@ -33,7 +33,7 @@ class Profile:
     def score(self, doc: Doc, responses: list, mode: str, options: dict) -> dict:
         r = responses[0]
         return {"seconds": round(r.seconds, 3), "tokens": r.tokens, "tokens_per_s": round(r.tokens / r.seconds, 2),
-                "peak_memory_gb": round(r.peak_memory_gb, 2)}
+                "peak_memory_gb": None if r.peak_memory_gb is None else round(r.peak_memory_gb, 2)}
 
     def aggregate(self, docs: list[Doc], records: list[dict], mode: str, options: dict) -> Scores:
         table = Table(["measurement", "tokens/s", "peak GB", "reported tokens/s", "reported peak GB"])
@@ -42,7 +42,8 @@ class Profile:
             key = doc.doc_id.removeprefix("profile/")
             speed = rec["tokens_per_s"] if doc.data["kind"] == "generate" else "-"
             reported = REPORTED.get(key, (None, None))
-            table.rows.append([key, speed, rec["peak_memory_gb"], *(x if x is not None else "-" for x in reported)])
+            peak = "-" if rec["peak_memory_gb"] is None else rec["peak_memory_gb"]
+            table.rows.append([key, speed, peak, *(x if x is not None else "-" for x in reported)])
             metrics[f"{key} peak_gb"] = rec["peak_memory_gb"]
             if doc.data["kind"] == "generate":
                 metrics[f"{key} tokens_per_s"] = rec["tokens_per_s"]
