@@ -89,7 +89,7 @@ class Engine:
             scores = 3 * 4 * a.n_head * length * (length + prefix)
         return batch * (length * per_token + scores)
 
-    def _fits(self, batch: int, length: int, prefix: int) -> bool:
+    def _fits(self, batch: int, length: int, prefix: int, per_row: int = 0) -> bool:
         if batch == 1:
             return True
         if self.max_batch is not None and batch > self.max_batch:
@@ -97,13 +97,14 @@ class Engine:
         budget = self._memory_budget()
         if budget is None:
             return batch * length <= self.cpu_batch_tokens
-        return batch * length <= self.gpu_batch_tokens and self._forward_bytes(batch, length, prefix) <= budget
+        fits = self._forward_bytes(batch, length, prefix) + batch * per_row <= budget
+        return batch * length <= self.gpu_batch_tokens and fits
 
     def _width(self, length: int) -> int:
         """Padded width of a row: a function of its own length only (see `_batches`)."""
         return max(2, -(-length // self.pad_multiple) * self.pad_multiple)
 
-    def _batches(self, order: list[int], lengths, prefix: int):
+    def _batches(self, order: list[int], lengths, prefix: int, per_row: int = 0):
         """Consecutive slices of `order` (sorted longest first) that fit in memory.
 
         On a CPU a batch only takes rows of one padded width: what a row computes then never depends on
@@ -115,7 +116,7 @@ class Engine:
         while start < len(order):
             width, end = self._width(lengths[order[start]]), start + 1
             total = lengths[order[start]]
-            while end < len(order) and self._fits(end + 1 - start, width, prefix):
+            while end < len(order) and self._fits(end + 1 - start, width, prefix, per_row):
                 length = lengths[order[end]]
                 if self.device.type == "cpu" and self._width(length) != width:
                     break
@@ -235,7 +236,9 @@ class Engine:
                     self.model.args = with_switches(base, **dict(key))
                     lengths = {i: len(sequences[i]) for i in members}
                     order = sorted(members, key=lambda i: -lengths[i])
-                    for batch in self._batches(order, lengths, 0):
+                    # a loss chunk's fp32 logits and their log-softmax, per row
+                    chunk_bytes = 3 * 4 * self.loss_chunk * self.model.args.vocab_size
+                    for batch in self._batches(order, lengths, 0, chunk_bytes):
                         done = self._nll_batch(batch, sequences)
                         for i, r in done:
                             results[i] = r
