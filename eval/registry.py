@@ -6,7 +6,7 @@ import importlib
 
 from .api import UserError
 
-TASK_MODULES = ("mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "long_ppl", "profile")
+TASK_MODULES = ("mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "long_ppl", "profile", "tooluse")
 
 
 def task_names() -> list[str]:
