@@ -130,7 +130,7 @@ def test_different_configuration_is_refused(tiny_checkpoint, data_root, tmp_path
             "--limit", "2", "--output-dir", str(tmp_path), "--no-progress"]
     assert main(args) == 0
     assert main(args + ["--verbatim-csv"]) == 2
-    assert "holds a run with a different configuration (data, options differ)" in capsys.readouterr().err
+    assert "holds a run with a different configuration (options differ)" in capsys.readouterr().err
     assert main(args + ["--verbatim-csv", "--overwrite"]) == 0
 
 
@@ -141,7 +141,8 @@ BAD_INPUT = [
     (["--task", "mmlu", "--output-dir", "{file}/sub"], "cannot write to output directory"),
     (["--task", "mmlu", "--subjects", "anatomyy"], "unknown mmlu subject(s): anatomyy"),
     (["--task", "gsm8k", "--data-dir", "{badjson}"], "test.jsonl:2: not valid JSON"),
-    (["--task", "mmlu", "--data-dir", "{badcsv}"], "anatomy_test.csv: malformed CSV: row 1 has 8 fields, expected 6"),
+    (["--task", "mmlu", "--data-dir", "{badcsv}"], "anatomy_test.csv: malformed CSV (Error tokenizing data. C error: "
+                                                   "Expected 6 fields in line 8, saw 8)"),
     (["--task", "mmlu", "--lengths", "1,x"], "--lengths '1,x': expected comma-separated integers"),
 ]
 

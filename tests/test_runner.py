@@ -89,3 +89,17 @@ def test_profile_task_times_each_request(tiny_checkpoint, tmp_path, monkeypatch)
     records = [json.loads(x) for x in (tmp_path / "tiny" / "profile-fewshot" / "samples.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in records] == [40, 64]
     assert all(r["seconds"] > 0 and r["tokens_per_s"] > 0 and r["peak_memory_gb"] is None for r in records)
+
+
+@pytest.mark.parametrize("task,mode", [("gsm8k", "fewshot"), ("gsm8k", "chat"), ("humaneval", "fewshot"),
+                                       ("humaneval", "chat"), ("long_ppl", "fewshot")])
+def test_generation_and_perplexity_tasks_end_to_end(task, mode, tiny_checkpoint, data_root, tmp_path):
+    extra = {"humaneval": ["--allow-code-execution"], "long_ppl": ["--lengths", "32,64"]}.get(task, [])
+    assert run_cli("--task", task, "--mode", mode, "--model", tiny_checkpoint, "--data-dir", data_root,
+                   "--limit", 2, "--output-dir", tmp_path, "--no-progress", *extra) == 0
+    run_dir = tmp_path / "tiny" / f"{task}-{mode}"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["n_done"] == results["n_docs"] >= 2 and not results["partial"]
+    records = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == results["n_docs"] and all(r["responses"] for r in records)
+    assert (run_dir / "table.md").exists() and (run_dir / "table.csv").exists()
