@@ -1,0 +1,337 @@
+"""python eval/runner.py compare BASE_RUN NEW_RUN: two runs paired document by document; exit 1 on a regression.
+
+BASE_RUN and NEW_RUN are run directories (run.json, samples.jsonl) or directories above them (e.g.
+results/base/Qwen-7B): run directories are then paired by name (mmlu-fewshot, gsm8k-chat, ...).
+Per task, on the documents both runs hold: the headline score of each run, the delta, a paired
+test (exact McNemar for right/wrong scores, paired bootstrap otherwise) and the documents that
+flipped; the same per category (MMLU, C-Eval, CMMLU) and per long_ppl length, for information.
+The gate looks at headline scores only: a drop of at least --max-drop points with p < --alpha is a
+regression (exit 1). Runs whose prompts or data differ are refused unless --allow-different-prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .api import UserError
+from .registry import get_task
+from .tasks.long_ppl import ROWS
+
+BOOTSTRAP_ROUNDS = 10_000
+# (task, mode) -> (headline metric, path to its per-document value in a samples.jsonl record).
+HEADLINE = {
+    **{(task, mode): ("acc", ("correct",)) for task in ("mmlu", "ceval", "cmmlu") for mode in ("fewshot", "chat")},
+    ("gsm8k", "fewshot"): ("acc", ("parity", "correct")),
+    ("gsm8k", "chat"): ("acc", ("zero_shot", "v0", "correct")),
+    ("humaneval", "fewshot"): ("pass@1", ("parity",)),
+    ("humaneval", "chat"): ("pass@1", ("v0",)),
+}
+PERPLEXITY_TASK = "long_ppl"
+
+
+# ---- runs ---------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    dir: Path
+    identity: dict
+    records: dict[str, dict]  # by doc_id, in file order
+    finished: bool  # results.json exists and is not partial
+
+    @property
+    def task(self) -> str:
+        return self.identity.get("task", "?")
+
+    @property
+    def mode(self) -> str:
+        return self.identity.get("mode", "?")
+
+
+def read_records(path: Path) -> list[dict]:
+    """samples.jsonl records, read-only: a torn last line (a run killed mid-write) is left out."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UserError(f"{path}:{number}: corrupt record in the middle of the file") from None
+    return records
+
+
+def load_run(run_dir: Path) -> Run:
+    try:
+        identity = json.loads((run_dir / "run.json").read_text())["identity"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        raise UserError(f"{run_dir} is not a run directory (no readable run.json)") from None
+    try:
+        finished = not json.loads((run_dir / "results.json").read_text()).get("partial", True)
+    except (OSError, json.JSONDecodeError):
+        finished = False
+    records = {r["doc_id"]: r for r in read_records(run_dir / "samples.jsonl")}
+    return Run(run_dir, identity, records, finished)
+
+
+def run_dirs(path: Path) -> dict[str, Path]:
+    """Run directories at or below `path`, by name."""
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory")
+    if (path / "run.json").exists():
+        return {path.name: path}
+    found: dict[str, Path] = {}
+    for run_file in sorted(path.rglob("run.json")):
+        name = run_file.parent.name
+        if name in found:
+            raise UserError(f"{path} holds two runs named {name} ({found[name]}, {run_file.parent}); "
+                            f"point at one model's directory")
+        found[name] = run_file.parent
+    if not found:
+        raise UserError(f"{path}: no run directories (run.json) below it")
+    return found
+
+
+def pair_runs(base: Path, new: Path) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(base, new) run directory pairs, and notes on what could not be paired."""
+    base_dirs, new_dirs = run_dirs(base), run_dirs(new)
+    if len(base_dirs) == len(new_dirs) == 1 and (base / "run.json").exists() and (new / "run.json").exists():
+        return [(base, new)], []  # two runs named explicitly: compare them whatever their names
+    names = [name for name in base_dirs if name in new_dirs]
+    if not names:
+        raise UserError(f"no run of {base} has a namesake in {new} "
+                        f"(base: {', '.join(base_dirs)}; new: {', '.join(new_dirs)})")
+    notes = [f"{name}: only in base" for name in base_dirs if name not in new_dirs]
+    notes += [f"{name}: only in new" for name in new_dirs if name not in base_dirs]
+    return [(base_dirs[name], new_dirs[name]) for name in names], notes
+
+
+def comparable(base: Run, new: Run, shared: list[str], allow_different: bool) -> list[str]:
+    """Why the two runs' scores are not comparable; raises unless `allow_different`."""
+    if (base.task, base.mode) != (new.task, new.mode):
+        raise UserError(f"cannot compare {base.task} ({base.mode}) in {base.dir} "
+                        f"with {new.task} ({new.mode}) in {new.dir}")
+    reasons = []
+    if base.identity.get("data") != new.identity.get("data"):
+        reasons.append("the data files differ (identity.data)")
+    # Per-document prompt hashes (prompt text and token ids) are stricter than provenance.prompts_hash, and
+    # still allow comparing runs of different --limit on the documents they share.
+    changed = [d for d in shared if base.records[d].get("prompt_hash") != new.records[d].get("prompt_hash")]
+    if changed:
+        reasons.append(f"{len(changed)} of {len(shared)} shared documents have different prompts (first: {changed[0]})")
+    if reasons and not allow_different:
+        raise UserError(f"{base.task} ({base.mode}): refusing to compare {base.dir} with {new.dir}: "
+                        f"{'; '.join(reasons)}. Pass --allow-different-prompts to compare anyway.")
+    return reasons
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+def mcnemar_exact(worse: int, better: int) -> float:
+    """Two-sided exact McNemar test: under no change, each discordant document flips either way with p = 1/2."""
+    n = worse + better
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(worse, better) + 1))
+    return min(1.0, 2 * tail / 2 ** n)  # exact integer arithmetic: no underflow for thousands of flips
+
+
+def bootstrap_sums(columns: np.ndarray, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> np.ndarray:
+    """Column sums of `rounds` resamples of the rows (documents) with replacement: [rounds, n_columns].
+
+    Resampling whole rows keeps each document's base and new values together (a paired bootstrap)."""
+    rng = np.random.default_rng(seed)  # fixed: the same runs always give the same p-values and intervals
+    n = len(columns)
+    chunk = max(1, 1_000_000 // n)  # bounds memory to about chunk x n x n_columns numbers at a time
+    sums = [columns[rng.integers(0, n, size=(min(chunk, rounds - start), n))].sum(axis=1)
+            for start in range(0, rounds, chunk)]
+    return np.concatenate(sums)
+
+
+def bootstrap_p(observed: float, replicates: np.ndarray) -> float:
+    """Two-sided p-value of a difference against zero: the replicates, centred on the observed
+    difference, stand in for its distribution under no change."""
+    if observed == 0:
+        return 1.0
+    extreme = int(np.sum(np.abs(replicates - observed) >= abs(observed)))
+    return (extreme + 1) / (len(replicates) + 1)
+
+
+# ---- comparisons -------------------------------------------------------------------------------------
+@dataclass
+class Comparison:
+    name: str
+    n: int
+    base: float
+    new: float
+    test: str
+    p: float
+    drop: float  # how much worse new is: accuracy points lost, or percent perplexity rise
+    gated: bool  # a headline score (the gate looks at these only)
+    worse: list[str] = field(default_factory=list)  # doc ids whose score went down (right -> wrong)
+    better: list[str] = field(default_factory=list)
+    unit: str = ""  # of `drop`: "" accuracy points, "%" perplexity
+
+    def regression(self, max_drop: float, alpha: float) -> bool:
+        return self.gated and self.drop >= max_drop and self.p < alpha
+
+
+def document_score(record: dict, path: tuple[str, ...]) -> float:
+    value = record
+    for key in path:
+        value = value[key]
+    if isinstance(value, list):  # HumanEval: a task's samples; their pass rate is its unbiased pass@1
+        return sum(s["status"] == "passed" for s in value) / len(value)
+    return float(value)
+
+
+def compare_accuracy(base: Run, new: Run, shared: list[str]) -> list[Comparison]:
+    metric, path = HEADLINE[(base.task, base.mode)]
+    try:
+        scores = {d: (document_score(base.records[d], path), document_score(new.records[d], path)) for d in shared}
+    except (KeyError, TypeError):
+        raise UserError(f"{base.task} ({base.mode}): a record lacks {'.'.join(path)}") from None
+    subjects = {d: base.records[d].get("subject", "") for d in shared}
+    task = get_task(base.task)
+    averaging = getattr(task, "averaging", "micro")
+    groups = {**getattr(task, "categories", {}), **getattr(task, "extra_groups", {})}
+    units = [accuracy_comparison(f"{metric} ({averaging})", shared, scores, subjects, averaging, gated=True)]
+    for group, members in groups.items():
+        docs = [d for d in shared if subjects[d] in members]
+        if docs:
+            units.append(accuracy_comparison(group, docs, scores, subjects, averaging, gated=False))
+    return units
+
+
+def accuracy_comparison(name, docs, scores, subjects, averaging, gated) -> Comparison:
+    base = average([scores[d][0] for d in docs], [subjects[d] for d in docs], averaging)
+    new = average([scores[d][1] for d in docs], [subjects[d] for d in docs], averaging)
+    worse = [d for d in docs if scores[d][1] < scores[d][0]]
+    better = [d for d in docs if scores[d][1] > scores[d][0]]
+    if all(v in (0.0, 1.0) for d in docs for v in scores[d]):
+        test, p = "McNemar", mcnemar_exact(len(worse), len(better))
+    else:  # pass rates of several samples per task
+        columns = np.array([scores[d] for d in docs])
+        sums = bootstrap_sums(columns)
+        test, p = "bootstrap", bootstrap_p(new - base, 100 * (sums[:, 1] - sums[:, 0]) / len(docs))
+    return Comparison(name, len(docs), base, new, test, p, base - new, gated, worse, better)
+
+
+def average(values: list[float], subjects: list[str], averaging: str) -> float:
+    """In percent. Micro: over documents; macro: the mean of per-subject means (C-Eval, CMMLU)."""
+    if averaging == "micro":
+        return 100 * sum(values) / len(values)
+    by_subject: dict[str, list[float]] = {}
+    for value, subject in zip(values, subjects):
+        by_subject.setdefault(subject, []).append(value)
+    return 100 * sum(sum(v) / len(v) for v in by_subject.values()) / len(by_subject)
+
+
+def compare_perplexity(base: Run, new: Run, shared: list[str]) -> list[Comparison]:
+    """One gated score per switch row (all lengths, token-weighted), then each (row, length) cell."""
+    rows = [row for row in ROWS if row in base.records[shared[0]]["rows"]]  # records store them sorted by name
+    lengths = sorted({base.records[d]["length"] for d in shared})
+    gated = [perplexity_comparison(f"ppl {row} (all lengths)", shared, base, new, row, True) for row in rows]
+    cells = [perplexity_comparison(f"ppl {row} @ {length}", [d for d in shared if base.records[d]["length"] == length],
+                                   base, new, row, False) for row in rows for length in lengths]
+    return gated + cells
+
+
+def perplexity_comparison(name, docs, base: Run, new: Run, row: str, gated: bool) -> Comparison:
+    """exp(summed NLL / summed tokens), as the task aggregates; paired bootstrap of the log-perplexity change."""
+    columns = np.array([[run.records[d]["rows"][row][key] for run in (base, new) for key in ("nll", "n_tokens")]
+                        for d in docs], dtype=float)
+    total = columns.sum(axis=0)
+    observed = total[2] / total[3] - total[0] / total[1]
+    sums = bootstrap_sums(columns)
+    p = bootstrap_p(observed, sums[:, 2] / sums[:, 3] - sums[:, 0] / sums[:, 1])
+    base_ppl, new_ppl = math.exp(total[0] / total[1]), math.exp(total[2] / total[3])
+    rise = 100 * (new_ppl / base_ppl - 1)
+    return Comparison(name, len(docs), base_ppl, new_ppl, "bootstrap", p, rise, gated, unit="%")
+
+
+def compare_runs(base: Run, new: Run, allow_different: bool) -> tuple[list[Comparison], list[str]]:
+    shared = [d for d in base.records if d in new.records]
+    if not shared:
+        raise UserError(f"{base.dir} and {new.dir} share no documents")
+    warnings = comparable(base, new, shared, allow_different)
+    if base.task == PERPLEXITY_TASK:
+        return compare_perplexity(base, new, shared), warnings
+    return compare_accuracy(base, new, shared), warnings
+
+
+# ---- output ------------------------------------------------------------------------------------------
+def render_pair(base: Run, new: Run, units: list[Comparison], warnings: list[str], max_drop: float,
+                alpha: float) -> str:
+    shared = units[0].n  # the headline score covers every shared document
+    differs = sorted(k for k in set(base.identity) | set(new.identity) if base.identity.get(k) != new.identity.get(k))
+    lines = [f"## {base.task} ({base.mode})", "",
+             f"- base: {base.dir}{'' if base.finished else ' (unfinished)'}",
+             f"- new: {new.dir}{'' if new.finished else ' (unfinished)'}",
+             f"- identity differs in: {', '.join(differs) or 'nothing'}",
+             f"- documents compared: {shared} (only in base: {len(base.records) - shared}, "
+             f"only in new: {len(new.records) - shared})"]
+    lines += [f"- WARNING: {w}" for w in warnings]
+    perplexity = base.task == PERPLEXITY_TASK
+    lines += ["", "| score | n | base | new | delta | drop | test | p | right->wrong | wrong->right | gate |",
+              "|" + "---|" * 11]
+    for u in units:
+        gate = ("REGRESSION" if u.regression(max_drop, alpha) else "ok") if u.gated else ""
+        flips = ["-", "-"] if perplexity else [str(len(u.worse)), str(len(u.better))]
+        lines.append(f"| {u.name} | {u.n} | {u.base:.2f} | {u.new:.2f} | {u.new - u.base:+.2f} | {u.drop:.2f}{u.unit} "
+                     f"| {u.test} | {u.p:.3g} | {flips[0]} | {flips[1]} | {gate} |")
+    headline = units[0]
+    if not perplexity:
+        binary = headline.test == "McNemar"
+        for label, docs in ((("right -> wrong" if binary else "pass rate down"), headline.worse),
+                            (("wrong -> right" if binary else "pass rate up"), headline.better)):
+            lines += ["", textwrap.fill(f"{label} ({len(docs)}): {', '.join(docs) or '-'}", 110,
+                                        subsequent_indent="    ", break_on_hyphens=False)]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python eval/runner.py compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", type=Path, metavar="BASE_RUN")
+    p.add_argument("new", type=Path, metavar="NEW_RUN")
+    p.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
+                   help="fail when a headline score drops by at least this much (accuracy points; percent "
+                        "perplexity rise for long_ppl) and the drop is significant (default 1)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired test (default 0.05; "
+                                                             "1 gates on the drop alone)")
+    p.add_argument("--allow-different-prompts", action="store_true",
+                   help="compare runs whose prompts or data files differ")
+    args = p.parse_args(argv)
+    if not 0 < args.alpha <= 1 or args.max_drop < 0:
+        raise UserError("--alpha must be in (0, 1] and --max-drop at least 0")
+    return args
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    pairs, notes = pair_runs(args.base, args.new)
+    regressions, sections = [], []
+    for base_dir, new_dir in pairs:
+        base, new = load_run(base_dir), load_run(new_dir)
+        if (base.task, base.mode) not in HEADLINE and base.task != PERPLEXITY_TASK:
+            notes.append(f"{base_dir.name}: {base.task} has no per-document scores to compare")
+            continue
+        units, warnings = compare_runs(base, new, args.allow_different_prompts)
+        sections.append(render_pair(base, new, units, warnings, args.max_drop, args.alpha))
+        regressions += [f"{base.task} ({base.mode}) {u.name}: drop {u.drop:.2f}{u.unit or ' points'} (p = {u.p:.3g})"
+                        for u in units if u.regression(args.max_drop, args.alpha)]
+    print("\n".join(sections))
+    for note in notes:
+        print(f"not compared: {note}")
+    rule = f"drop >= {args.max_drop:g} and p < {args.alpha:g}"
+    if regressions:
+        print(f"REGRESSION ({rule}):\n" + "\n".join(f"  {r}" for r in regressions))
+        return 1
+    print(f"no regression ({rule})")
+    return 0

@@ -1,0 +1,119 @@
+"""The published Qwen-7B numbers that `report` sets beside measured ones, each table with its source.
+
+Transcribed from ../shared/docs/reference-qwen-eval.md section 8, which read them from the QwenLM/Qwen
+README revisions, tech_memo.md and the Hugging Face model cards (the revision is named per table).
+A row with `task` None has no task in this harness (its note says why) and is shown, not measured.
+
+How a row is measured (eval/report.py): `metric` is a key of results.json "metrics"; with `part`,
+a row of the run's table (a category of a multiple-choice suite) or, for long_ppl, a
+(switch row, length) cell.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    reported: float
+    task: str | None = None
+    metric: str = ""
+    part: str | tuple[str, int] | None = None
+    model: str = ""  # when it differs from the table's model (the Int4 rows)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    source: str
+    model: str  # the published model's name, as a checkpoint directory or hub id would be called
+    mode: str | None  # the runner's --mode; None: any (speed does not depend on the prompt format)
+    rows: tuple[Row, ...]
+
+
+def _ceval_test(average, hard, stem, social, humanities, other) -> tuple[Row, ...]:
+    """C-Eval test rows: published, but not measurable (hard None: not published)."""
+    note = "C-Eval test split: answers hidden (leaderboard submission only)"
+    return tuple(Row(label, value, note=note) for label, value in (
+        ("C-Eval test", average), ("C-Eval test Avg-Hard", hard), ("C-Eval test STEM", stem),
+        ("C-Eval test Social Sciences", social), ("C-Eval test Humanities", humanities),
+        ("C-Eval test Others", other)) if value is not None)
+
+
+BASE = Table(
+    "Qwen-7B (original) base model",
+    "QwenLM/Qwen README.md (revisions 2023-08-03 to 2023-09-24) and tech_memo.md; spec 8.1",
+    "Qwen-7B", "fewshot", (
+        Row("MMLU 5-shot", 56.7, "mmlu", "acc_parity"),
+        Row("MMLU STEM", 47.6, "mmlu", "acc_parity", "STEM"),
+        Row("MMLU Social Sciences", 65.9, "mmlu", "acc_parity", "Social Sciences"),
+        Row("MMLU Humanities", 51.5, "mmlu", "acc_parity", "Humanities"),
+        Row("MMLU Others", 64.7, "mmlu", "acc_parity", "Other"),
+        Row("C-Eval val 5-shot", 60.8, "ceval", "acc_parity"),
+        Row("CMMLU 5-shot", 58.8, "cmmlu", "acc_parity",
+            note="README since 2023-08-13 (PR #184); no category breakdown published"),
+        Row("GSM8K 8-shot", 51.6, "gsm8k", "acc"),
+        Row("HumanEval 0-shot pass@1", 24.4, "humaneval", "pass@1"),
+        *_ceval_test(59.6, 41.0, 52.8, 74.1, 63.1, 55.2),
+    ))
+
+CHAT = Table(
+    "Qwen-7B-Chat (original)",
+    "QwenLM/Qwen tech_memo.md and the Qwen/Qwen-7B-Chat model card, 2023-08; spec 8.2",
+    "Qwen-7B-Chat", "chat", (
+        Row("C-Eval val 0-shot", 54.2, "ceval", "acc",
+            note="scored with the 2023-08-03 extraction rules: run with --ceval-chat-rules 2023-08-03"),
+        Row("MMLU 0-shot", 53.9, "mmlu", "acc"),
+        Row("HumanEval 0-shot pass@1", 24.4, "humaneval", "pass@1",
+            note="v0 prompt 'Help me fill the following code.'; the first memo draft said 21.3"),
+        Row("GSM8K 0-shot", 41.1, "gsm8k", "acc"),
+        Row("GSM8K 4-shot", 43.5, "gsm8k", "acc_4shot"),
+        *_ceval_test(54.6, None, 47.8, 67.6, 59.3, 50.6),
+    ))
+
+INT4 = Table(
+    "Qwen-7B-Chat BF16 vs GPTQ Int4",
+    "QwenLM/Qwen README.md 'Quantization' section from 2023-08-21 (Qwen-7B-Chat-Int4, AutoGPTQ); spec 8.3",
+    "Qwen-7B-Chat", "chat", (
+        Row("BF16 MMLU", 53.9, "mmlu", "acc"),
+        Row("BF16 C-Eval val", 54.2, "ceval", "acc"),
+        Row("BF16 GSM8K", 41.1, "gsm8k", "acc"),
+        Row("BF16 HumanEval", 24.4, "humaneval", "pass@1"),
+        Row("Int4 MMLU", 52.6, "mmlu", "acc", model="Qwen-7B-Chat-Int4"),
+        Row("Int4 C-Eval val", 52.9, "ceval", "acc", model="Qwen-7B-Chat-Int4"),
+        Row("Int4 GSM8K", 38.1, "gsm8k", "acc", model="Qwen-7B-Chat-Int4"),
+        Row("Int4 HumanEval", 23.8, "humaneval", "pass@1", model="Qwen-7B-Chat-Int4"),
+    ))
+
+PPL_LENGTHS = (1024, 2048, 4096, 8192, 16384)
+PPL_REPORTED = {  # the long_ppl task's switch rows; the memo calls the window row "local_attn"
+    "none": (4.23, 3.78, 39.35, 469.81, 2645.09),
+    "dynamic_ntk": (4.23, 3.78, 3.59, 3.66, 5.71),
+    "dynamic_ntk+logn": (4.23, 3.78, 3.58, 3.56, 4.62),
+    "dynamic_ntk+logn+window": (4.23, 3.78, 3.58, 3.49, 4.32),
+}
+LONG_PPL = Table(
+    "Qwen-7B (original) long-context perplexity on arXiv",
+    "QwenLM/Qwen README.md and tech_memo.md long-context table, 2023-08; spec 8.5",
+    "Qwen-7B", "fewshot",
+    tuple(Row(f"{switches} @ {length}", value, "long_ppl", "ppl", (switches, length))
+          for switches, values in PPL_REPORTED.items() for length, value in zip(PPL_LENGTHS, values)))
+
+SPEED = Table(
+    "Speed and peak memory, batch 1 (A100-SXM4-80G, PyTorch 2.0.1)",
+    "QwenLM/Qwen README.md 'Quantization' section, revision of 2023-09-13 (Qwen-7B-Chat BF16 and Int4, "
+    "1 context token, CUDA 11.4); spec 8.3",
+    "Qwen-7B-Chat", None, (
+        Row("BF16 generate 2048: tokens/s", 30.34, "profile", "generate/2048 tokens_per_s"),
+        Row("BF16 generate 8192: tokens/s", 29.32, "profile", "generate/8192 tokens_per_s"),
+        Row("BF16 encode 2048: peak GB", 17.66, "profile", "encode/2048 peak_gb"),
+        Row("BF16 generate 8192: peak GB", 22.58, "profile", "generate/8192 peak_gb"),
+        Row("Int4 generate 2048: tokens/s", 43.56, "profile", "generate/2048 tokens_per_s", model="Qwen-7B-Chat-Int4"),
+        Row("Int4 generate 8192: tokens/s", 33.92, "profile", "generate/8192 tokens_per_s", model="Qwen-7B-Chat-Int4"),
+        Row("Int4 encode 2048: peak GB", 8.21, "profile", "encode/2048 peak_gb", model="Qwen-7B-Chat-Int4"),
+        Row("Int4 generate 8192: peak GB", 13.62, "profile", "generate/8192 peak_gb", model="Qwen-7B-Chat-Int4"),
+    ))
+
+TABLES = (BASE, CHAT, INT4, LONG_PPL, SPEED)

@@ -1,0 +1,245 @@
+"""python eval/runner.py report [RESULTS_DIR]: the published Qwen-7B tables beside this harness's runs.
+
+Finds every run (results.json) under RESULTS_DIR (default results/) and renders one Markdown table
+per published table (eval/published.py): reported number, measured number, difference, 95% confidence
+interval of the measured number and whether the reported number lies inside it. Plots are written
+next to each run's table and linked. The report goes to RESULTS_DIR/REPORT.md (atomically) and stdout.
+
+Which run feeds a published row: same task, same mode (any mode for speed), and the same
+quantisation tag in the model name (int4 / int8 / nf4, or none) as the published model. When several
+runs qualify, the first by: run directory named exactly <task>-<mode> (no switch overrides, native
+backend), then model named as published (case-insensitive), then path order. --model restricts the
+runs considered to the named models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import published
+from .api import UserError
+from .compare import bootstrap_sums, read_records
+from .plots import plot_run
+from .registry import get_task
+from .results import atomic_write
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+QUANTISATION_TAGS = ("int4", "int8", "nf4")
+MULTIPLE_CHOICE = ("mmlu", "ceval", "cmmlu")
+PER_SUBJECT_COLUMN = {"acc": "correct", "acc_parity": "correct_parity", "acc_word_bounded": "correct_word_bounded"}
+PPL_BOOTSTRAP_ROUNDS = 2_000
+
+
+@dataclass
+class Run:
+    dir: Path
+    results: dict
+
+    @property
+    def task(self) -> str:
+        return self.results["task"]
+
+    @property
+    def mode(self) -> str:
+        return self.results["mode"]
+
+    @property
+    def model_name(self) -> str:
+        return self.results.get("identity", {}).get("model_name") or self.dir.parent.name
+
+
+@dataclass
+class Measured:
+    value: float | None
+    interval: tuple[float, float] | None = None
+    note: str = ""
+
+
+# ---- finding and matching runs -----------------------------------------------------------------------
+def find_runs(root: Path, models: list[str] | None = None) -> list[Run]:
+    runs = []
+    for path in sorted(root.rglob("results.json")):
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            warnings.warn(f"{path}: skipped ({err})")
+            continue
+        if isinstance(results, dict) and "task" in results:
+            runs.append(Run(path.parent, results))
+    if models:
+        wanted = {m.lower() for m in models}
+        runs = [r for r in runs if r.model_name.lower() in wanted]
+    return runs
+
+
+def quantisation(model_name: str) -> str:
+    return next((tag for tag in QUANTISATION_TAGS if tag in model_name.lower()), "")
+
+
+def choose_run(runs: list[Run], table: published.Table, row: published.Row) -> Run | None:
+    model = row.model or table.model
+    candidates = [r for r in runs if r.task == row.task and table.mode in (None, r.mode)
+                  and quantisation(r.model_name) == quantisation(model)]
+    return min(candidates, default=None, key=lambda r: (r.dir.name != f"{r.task}-{r.mode}",
+                                                        r.model_name.lower() != model.lower(), str(r.dir)))
+
+
+# ---- measured numbers and their intervals ----------------------------------------------------------------
+def measure(run: Run, row: published.Row) -> Measured:
+    if row.task in MULTIPLE_CHOICE:
+        return multiple_choice(run, row)
+    if row.task == "long_ppl":
+        return perplexity(run, row)
+    value = run.results["metrics"].get(row.metric)
+    if value is None:
+        return Measured(None, note=f"no metric {row.metric}")
+    if row.task == "profile":
+        return Measured(value, note="one timing on the run's own hardware")
+    return Measured(value, wilson(value, run.results["n_done"]))
+
+
+def wilson(percent: float, n: int) -> tuple[float, float] | None:
+    """Wilson score interval of an accuracy (in percent) over n documents."""
+    if n <= 0:
+        return None
+    p, z2 = percent / 100, Z95 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return 100 * (centre - half), 100 * (centre + half)
+
+
+def multiple_choice(run: Run, row: published.Row) -> Measured:
+    """The average or a category row of the run's table; micro: Wilson, macro: normal, stratified by subject."""
+    table = run.results["table"]
+    rows = table["rows"]
+    line = rows[0] if row.part is None else next((r for r in rows if r[0] == row.part), None)
+    if line is None:
+        return Measured(None, note=f"no {row.part} subjects in the run")
+    value, n = line[table["columns"].index(row.metric)], line[1]
+    details = run.results["details"]
+    if details.get("averaging") != "macro":
+        return Measured(value, wilson(value, n))
+    task = get_task(row.task)
+    members = {**task.categories, **task.extra_groups}.get(row.part) if row.part else None
+    per_subject = details["per_subject"]
+    subjects = [s for s in per_subject if members is None or s in members]
+    return Measured(value, macro_interval(value, [per_subject[s] for s in subjects], PER_SUBJECT_COLUMN[row.metric]))
+
+
+def macro_interval(value: float, subjects: list[dict], column: str) -> tuple[float, float]:
+    """Mean of subject accuracies: variance = sum over subjects of p(1-p)/n, divided by (number of subjects)^2."""
+    variance = sum((s[column] / 100) * (1 - s[column] / 100) / s["n"] for s in subjects) / len(subjects) ** 2
+    half = 100 * Z95 * math.sqrt(variance)
+    return max(0.0, value - half), min(100.0, value + half)
+
+
+def perplexity(run: Run, row: published.Row) -> Measured:
+    """Token-weighted perplexity of one (switch row, length) cell; percentile bootstrap over its samples."""
+    switches, length = row.part
+    value = run.results["details"]["ppl"].get(switches, {}).get(str(length))
+    if value is None:
+        return Measured(None, note=f"length {length} not run")
+    columns = np.array([[r["rows"][switches]["nll"], r["rows"][switches]["n_tokens"]]
+                        for r in read_records(run.dir / "samples.jsonl") if r["length"] == length], dtype=float)
+    if not len(columns):
+        return Measured(value, note="no samples.jsonl: no interval")
+    sums = bootstrap_sums(columns, PPL_BOOTSTRAP_ROUNDS)
+    low, high = np.percentile(np.exp(sums[:, 0] / sums[:, 1]), [2.5, 97.5])
+    return Measured(value, (float(low), float(high)), note=f"{len(columns)} samples")
+
+
+# ---- rendering ---------------------------------------------------------------------------------------------
+COLUMNS = ("benchmark", "metric", "reported", "measured", "difference", "95% CI", "within CI", "run", "notes")
+
+
+def render_row(row: published.Row, run: Run | None, root: Path) -> str:
+    if row.task is None:
+        cells = [row.label, "-", f"{row.reported:g}", "n/a", "", "", "", "", row.note]
+    elif run is None:
+        cells = [row.label, row.metric, f"{row.reported:g}", "not run", "", "", "", "", row.note]
+    else:
+        m = measure(run, row)
+        notes = "; ".join(x for x in (run_notes(run), m.note, row.note) if x)
+        measured = "-" if m.value is None else f"{m.value:.2f}"
+        difference = "" if m.value is None else f"{m.value - row.reported:+.2f}"
+        interval = f"[{m.interval[0]:.2f}, {m.interval[1]:.2f}]" if m.interval else ""
+        within = ("yes" if m.interval[0] <= row.reported <= m.interval[1] else "no") if m.interval else ""
+        cells = [row.label, row.metric, f"{row.reported:g}", measured, difference, interval, within,
+                 f"`{run.dir.relative_to(root)}`", notes]
+    return "| " + " | ".join(cells) + " |"
+
+
+def run_notes(run: Run) -> str:
+    """What makes a run not the full published setting: unfinished, or limited to a subset."""
+    results, config = run.results, run.results.get("config", {})
+    notes = [f"PARTIAL: {results['n_done']} of {results['n_docs']} documents"] if results.get("partial") else []
+    if config.get("limit"):
+        notes.append(f"--limit {config['limit']}")
+    subjects = (config.get("subjects") or "").split(",")
+    if subjects != [""]:
+        notes.append(f"--subjects {','.join(subjects)}" if len(subjects) <= 3 else f"{len(subjects)} --subjects")
+    return "; ".join(notes)
+
+
+def render_table(table: published.Table, picks: list[Run | None], root: Path, plots: dict | None) -> str:
+    """The published table with measurements from `picks` (one run or None per row); plots linked below."""
+    lines = [f"## {table.title}", "", f"Source: {table.source}.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += [render_row(row, run, root) for row, run in zip(table.rows, picks)]
+    if plots is not None:
+        for run in {r.dir: r for r in picks if r is not None}.values():  # each run once, in table order
+            if run.dir not in plots:
+                plots[run.dir] = plot_run(run.dir, run.results)
+            lines += [f"\n![{run.task} ({run.mode}), {run.model_name}]({p.relative_to(root).as_posix()})"
+                      for p in plots[run.dir]]
+    return "\n".join(lines) + "\n"
+
+
+def render_runs(runs: list[Run], root: Path, used: set[Path]) -> str:
+    lines = ["## Runs found", "", "| run | task | mode | model | documents | used |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        r = run.results
+        lines.append(f"| `{run.dir.relative_to(root)}` | {run.task} | {run.mode} | {run.model_name} "
+                     f"| {r.get('n_done')} of {r.get('n_docs')} | {'yes' if run.dir in used else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_report(root: Path, runs: list[Run], with_plots: bool = True) -> str:
+    plots: dict[Path, list[Path]] | None = {} if with_plots else None  # run dir -> its PNGs, drawn once
+    chosen = [(t, [choose_run(runs, t, row) if row.task else None for row in t.rows]) for t in published.TABLES]
+    used = {run.dir for _, picks in chosen for run in picks if run is not None}
+    header = ("# Reproduction report: published Qwen-7B numbers vs measured\n\n"
+              f"{len(runs)} run(s) found under `{root}`. The metric column names the results.json metric "
+              "measured: the original scripts' scoring (parity). 95% CI of the measured number: Wilson for "
+              "micro-averaged accuracies (MMLU, GSM8K, HumanEval), normal approximation stratified by subject "
+              "for macro averages (C-Eval, CMMLU), percentile bootstrap over samples for perplexity. "
+              "\"within CI\": the reported number lies inside it. Matching rule: `python eval/runner.py "
+              "report --help`.\n")
+    tables = [render_table(t, picks, root, plots) for t, picks in chosen]
+    return "\n".join([header, *tables, render_runs(runs, root, used)])
+
+
+def parse_args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python eval/runner.py report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results_dir", nargs="?", default="results", type=Path, metavar="RESULTS_DIR")
+    p.add_argument("--model", action="append", help="consider only runs of this model (repeat for several)")
+    p.add_argument("--no-plots", action="store_true", help="do not write or link PNG plots")
+    return p.parse_args(argv)
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    root = args.results_dir
+    if not root.is_dir():
+        raise UserError(f"{root} is not a directory (run some tasks first, or pass RESULTS_DIR)")
+    text = render_report(root, find_runs(root, args.model), with_plots=not args.no_plots)
+    atomic_write(root / "REPORT.md", text)
+    print(text)
+    return 0

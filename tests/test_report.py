@@ -1,0 +1,161 @@
+"""`report`: published vs measured tables from hand-made run directories (no model), and the plots."""
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from eval.api import Doc
+from eval.plots import DPI, FIGSIZE, plot_run
+from eval.report import wilson
+from eval.runner import main
+from eval.tasks import ceval, gsm8k, long_ppl, mmlu
+
+PNG_SIZE = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
+
+
+def write_run(root, model, name, task, mode, docs, records, *, n_docs=None, config=None):
+    """A run directory as the pipeline writes it, scored by the task's own aggregate()."""
+    scores = task.aggregate(docs, records, mode, {})
+    run_dir = root / model / name
+    run_dir.mkdir(parents=True)
+    results = {"task": task.name, "mode": mode, "metrics": scores.metrics, "n_docs": n_docs or len(docs),
+               "n_done": len(docs), "partial": (n_docs or len(docs)) > len(docs),
+               "table": {"columns": scores.table.columns, "rows": scores.table.rows}, "details": scores.extra,
+               "identity": {"model_name": model, "task": task.name, "mode": mode}, "config": config or {}}
+    (run_dir / "results.json").write_text(json.dumps(results))
+    (run_dir / "samples.jsonl").write_text("".join(json.dumps({"doc_id": d.doc_id, **r}) + "\n"
+                                                   for d, r in zip(docs, records)))
+    return run_dir
+
+
+def multiple_choice_run(root, model, correct_per_subject, *, task=mmlu.TASK, mode="fewshot", name=None, n=100):
+    """n documents per subject, the first `correct` of them answered right (in both scorings)."""
+    docs, records = [], []
+    for subject, correct in correct_per_subject.items():
+        for i in range(n):
+            docs.append(Doc(f"{task.name}/{subject}/{i}", {}, subject))
+            records.append({"correct": i < correct, "correct_parity": i < correct, "correct_word_bounded": i < correct,
+                            "tie": False, "truncated": False, "rule": "regex1"})
+    return write_run(root, model, name or f"{task.name}-{mode}", task, mode, docs, records)
+
+
+def gsm8k_run(root, model, n_correct, n_done, n_docs):
+    docs = [Doc(f"gsm8k/{i}", {}) for i in range(n_done)]
+    records = [{"parity": {"pred": 1, "correct": i < n_correct}, "improved": {"pred": 1, "correct": i < n_correct}}
+               for i in range(n_done)]
+    return write_run(root, model, "gsm8k-fewshot", gsm8k.TASK, "fewshot", docs, records, n_docs=n_docs)
+
+
+def long_ppl_run(root, model, lengths=(1024, 2048), samples=6):
+    docs, records = [], []
+    for length in lengths:
+        for i in range(samples):
+            docs.append(Doc(f"long_ppl/paper/{length}/{i}", {"length": length}, "paper"))
+            nll_per_token = math.log(4.23) + 0.01 * (i - (samples - 1) / 2)  # perplexity 4.23 on average
+            cell = {"nll": nll_per_token * (length - 1), "n_tokens": length - 1}
+            records.append({"length": length, "rows": dict.fromkeys(long_ppl.ROWS, cell)})
+    return write_run(root, model, "long_ppl-fewshot", long_ppl.TASK, "fewshot", docs, records)
+
+
+def report(root, capsys, *extra):
+    assert main(["report", str(root), *extra]) == 0
+    printed = capsys.readouterr().out
+    written = (root / "REPORT.md").read_text()
+    assert printed.strip() == written.strip()
+    return written
+
+
+def table_row(text, label):
+    rows = [line for line in text.splitlines() if line.startswith(f"| {label} |")]
+    assert rows, f"no row {label!r}"
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+def test_measured_number_difference_interval_and_verdict(tmp_path, capsys):
+    multiple_choice_run(tmp_path, "Qwen-7B", {"anatomy": 70, "philosophy": 50, "marketing": 52, "sociology": 56})
+    text = report(tmp_path, capsys)
+    label, metric, reported, measured, difference, interval, within, run, notes = table_row(text, "MMLU 5-shot")
+    assert (metric, reported, measured, difference) == ("acc_parity", "56.7", "57.00", "+0.30")
+    low, high = wilson(57.0, 400)
+    assert interval == f"[{low:.2f}, {high:.2f}]" == "[52.10, 61.76]"  # Wilson, checked by hand
+    assert within == "yes" and run == "`Qwen-7B/mmlu-fewshot`" and notes == ""
+    stem = table_row(text, "MMLU STEM")  # one subject of 100 documents: 70 right
+    assert stem[3] == "70.00" and stem[4] == "+22.40" and stem[6] == "no"
+
+
+def test_missing_task_is_not_run_and_partial_run_is_marked(tmp_path, capsys):
+    gsm8k_run(tmp_path, "Qwen-7B", n_correct=26, n_done=50, n_docs=1319)
+    text = report(tmp_path, capsys)
+    assert table_row(text, "MMLU 5-shot")[3] == "not run"
+    assert table_row(text, "HumanEval 0-shot pass@1")[3] == "not run"
+    row = table_row(text, "GSM8K 8-shot")
+    assert row[3] == "52.00" and "PARTIAL: 50 of 1319 documents" in row[8]
+    assert table_row(text, "C-Eval test")[3] == "n/a"  # published, not measurable here
+    assert "| `Qwen-7B/gsm8k-fewshot` | gsm8k | fewshot | Qwen-7B | 50 of 1319 | yes |" in text
+
+
+def test_macro_average_gets_a_stratified_interval(tmp_path, capsys):
+    multiple_choice_run(tmp_path, "Qwen-7B", {"logic": 30, "law": 45}, task=ceval.TASK, n=50)
+    row = table_row(report(tmp_path, capsys), "C-Eval val 5-shot")
+    assert row[3] == "75.00"  # the mean of the subjects' 60% and 90%
+    low, high = (float(x) for x in row[5].strip("[]").split(", "))
+    half = 100 * 1.959964 * math.sqrt(0.6 * 0.4 / 50 + 0.9 * 0.1 / 50) / 2  # sum of p(1-p)/n, over 2 subjects
+    assert math.isclose((high - low) / 2, half, abs_tol=0.01)
+
+
+def test_chat_and_int4_rows_match_by_mode_and_model_name(tmp_path, capsys):
+    multiple_choice_run(tmp_path, "Qwen-7B-Chat", {"anatomy": 54}, mode="chat")
+    multiple_choice_run(tmp_path, "Qwen-7B-Chat-Int4", {"anatomy": 52}, mode="chat")
+    multiple_choice_run(tmp_path, "Qwen-7B", {"anatomy": 10}, name="mmlu-fewshot-ntk_off")  # a switch variant
+    multiple_choice_run(tmp_path, "other-model", {"anatomy": 20})
+    text = report(tmp_path, capsys)
+    assert table_row(text, "MMLU 0-shot")[3] == table_row(text, "BF16 MMLU")[3] == "54.00"
+    assert table_row(text, "Int4 MMLU")[3] == "52.00"
+    assert table_row(text, "MMLU 5-shot")[7] == "`other-model/mmlu-fewshot`"  # the plain <task>-<mode> run wins
+    only = report(tmp_path, capsys, "--model", "Qwen-7B")
+    assert table_row(only, "MMLU 5-shot")[7] == "`Qwen-7B/mmlu-fewshot-ntk_off`"
+
+
+def test_perplexity_cells_get_a_bootstrap_interval(tmp_path, capsys):
+    long_ppl_run(tmp_path, "Qwen-7B")
+    text = report(tmp_path, capsys)
+    row = table_row(text, "dynamic_ntk @ 1024")
+    measured = float(row[3])
+    low, high = (float(x) for x in row[5].strip("[]").split(", "))
+    assert measured == 4.23 and low < measured < high and row[6] == "yes"
+    assert table_row(text, "none @ 4096")[3] == "-" and "length 4096 not run" in table_row(text, "none @ 4096")[8]
+
+
+def test_plots_are_valid_pngs_of_the_expected_size_and_linked(tmp_path, capsys):
+    mmlu_dir = multiple_choice_run(tmp_path, "Qwen-7B", {"anatomy": 57, "philosophy": 60})
+    ppl_dir = long_ppl_run(tmp_path, "Qwen-7B")
+    text = report(tmp_path, capsys)
+    for path in (mmlu_dir / "categories.png", ppl_dir / "perplexity.png"):
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size == PNG_SIZE
+            image.verify()
+        assert f"]({path.relative_to(tmp_path).as_posix()})" in text
+    assert not list(tmp_path.rglob(".*.tmp"))
+    assert "categories.png" not in report(tmp_path, capsys, "--no-plots")
+
+
+def test_plot_run_skips_tasks_without_categories_or_lengths(tmp_path):
+    run_dir = gsm8k_run(tmp_path, "Qwen-7B", n_correct=1, n_done=2, n_docs=2)
+    assert plot_run(run_dir) == []
+
+
+def test_missing_results_dir_is_a_user_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("table", ["BASE", "CHAT", "INT4", "LONG_PPL", "SPEED"])
+def test_every_published_row_names_a_known_task_and_has_a_source(table):
+    from eval import published
+    from eval.registry import task_names
+
+    t = getattr(published, table)
+    assert t.source and t.rows
+    for row in t.rows:
+        assert row.task in (None, *task_names()) and (row.task or row.note)
