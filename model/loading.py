@@ -1,4 +1,5 @@
 """Find, check and stream a Qwen checkpoint (original .bin or v1.1 sharded safetensors) into the model.
+A GPTQ Int4 checkpoint (quantize_config.json beside the weights) goes through the same path, see gptq.py.
 
 Every tensor name, shape and file is checked before any weight is read, so a bad checkpoint fails
 with one message and nothing half-loaded. Weights stream one tensor at a time (safetensors mmap),
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import gptq
 from .config import ModelArgs, read_config, with_switches
 from .qwen import Qwen
 from .tokenizer import QwenTokenizer
@@ -159,15 +161,22 @@ def load_model(path_or_id, *, dtype="auto", device="auto", dynamic_ntk=None, log
     args = with_switches(read_config(ckpt / "config.json"), dynamic_ntk, logn, window_attn)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
+    quantization = gptq.read_quantize_config(ckpt)  # None: a full-precision checkpoint
     with torch.device("meta"):
         model = Qwen(args)
+        if quantization is not None:  # before validation: the projections now expect GPTQ tensors
+            gptq.quantize_linears(model, quantization)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     files = weight_files(ckpt)
     _check_tensors(files, expected)
     for path in files:
         for name, tensor in _stream_tensors(path):
-            if not _IGNORED.match(name):
+            if quantization is not None and gptq.is_quantized_tensor(name):
+                gptq.assign(model, name, tensor, device, path)  # codes and scales stay as stored
+            elif not _IGNORED.match(name):
                 _assign(model, name, tensor.to(device=device, dtype=dtype))
+    if quantization is not None:
+        gptq.use_int4mm(model)  # on a GPU: repack for the fused int4 kernel; elsewhere the reference path
     model.checkpoint = str(ckpt)
     return model.eval().requires_grad_(False)
 

@@ -1,0 +1,229 @@
+"""GPTQ Int4 checkpoints: AutoGPTQ's packing read bit for bit, logits equal the dequantized fp32 model,
+the fused kernel's operands equal the reference, and unsupported settings fail with their file and key.
+
+The tiny checkpoints are quantized here (round to nearest, group size 32) and packed with this file's own
+writer, not model.gptq's, so a convention shared by a wrong reader and writer cannot pass unnoticed.
+"""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoints import tiny_model, v11_config, vocab_file
+from model import ModelLoadError, Qwen, load_model
+from model.engine import Engine
+from model.gptq import (QUANTIZED, GPTQLinear, QuantizationError, int4mm_operands, pack_int4, pack_nibble_pairs,
+                        unpack_int4)
+
+torch.set_grad_enabled(False)
+GROUP_SIZE = 32
+
+
+# ---- the format, by hand --------------------------------------------------------------------------
+def test_nibble_order_and_zero_offset_by_hand():
+    """AutoGPTQ (QuantLinear.pack): input channel 8r+j of qweight row r sits in bits 4j..4j+3, lowest first;
+    qzeros packs output channels the same way and stores zero - 1, which dequantization masks, then adds 1."""
+    # Codes 1, 2, ..., 8 for input channels 0..7 of output 0: nibbles 0x8 (channel 7) down to 0x1 (channel 0).
+    word = 0x87654321 - 2**32  # the top bit is set, so the int32 on disk is negative: -2023406815
+    assert torch.equal(unpack_int4(torch.tensor([[word]], dtype=torch.int32), dim=0).flatten(), torch.arange(1, 9))
+    assert pack_int4(torch.arange(1, 9)[:, None], dim=0).item() == -2023406815
+    # Symmetric 4-bit GPTQ has zero 8 everywhere: stored 7 in every nibble, the word 0x77777777 = 2004318071
+    # found in every sym=True AutoGPTQ checkpoint.
+    assert pack_int4(torch.full((1, 8), 7), dim=1).item() == 2004318071
+
+    layer = GPTQLinear(8, 8, bias=False, group_size=8, desc_act=False)
+    layer.qweight[0, 0] = word  # output 0: codes 1..8 over the inputs
+    layer.qweight[0, 1] = 0x000000F0  # output 1: code 15 on input 1, 0 elsewhere
+    # Stored zeros for outputs 0..7 are 7, 15, 0, 0, ...: zeros 8, 16 (stored 15 + 1), 1, 1, ...
+    layer.qzeros[0, 0] = 0x000000F7
+    layer.scales[0, :] = torch.tensor([0.5, 0.25, 1, 1, 1, 1, 1, 1], dtype=torch.float16)
+    w = layer.dequantize()
+    assert w[0].tolist() == [-3.5, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5, 0.0]  # 0.5 * (code - 8)
+    assert w[1].tolist() == [-4.0, -0.25, -4.0, -4.0, -4.0, -4.0, -4.0, -4.0]  # 0.25 * ([0, 15, 0...] - 16)
+    assert w[2].tolist() == [-1.0] * 8  # 1 * (0 - 1)
+
+
+def test_fused_kernel_byte_layout_by_hand():
+    """torch._convert_weight_to_int4pack reads uint8 [N, K/2] with the even k in the high nibble
+    (the layout of torch's own int4 tests, `_group_quantize_tensor`)."""
+    codes = torch.tensor([[1, 2, 3, 4], [15, 0, 0, 15]], dtype=torch.int32)
+    assert pack_nibble_pairs(codes).tolist() == [[0x12, 0x34], [0xF0, 0x0F]]
+
+
+# ---- a tiny checkpoint, quantized and packed here -------------------------------------------------
+def _words(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Eight 4-bit values per int32 along `dim`, value j in bits 4j..4j+3 (this file's own writer)."""
+    v = values.long().movedim(dim, 0)
+    word = torch.zeros(v.shape[0] // 8, *v.shape[1:], dtype=torch.long)
+    for j in range(8):
+        word |= v[j::8] << (4 * j)
+    word = torch.where(word >= 2**31, word - 2**32, word)
+    return word.movedim(0, dim).to(torch.int32).contiguous()
+
+
+def _quantize(weight: torch.Tensor, g_idx: torch.Tensor):
+    """Asymmetric round to nearest per (group, output): codes [K, N], zeros [G, N] in 1..15, fp16 scales [G, N].
+
+    Zero 0 is avoided: AutoGPTQ's writer would store it as -1, which its packing cannot hold.
+    """
+    w = weight.t().double()  # [K, N]
+    n_groups = w.shape[0] // GROUP_SIZE
+    lo = torch.stack([w[g_idx == g].min(0).values for g in range(n_groups)]).clamp(max=0)
+    hi = torch.stack([w[g_idx == g].max(0).values for g in range(n_groups)]).clamp(min=0)
+    scales = ((hi - lo) / 15).clamp(min=1e-4).half()
+    zeros = torch.round(-lo / scales.double()).clamp(1, 15).long()
+    codes = (torch.round(w / scales.double()[g_idx]) + zeros[g_idx]).clamp(0, 15).long()
+    return codes, zeros, scales
+
+
+def write_gptq_checkpoint(model: Qwen, directory, desc_act: bool, seed: int = 0) -> dict:
+    """An AutoGPTQ-layout checkpoint of `model` (fp16 like the published one); returns the dequantized
+    weights [N, K] fp32 the test expects, by layer name."""
+    gen = torch.Generator().manual_seed(seed)
+    state, expected = {}, {}
+    for name, tensor in model.state_dict().items():
+        layer, _, attr = name.rpartition(".")
+        if not (layer.endswith(QUANTIZED) and attr == "weight"):
+            state[name] = tensor.half()
+            continue
+        k = tensor.shape[1]
+        g_idx = torch.arange(k) // GROUP_SIZE
+        if desc_act:  # act-order: groups follow a permutation of the input channels
+            g_idx = g_idx[torch.randperm(k, generator=gen)]
+        codes, zeros, scales = _quantize(tensor, g_idx)
+        state.update({f"{layer}.qweight": _words(codes, 0), f"{layer}.qzeros": _words(zeros - 1, 1),
+                      f"{layer}.scales": scales, f"{layer}.g_idx": g_idx.to(torch.int32)})
+        expected[layer] = ((codes - zeros[g_idx]).double() * scales.double()[g_idx]).t().float()
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(v11_config(model.args)))
+    shutil.copy(vocab_file(), directory / "qwen.tiktoken")
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    quantize_config = {"bits": 4, "group_size": GROUP_SIZE, "damp_percent": 0.01, "desc_act": desc_act,
+                       "static_groups": False, "sym": False, "true_sequential": True, "model_name_or_path": None,
+                       "model_file_base_name": "model"}
+    (directory / "quantize_config.json").write_text(json.dumps(quantize_config))
+    return expected
+
+
+def dequantized_reference(directory, expected: dict) -> Qwen:
+    """The same model in fp32 with plain nn.Linear projections holding the dequantized weights."""
+    state = {name: t.float() for name, t in load_file(directory / "model.safetensors").items()}
+    for layer, weight in expected.items():
+        for attr in ("qweight", "qzeros", "scales", "g_idx"):
+            del state[f"{layer}.{attr}"]
+        state[f"{layer}.weight"] = weight
+    model = Qwen(tiny_model().args)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["in_order", "desc_act"])
+def gptq_checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("gptq") / "tiny-int4"
+    expected = write_gptq_checkpoint(tiny_model(seed=7), path, desc_act=request.param)
+    return path, expected
+
+
+def test_loads_with_the_packed_weights_bit_for_bit(gptq_checkpoint):
+    path, expected = gptq_checkpoint
+    model = load_model(path, dtype="fp32", device="cpu")
+    assert len(expected) == 5 * model.args.n_layer
+    for layer, weight in expected.items():
+        quantized = model.get_submodule(layer)
+        assert isinstance(quantized, GPTQLinear) and not quantized.fused
+        assert torch.equal(quantized.dequantize(), weight), layer
+    float_projections = [n for n in model.state_dict() if n.endswith(".weight") and n[:-7].endswith(QUANTIZED)]
+    assert float_projections == []  # no full-precision copy of any projection
+    assert model.transformer.h[0].attn.c_attn.scales.dtype == torch.float16  # kept as stored
+    assert model.lm_head.weight.dtype == model.transformer.wte.weight.dtype == torch.float32
+
+
+def test_logits_equal_the_dequantized_fp32_model(gptq_checkpoint):
+    path, expected = gptq_checkpoint
+    model = load_model(path, dtype="fp32", device="cpu")
+    reference = dequantized_reference(path, expected)
+    ids = torch.randint(0, 151851, (2, 11), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(ids), reference(ids), rtol=1e-5, atol=1e-5)
+    prompts = [ids[0, :5].tolist(), ids[1].tolist()]  # the engine's cached decoding sees the same weights
+    quantized = Engine(model, progress=False).generate(prompts, [6, 6], [[], []])
+    plain = Engine(reference, progress=False).generate(prompts, [6, 6], [[], []])
+    assert [g.tokens for g in quantized] == [g.tokens for g in plain]
+
+
+@pytest.mark.skipif(not hasattr(torch, "_weight_int4pack_mm_for_cpu"), reason="PyTorch without the CPU int4 kernel")
+def test_fused_kernel_operands_equal_the_reference(gptq_checkpoint):
+    """What the GPU path hands to tinygemm (codes, folded zero points, act-order permutation), run through
+    PyTorch's CPU build of the same kernel, equals the reference product. Only the CUDA op is left untested."""
+    path, _ = gptq_checkpoint
+    model = load_model(path, dtype="fp32", device="cpu")
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(2))
+    for layer in (model.transformer.h[0].attn.c_attn, model.transformer.h[1].mlp.c_proj):
+        codes, scale_zero, order = int4mm_operands(layer)
+        assert (order is None) == (not layer.desc_act)
+        rows = x[:, : layer.in_features]
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
+        kernel_rows = (rows if order is None else rows[:, order]).contiguous()
+        fused = torch._weight_int4pack_mm_for_cpu(kernel_rows, packed, layer.group_size, scale_zero)
+        torch.testing.assert_close(fused, rows @ layer.dequantize().t(), rtol=1e-4, atol=1e-4)
+
+
+# ---- unsupported or broken checkpoints ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def plain_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gptq-errors") / "tiny-int4"
+    write_gptq_checkpoint(tiny_model(seed=8), path, desc_act=False)
+    return path
+
+
+def _edited_copy(src, tmp_path, config_edit=None, tensor_edit=None):
+    path = tmp_path / "ckpt"
+    shutil.copytree(src, path)
+    if config_edit:
+        cfg = json.loads((path / "quantize_config.json").read_text())
+        config_edit(cfg)
+        (path / "quantize_config.json").write_text(json.dumps(cfg))
+    if tensor_edit:
+        tensors = load_file(path / "model.safetensors")
+        tensor_edit(tensors)
+        save_file(tensors, path / "model.safetensors")
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(bits=3), r"quantize_config.json: bits 3 is not supported \(only 4-bit GPTQ\)"),
+    (lambda c: c.pop("group_size"), r"quantize_config.json: missing key 'group_size'"),
+    (lambda c: c.pop("desc_act"), r"quantize_config.json: missing key 'desc_act'"),
+    (lambda c: c.update(group_size=-1), r"quantize_config.json: group_size -1 is not supported"),
+    (lambda c: c.update(group_size=48), r"quantize_config.json: group_size 48 does not divide in_features 64 "
+                                        r"of transformer.h.0.attn.c_attn"),
+    (lambda c: c.update(checkpoint_format="gptq_v2"), r"quantize_config.json: checkpoint_format 'gptq_v2'"),
+    (lambda c: c.update(quant_method="awq"), r"quantize_config.json: quant_method 'awq' is not supported"),
+])
+def test_unsupported_quantize_configs(plain_checkpoint, tmp_path, edit, message):
+    path = _edited_copy(plain_checkpoint, tmp_path, config_edit=edit)
+    with pytest.raises(QuantizationError, match=message):
+        load_model(path, device="cpu")
+
+
+def test_wrong_qweight_shape_names_file_and_tensor(plain_checkpoint, tmp_path):
+    name = "transformer.h.0.mlp.w1.qweight"
+    path = _edited_copy(plain_checkpoint, tmp_path, tensor_edit=lambda t: t.update({name: t[name][:-1].clone()}))
+    message = rf"model.safetensors: tensor '{name}' has shape \[7, 96\], config says \[8, 96\]"
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path, device="cpu")
+
+
+def test_bad_gptq_tensors_name_file_and_tensor(plain_checkpoint, tmp_path):
+    name = "transformer.h.1.attn.c_proj.qweight"
+    path = _edited_copy(plain_checkpoint, tmp_path, tensor_edit=lambda t: t.update({name: t[name].float()}))
+    message = rf"model.safetensors: tensor '{name}' is torch.float32; GPTQ stores it as int32"
+    with pytest.raises(QuantizationError, match=message):
+        load_model(path, device="cpu")
+
+    name = "transformer.h.0.mlp.w2.g_idx"
+    path = _edited_copy(plain_checkpoint, tmp_path / "b", tensor_edit=lambda t: t.update({name: t[name].flip(0)}))
+    message = rf"tensor '{name}': groups are not in input order although desc_act is false"
+    with pytest.raises(QuantizationError, match=message):
+        load_model(path, device="cpu")
