@@ -96,16 +96,40 @@ def write_dry_run(plan: Plan) -> Path:
 # ---- execution --------------------------------------------------------------------------------------
 def execute(plan: Plan, backend, *, overwrite: bool = False, config: dict | None = None, log=print) -> dict:
     """Serve what is not saved yet, append records as batches finish, then write the tables."""
-    store = RunStore(plan.run_dir, plan.identity, overwrite)
-    saved = store.load()
+    from .distributed import drop_shards, open_store  # issue 7: a torchrun run's records may sit in rank shards
+
+    store, saved = open_store(plan.run_dir, plan.identity, overwrite)
     hashes = {doc.doc_id: prompt_hash(reqs) for doc, reqs in zip(plan.docs, plan.requests)}
     _check_saved(saved, hashes, store)
     todo = [k for k, doc in enumerate(plan.docs) if doc.doc_id not in saved]
     if saved and todo:
         log(f"{plan.task.name}: resuming, {len(plan.docs) - len(todo)} of {len(plan.docs)} documents already done")
+    started = time.time()
+
+    def on_records(records):
+        store.append(records)
+        saved.update((r["doc_id"], r) for r in records)
+
+    interrupted = False
+    try:
+        serve_docs(plan, backend, todo, hashes, on_records)
+    except KeyboardInterrupt:
+        interrupted = True
+        log(f"{plan.task.name}: interrupted; writing the partial table of the documents finished so far")
+    results = finish(plan, store, saved, partial=interrupted, config=config, seconds=time.time() - started)
+    if interrupted:
+        raise KeyboardInterrupt
+    drop_shards(plan.run_dir)  # issue 7: samples.jsonl now holds every record the shards had
+    return results
+
+
+def serve_docs(plan: Plan, backend, todo: list[int], hashes: dict, on_records) -> None:
+    """Serve the requests of documents `todo` (indices into plan.docs); on_records(records) as documents complete.
+
+    Split out of `execute` (issue 7) so that eval/distributed.py serves one rank's shard the same way.
+    """
     flat = [(k, j) for k in todo for j in range(len(plan.requests[k]))]
     pending: dict[int, list] = {k: [None] * len(plan.requests[k]) for k in todo}
-    started = time.time()
 
     def on_done(done):
         finished = []
@@ -114,24 +138,13 @@ def execute(plan: Plan, backend, *, overwrite: bool = False, config: dict | None
             pending[k][j] = response
             if all(r is not None for r in pending[k]):
                 finished.append(k)
-        records = [make_record(plan, k, pending.pop(k), hashes) for k in finished]
-        store.append(records)
-        saved.update((r["doc_id"], r) for r in records)
+        on_records([make_record(plan, k, pending.pop(k), hashes) for k in finished])
 
-    interrupted = False
     if getattr(plan.task, "measures", False):  # timed one request at a time (the profile task)
         from .backends import profile as answer
     else:
         answer = serve
-    try:
-        answer(backend, [plan.requests[k][j] for k, j in flat], on_done)
-    except KeyboardInterrupt:
-        interrupted = True
-        log(f"{plan.task.name}: interrupted; writing the partial table of the documents finished so far")
-    results = finish(plan, store, saved, partial=interrupted, config=config, seconds=time.time() - started)
-    if interrupted:
-        raise KeyboardInterrupt
-    return results
+    answer(backend, [plan.requests[k][j] for k, j in flat], on_done)
 
 
 def _check_saved(saved: dict, hashes: dict, store: RunStore) -> None:

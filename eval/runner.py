@@ -16,6 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import from the repository, never from eval/ itself
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from eval import distributed  # noqa: E402  (issue 7: torchrun data parallel)
 from eval.api import UserError, stable_hash  # noqa: E402
 from eval.data import DataSource  # noqa: E402
 from eval.pipeline import execute, plan_task, rescore, write_dry_run  # noqa: E402
@@ -93,6 +94,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    distributed.check_launch(args)  # issue 7: --dry-run / --rescore are single-process
     if args.list_tasks:
         for name in task_names():
             task = get_task(name)
@@ -125,11 +127,16 @@ def run(args) -> int:
             print(f"{plan.task.name}: {sum(map(len, plan.requests))} requests -> {write_dry_run(plan)}")
         return 0
     _seed(args.seed)
-    backend, identity = _backend(args, model_id, tok)
+    ranks = distributed.setup(args, plans)  # issue 7: None unless torchrun started several processes
+    backend, identity = _backend(distributed.backend_args(args, ranks), model_id, tok)
     for plan in plans:
         plan.identity = {**identity, "model_name": model_name, "task": plan.task.name, "task_version": plan.task.version,
                          "mode": args.mode, "options": plan.options, "data": stable_hash(plan.data_manifest["files"])}
-        execute(plan, backend, overwrite=args.overwrite, config=vars(args))
+        if ranks:  # issue 7
+            distributed.execute(plan, backend, ranks, overwrite=args.overwrite, config=vars(args))
+        else:
+            execute(plan, backend, overwrite=args.overwrite, config=vars(args))
+    distributed.close(ranks)
     return 0
 
 
