@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import api
 from .api import Doc, Request, UserError, serve, stable_hash
+from .data import DataSource
 from .results import RunStore, atomic_write, render_markdown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def write_dry_run(plan: Plan) -> Path:
 # ---- execution --------------------------------------------------------------------------------------
 def execute(plan: Plan, backend, *, overwrite: bool = False, config: dict | None = None, log=print) -> dict:
     """Serve what is not saved yet, append records as batches finish, then write the tables."""
-    from .distributed import drop_shards, open_store  # issue 7: a torchrun run's records may sit in rank shards
+    from .distributed import drop_shards, open_store  # a torchrun job's records may sit in rank shards
 
     store, saved = open_store(plan.run_dir, plan.identity, overwrite)
     hashes = {doc.doc_id: prompt_hash(reqs) for doc, reqs in zip(plan.docs, plan.requests)}
@@ -115,18 +116,19 @@ def execute(plan: Plan, backend, *, overwrite: bool = False, config: dict | None
         serve_docs(plan, backend, todo, hashes, on_records)
     except KeyboardInterrupt:
         interrupted = True
+        saved.update(store.load())  # the disk is the truth: a record may have landed just before the signal
         log(f"{plan.task.name}: interrupted; writing the partial table of the documents finished so far")
     results = finish(plan, store, saved, partial=interrupted, config=config, seconds=time.time() - started)
     if interrupted:
         raise KeyboardInterrupt
-    drop_shards(plan.run_dir)  # issue 7: samples.jsonl now holds every record the shards had
+    drop_shards(plan.run_dir)  # samples.jsonl now holds every record the shards had
     return results
 
 
 def serve_docs(plan: Plan, backend, todo: list[int], hashes: dict, on_records) -> None:
     """Serve the requests of documents `todo` (indices into plan.docs); on_records(records) as documents complete.
 
-    Split out of `execute` (issue 7) so that eval/distributed.py serves one rank's shard the same way.
+    Shared with eval/distributed.py, which serves one rank's shard the same way.
     """
     flat = [(k, j) for k in todo for j in range(len(plan.requests[k]))]
     pending: dict[int, list] = {k: [None] * len(plan.requests[k]) for k in todo}
@@ -216,23 +218,43 @@ def rescore(run_dir: Path, get_task) -> dict:
         identity = json.loads((run_dir / "run.json").read_text())["identity"]
     except (OSError, json.JSONDecodeError, KeyError):
         raise UserError(f"{run_dir} is not a run directory (no readable run.json)") from None
-    task = get_task(identity["task"])
+    previous = _previous_results(run_dir)
+    options = identity.get("options", {})
+    task = _rescoring_task(get_task(identity["task"]), previous.get("config") or {}, options)
     store = RunStore.__new__(RunStore)
     store.dir, store.samples = run_dir, run_dir / "samples.jsonl"
     saved = store.load()
     if not saved:
         raise UserError(f"{store.samples}: no saved records to re-score")
     docs = [Doc(r["doc_id"], r["doc"], r["subject"]) for r in saved.values()]
-    options = identity.get("options", {})
     records = {}
     for doc, record in zip(docs, saved.values()):
         responses = [RESPONSE_KINDS[r.pop("kind")](**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
                      for r in (dict(x) for x in record["responses"])]
         records[doc.doc_id] = {**record, **task.score(doc, responses, identity["mode"], options)}
     plan = Plan(task, identity["mode"], options, docs, [[] for _ in docs], run_dir, identity)
-    previous = _previous_results(run_dir)
     return finish(plan, store, records, partial=previous.get("partial", False), config=previous.get("config"),
                   seconds=0.0)
+
+
+def _rescoring_task(task, config: dict, options: dict):
+    """A task whose scoring needs the tokenizer (tooluse's Rouge-L) gets the run's, when it can be loaded;
+    one whose binding needs the data directory (long_ppl) scores saved records unbound."""
+    if not hasattr(task, "bind"):
+        return task
+    tok = None
+    source = config.get("tokenizer") or config.get("model")
+    if source:
+        from model import ModelLoadError, TokenizerError, load_tokenizer
+
+        try:
+            tok = load_tokenizer(source)
+        except (ModelLoadError, TokenizerError):
+            pass
+    try:
+        return task.bind(DataSource(None), tok, options)
+    except UserError:
+        return task
 
 
 def _previous_results(run_dir: Path) -> dict:

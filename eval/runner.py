@@ -16,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import from the repository, never from eval/ itself
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from eval import distributed  # noqa: E402  (issue 7: torchrun data parallel)
+from eval import distributed  # noqa: E402
 from eval.api import UserError, stable_hash  # noqa: E402
 from eval.data import DataSource  # noqa: E402
 from eval.pipeline import execute, plan_task, rescore, write_dry_run  # noqa: E402
@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", help="long_ppl sample lengths, e.g. 1024,2048,4096,8192,16384")
     p.add_argument("--ceval-chat-rules", choices=["2023-08-25", "2023-08-03"], default="2023-08-25",
                    help="version of the chat C-Eval/CMMLU extraction regexes")
+    p.add_argument("--tooluse-version", choices=["v20231206", "v1"],
+                   help="tool-use data set version (default: the newest whose files are present)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per HumanEval program")
     p.add_argument("--samples", type=int, default=1, help="HumanEval samples per task (pass@k for k <= samples)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    distributed.check_launch(args)  # issue 7: --dry-run / --rescore are single-process
+    distributed.check_launch(args)  # --dry-run / --rescore are single-process
     if args.list_tasks:
         for name in task_names():
             task = get_task(name)
@@ -127,17 +129,26 @@ def run(args) -> int:
             print(f"{plan.task.name}: {sum(map(len, plan.requests))} requests -> {write_dry_run(plan)}")
         return 0
     _seed(args.seed)
-    ranks = distributed.setup(args, plans)  # issue 7: None unless torchrun started several processes
+    ranks = distributed.setup(args, plans)  # None unless torchrun started several processes
     backend, identity = _backend(distributed.backend_args(args, ranks), model_id, tok)
     for plan in plans:
         plan.identity = {**identity, "model_name": model_name, "task": plan.task.name, "task_version": plan.task.version,
                          "mode": args.mode, "options": plan.options, "data": stable_hash(plan.data_manifest["files"])}
-        if ranks:  # issue 7
+        if ranks:
             distributed.execute(plan, backend, ranks, overwrite=args.overwrite, config=vars(args))
         else:
             execute(plan, backend, overwrite=args.overwrite, config=vars(args))
+        if not ranks or ranks.rank == 0:
+            _plot(plan.run_dir)
     distributed.close(ranks)
     return 0
+
+
+def _plot(run_dir: Path) -> None:
+    """PNG plots next to the tables where a task has one (categories, perplexity against length)."""
+    from eval.plots import plot_run
+
+    plot_run(run_dir)
 
 
 def _tokenizer(path_or_id):
@@ -169,6 +180,8 @@ def _options(args) -> dict:
             raise UserError(f"--lengths {args.lengths!r}: expected comma-separated integers") from None
     if args.window_attn:
         options["window_attn"] = args.window_attn
+    if args.tooluse_version:
+        options["tooluse_version"] = args.tooluse_version
     return options
 
 
@@ -221,9 +234,17 @@ def _backend(args, model_id: str, tok):
 
 
 def _fingerprint(ckpt: Path) -> str:
-    """Config content plus weight file names and sizes: cheap, and changes when the weights do."""
-    files = sorted((p.name, p.stat().st_size) for p in ckpt.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return stable_hash([(ckpt / "config.json").read_text(), files])
+    """Config content, and each weight file's name, size and first and last MiB: cheap to read, and it
+    changes when the weights do (two checkpoints of one shape differ in their bytes everywhere)."""
+    parts = [(ckpt / "config.json").read_text()]
+    for path in sorted(p for p in ckpt.iterdir() if p.suffix in (".safetensors", ".bin", ".json")):
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(2**20)
+            f.seek(max(0, size - 2**20))
+            tail = f.read()
+        parts.append((path.name, size, stable_hash(head + tail)))
+    return stable_hash(parts)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,20 @@ def test_different_configuration_is_refused(tiny_checkpoint, data_root, tmp_path
     assert main(args + ["--verbatim-csv", "--overwrite"]) == 0
 
 
+def test_same_shaped_checkpoint_with_other_weights_is_another_model(tiny_checkpoint, data_root, tmp_path, capsys):
+    import shutil
+
+    from checkpoints import tiny_model, write_checkpoint
+
+    other = write_checkpoint(tiny_model(seed=6, dim=32, n_head=2, intermediate_size=48), tmp_path / "b" / "tiny", "v1.1")
+    args = ["--task", "mmlu", "--data-dir", str(data_root), "--subjects", "anatomy", "--limit", "1",
+            "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    assert main(args + ["--model", str(tiny_checkpoint)]) == 0
+    assert main(args + ["--model", str(other)]) == 2
+    assert "(model differ)" in capsys.readouterr().err
+    shutil.rmtree(other)
+
+
 BAD_INPUT = [
     (["--task", "mmlux"], "unknown task 'mmlux'; did you mean 'mmlu'?"),
     (["--task", "mmlu", "--model", "/no/such/model"], "model path '/no/such/model' does not exist"),

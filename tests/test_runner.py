@@ -28,6 +28,7 @@ def test_multiple_choice_tasks_end_to_end(task, subjects, mode, tiny_checkpoint,
     assert all(r["prompt_hash"] and r["responses"] for r in records)
     assert (run_dir / "table.md").read_text().startswith(f"### {task} ({mode})")
     assert (run_dir / "table.csv").read_text().splitlines()[0].startswith("name,n,acc")
+    assert (run_dir / "categories.png").stat().st_size > 0
     provenance = results["provenance"]
     assert provenance["packages"]["torch"] and provenance["data"]["files"]
     assert results["identity"]["switches"] == {"dynamic_ntk": True, "logn": True, "windows": None}
