@@ -194,12 +194,7 @@ class Engine:
                 lengths = {i: len(s) for i, s in suffixes.items()}
                 order = sorted(group.members, key=lambda i: -lengths[i])
                 for batch in self._batches(order, lengths, n_prefix):
-                    done = self._score_batch(batch, suffixes, choice_ids, prefix, n_prefix)
-                    for i, r in done:
-                        results[i] = r
-                    if on_done:
-                        on_done(done)
-                    bar.update(len(batch))
+                    _deliver(self._score_batch(batch, suffixes, choice_ids, prefix, n_prefix), results, on_done, bar)
         return results
 
     def _score_batch(self, batch, suffixes, choice_ids, prefix, n_prefix):
@@ -239,12 +234,7 @@ class Engine:
                     # a loss chunk's fp32 logits and their log-softmax, per row
                     chunk_bytes = 3 * 4 * self.loss_chunk * self.model.args.vocab_size
                     for batch in self._batches(order, lengths, 0, chunk_bytes):
-                        done = self._nll_batch(batch, sequences)
-                        for i, r in done:
-                            results[i] = r
-                        if on_done:
-                            on_done(done)
-                        bar.update(len(batch))
+                        _deliver(self._nll_batch(batch, sequences), results, on_done, bar)
             finally:
                 self.model.args = base
         return results
@@ -283,14 +273,18 @@ class Engine:
         results: list[Generation | None] = [None] * len(prompts)
         with self._bar(len(prompts), "generate") as bar:
             for group in self._groups(prompts, shared, [len(p) for p in prompts]):
-                run = _Decoder(self, group, prompts, max_new_tokens, stop_ids, stop_check, sampling)
-                for done in run:
-                    for i, r in done:
-                        results[i] = r
-                    if on_done:
-                        on_done(done)
-                    bar.update(len(done))
+                for done in _Decoder(self, group, prompts, max_new_tokens, stop_ids, stop_check, sampling):
+                    _deliver(done, results, on_done, bar)
         return results
+
+
+def _deliver(done: list, results: list, on_done: Done | None, bar) -> None:
+    """Place a finished batch's (index, result) pairs and report them."""
+    for i, r in done:
+        results[i] = r
+    if on_done:
+        on_done(done)
+    bar.update(len(done))
 
 
 def _bucket(n: int) -> int:
