@@ -111,10 +111,18 @@ class HFBackend:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def from_native(cls, native_model, tokenizer, **kw) -> "HFBackend":
+    def from_native(cls, native_model, tokenizer, device_map: str | None = None, **kw) -> "HFBackend":
+        """The native weights as transformers' Qwen2; device_map "auto" spreads its layers over every GPU
+        (accelerate), for a model larger than one GPU."""
         from model.convert import to_transformers
 
-        return cls(to_transformers(native_model), tokenizer, **kw)
+        hf = to_transformers(native_model)
+        if device_map:
+            from accelerate import dispatch_model, infer_auto_device_map
+
+            placement = infer_auto_device_map(hf, no_split_module_classes=["Qwen2DecoderLayer"])
+            hf = dispatch_model(hf, placement)
+        return cls(hf, tokenizer, **kw)
 
     def _batches(self, requests):
         from tqdm.auto import tqdm

@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="qwen.tiktoken file or checkpoint dir (default: the model's)")
     p.add_argument("--mode", choices=["fewshot", "chat"], default="fewshot")
     p.add_argument("--backend", choices=["native", "hf"], default="native")
+    p.add_argument("--device-map", choices=["auto"],
+                   help="with --backend hf: place one model's layers over all GPUs of the node (accelerate)")
     p.add_argument("--dynamic-ntk", action=argparse.BooleanOptionalAction, default=None,
                    help="override the checkpoint config's use_dynamic_ntk")
     p.add_argument("--logn", action=argparse.BooleanOptionalAction, default=None,
@@ -219,14 +221,20 @@ def _backend(args, model_id: str, tok):
 
     from eval.backends import HFBackend, NativeBackend
 
+    if args.device_map and args.backend != "hf":
+        raise UserError("--device-map spreads a transformers model over GPUs: use it with --backend hf")
     try:
         ckpt = resolve_checkpoint(model_id)
-        model = load_model(ckpt, dtype=args.dtype, device=args.device, dynamic_ntk=args.dynamic_ntk, logn=args.logn,
+        device = "cpu" if args.device_map else args.device  # the host holds it until accelerate places the layers
+        model = load_model(ckpt, dtype=args.dtype, device=device, dynamic_ntk=args.dynamic_ntk, logn=args.logn,
                            window_attn=args.window_attn)
     except (ModelLoadError, ConfigError) as err:
         raise UserError(str(err)) from None
     kw = dict(batch_size=args.batch_size, progress=not args.no_progress)
-    backend = HFBackend.from_native(model, tok, **kw) if args.backend == "hf" else NativeBackend(model, tok, **kw)
+    if args.backend == "hf":
+        backend = HFBackend.from_native(model, tok, device_map=args.device_map, **kw)
+    else:
+        backend = NativeBackend(model, tok, **kw)
     a = model.args
     identity = {"model": _fingerprint(ckpt), "backend": args.backend, "dtype": str(next(model.parameters()).dtype),
                 "switches": {"dynamic_ntk": a.use_dynamic_ntk, "logn": a.use_logn_attn, "windows": a.windows}}

@@ -104,3 +104,18 @@ def test_generation_and_perplexity_tasks_end_to_end(task, mode, tiny_checkpoint,
     records = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(records) == results["n_docs"] and all(r["responses"] for r in records)
     assert (run_dir / "table.md").exists() and (run_dir / "table.csv").exists()
+
+
+def test_hf_backend_with_an_accelerate_device_map(tiny_checkpoint, data_root, tmp_path):
+    """The layer-placement path for models larger than one GPU (here every layer lands on the CPU)."""
+    args = ["--task", "mmlu", "--model", tiny_checkpoint, "--data-dir", data_root, "--subjects", "anatomy",
+            "--limit", 3, "--output-dir", tmp_path, "--no-progress", "--no-dynamic-ntk", "--no-logn"]  # as Qwen2
+    assert run_cli(*args, "--backend", "hf", "--device-map", "auto") == 0
+    assert run_cli(*args, "--device-map", "auto") == 2
+    assert run_cli(*args) == 0
+    runs = tmp_path / "tiny"
+    placed = [x for line in (runs / "mmlu-fewshot-ntk_off-logn_off-hf" / "samples.jsonl").open()
+              for x in json.loads(line)["logits"]]
+    native = [x for line in (runs / "mmlu-fewshot-ntk_off-logn_off" / "samples.jsonl").open()
+              for x in json.loads(line)["logits"]]
+    assert len(placed) == 12 and placed == pytest.approx(native, abs=1e-3)
