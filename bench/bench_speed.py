@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eval.api import GenerateRequest, LoglikelihoodRequest  # noqa: E402
+from eval.api import LoglikelihoodRequest  # noqa: E402
 from eval.backends import HFBackend, NativeBackend, profile  # noqa: E402
 from eval.data import DataSource  # noqa: E402
 from eval.tasks import gsm8k, humaneval, mmlu  # noqa: E402

@@ -12,9 +12,8 @@ Results come back in input order and do not depend on how requests were batched.
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch

@@ -1,6 +1,5 @@
 """Runs that are killed, interrupted or fed bad input lose nothing and never mix configurations."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """Checkpoints in both published layouts load to identical logits; each bad input has its clear error."""
 import json
-import os
 import shutil
 
 import pytest

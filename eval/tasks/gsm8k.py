@@ -15,7 +15,7 @@ import warnings
 import math
 import re
 
-from ..api import Doc, GenerateRequest, Scores, Table, UserError
+from ..api import Doc, GenerateRequest, Scores, Table
 from ..data import DataSource
 
 PROMPT_URL = "https://raw.githubusercontent.com/QwenLM/Qwen/main/eval/gsm8k_prompt.txt"
