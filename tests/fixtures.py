@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from checkpoints import SHARED
+from eval.api import GenerateResponse
 
 SHARED_DATA = SHARED / "data"
 
@@ -93,3 +94,24 @@ def fixture_root(tmp: Path) -> Path:
     for write in (write_mmlu, write_ceval, write_cmmlu, write_gsm8k, write_humaneval, write_long_docs):
         write(tmp)
     return tmp
+
+
+class OracleBackend:
+    """A generation backend that answers every request with answer_for(request), counting what it served."""
+
+    name = "oracle"
+
+    def __init__(self, answer_for):
+        self.answer_for, self.served = answer_for, 0
+
+    def generate(self, requests, on_done=None):
+        out = [GenerateResponse((), self.answer_for(r), "stop") for r in requests]
+        self.served += len(out)
+        if on_done:
+            on_done(list(enumerate(out)))
+        return out
+
+    def choice(self, requests, on_done=None):
+        raise NotImplementedError
+
+    loglikelihood = choice

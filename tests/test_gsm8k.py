@@ -5,12 +5,12 @@ import json
 import pytest
 
 from checkpoints import vocab_file
-from eval.api import Doc, GenerateResponse, UserError
+from eval.api import Doc, UserError
 from eval.backends import stop_rules_met
 from eval.data import DataSource
 from eval.pipeline import execute, plan_task
 from eval.tasks import gsm8k
-from fixtures import SHARED_DATA, write_gsm8k
+from fixtures import SHARED_DATA, OracleBackend, write_gsm8k
 from model import QwenTokenizer
 
 TASK = gsm8k.TASK
@@ -33,24 +33,6 @@ def root(tmp_path, monkeypatch):
     return tmp_path
 
 
-class Oracle:
-    """Answers every request with answer_for(request)."""
-
-    name = "oracle"
-
-    def __init__(self, answer_for):
-        self.answer_for = answer_for
-
-    def generate(self, requests, on_done=None):
-        out = [GenerateResponse((), self.answer_for(r), "stop") for r in requests]
-        if on_done:
-            on_done(list(enumerate(out)))
-        return out
-
-    def choice(self, requests, on_done=None):
-        raise NotImplementedError
-
-    loglikelihood = choice
 
 
 def run(docs, tok, mode, answer_for):
@@ -58,7 +40,7 @@ def run(docs, tok, mode, answer_for):
     records = []
     for doc in docs:
         requests = TASK.requests(doc, tok, mode, {})
-        responses = Oracle(lambda r, doc=doc: answer_for(doc, r)).generate(requests)
+        responses = OracleBackend(lambda r, doc=doc: answer_for(doc, r)).generate(requests)
         records.append(TASK.score(doc, responses, mode, {}))
     json.dumps(records)  # records must be JSON as written to samples.jsonl
     return TASK.aggregate(docs, records, mode, {})
@@ -195,7 +177,7 @@ def test_chat_oracle_and_the_v0_comma_quirk(root, tok):
 
 def test_pipeline_writes_the_records(root, tok, tmp_path):
     plan = plan_task(TASK, "fewshot", DataSource(root), tok, limit=3, run_dir=tmp_path / "run")
-    results = execute(plan, Oracle(lambda r: "The answer is 1\n\nQuestion: more"), config={})
+    results = execute(plan, OracleBackend(lambda r: "The answer is 1\n\nQuestion: more"), config={})
     lines = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["completion"] == "The answer is 1"
     assert results["table"]["rows"][0][0] == "parity (last integer)"

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from checkpoints import vocab_file
+from fixtures import OracleBackend
 from eval.api import GenerateResponse, UserError
 from eval.backends import stop_rules_met
 from eval.data import DataSource
@@ -55,25 +56,6 @@ def root(tmp_path):
     return write_jobs(tmp_path)
 
 
-class Oracle:
-    """Answers every request with answer_for(request); counts what it served."""
-
-    name = "oracle"
-
-    def __init__(self, answer_for):
-        self.answer_for, self.served = answer_for, 0
-
-    def generate(self, requests, on_done=None):
-        out = [GenerateResponse((), self.answer_for(r), "stop") for r in requests]
-        self.served += len(out)
-        if on_done:
-            on_done(list(enumerate(out)))
-        return out
-
-    def choice(self, requests, on_done=None):
-        raise NotImplementedError
-
-    loglikelihood = choice
 
 
 def run(root, tok, answer_for, subjects=None):
@@ -82,7 +64,7 @@ def run(root, tok, answer_for, subjects=None):
     docs = task.load(DataSource(root), "chat", subjects)
     records = []
     for doc in docs:
-        responses = Oracle(lambda r, doc=doc: answer_for(doc, r)).generate(task.requests(doc, tok, "chat", {}))
+        responses = OracleBackend(lambda r, doc=doc: answer_for(doc, r)).generate(task.requests(doc, tok, "chat", {}))
         records.append(task.score(doc, responses, "chat", {}))
     json.dumps(records)  # records must be JSON as written to samples.jsonl
     return task.aggregate(docs, records, "chat", {})
@@ -236,13 +218,13 @@ def test_bad_lines_name_the_file_and_line(root):
 def test_pipeline_run_and_resume(root, tok, tmp_path):
     answers = {json.loads(line)["prompt"]: json.loads(line)["response"]
                for line in (root / "tooluse" / "exam_plugin_v20231206_react_positive.jsonl").read_text().splitlines()}
-    oracle = Oracle(lambda r: answers.get(r.query, "Thought: no tool\nFinal Answer: hi"))
+    oracle = OracleBackend(lambda r: answers.get(r.query, "Thought: no tool\nFinal Answer: hi"))
     plan = plan_task(tooluse.TASK, "chat", DataSource(root), tok, run_dir=tmp_path / "run")
     results = execute(plan, oracle, config={}, log=lambda *_: None)
     assert results["metrics"] == {"tool_selection": 100.0, "tool_input_rouge_l": 1.0, "false_positive": 0.0}
     records = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 5 and all(r["correct"] for r in records)
     assert records[0]["gold_action"] == "web_search" and records[0]["subject"] == "positive"
-    again = Oracle(oracle.answer_for)
+    again = OracleBackend(oracle.answer_for)
     plan = plan_task(tooluse.TASK, "chat", DataSource(root), tok, run_dir=tmp_path / "run")
     assert execute(plan, again, config={}, log=lambda *_: None)["metrics"] == results["metrics"] and again.served == 0
