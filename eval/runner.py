@@ -7,6 +7,7 @@ User errors print one line and exit with code 2; Ctrl-C writes the partial table
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -106,15 +107,15 @@ def run(args) -> int:
             print(f"{name:10s} modes: {', '.join(task.modes):14s} {summary}")
         return 0
     if args.rescore:
+        if _run_task(Path(args.rescore)) == "humaneval":
+            _require_code_execution(args)  # re-scoring HumanEval runs the saved completions again
         rescore(Path(args.rescore), get_task)
         return 0
     if not args.task:
         raise UserError("no task given: pass --task NAME (see --list-tasks)")
     tasks = [get_task(name) for name in args.task]
     if any(t.name == "humaneval" for t in tasks) and not args.dry_run:
-        from eval.sandbox import require_opt_in
-
-        require_opt_in(args.allow_code_execution)  # before any generation is spent
+        _require_code_execution(args)  # before any generation is spent
     model_id = args.model or DEFAULT_MODELS[args.mode]
     tok = _tokenizer(args.tokenizer or model_id)
     data = _data_source(args)
@@ -144,6 +145,22 @@ def run(args) -> int:
             _plot(plan.run_dir)
     distributed.close(ranks)
     return 0
+
+
+def _run_task(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "run.json").read_text())["identity"]["task"]
+    except (OSError, ValueError, KeyError):
+        return None  # rescore itself reports what is wrong with the directory
+
+
+def _require_code_execution(args) -> None:
+    from eval.sandbox import CodeExecutionRefused, require_opt_in
+
+    try:
+        require_opt_in(args.allow_code_execution)
+    except CodeExecutionRefused as err:
+        raise UserError(str(err)) from None
 
 
 def _plot(run_dir: Path) -> None:

@@ -157,6 +157,7 @@ BAD_INPUT = [
     (["--task", "mmlu", "--data-dir", "{badcsv}"], "anatomy_test.csv: malformed CSV (Error tokenizing data. C error: "
                                                    "Expected 6 fields in line 8, saw 8)"),
     (["--task", "mmlu", "--lengths", "1,x"], "--lengths '1,x': expected comma-separated integers"),
+    (["--task", "humaneval"], "--allow-code-execution"),
 ]
 
 
@@ -177,7 +178,7 @@ def test_bad_input_exits_2_with_a_message_naming_it(argv, message, tiny_checkpoi
     defaults = {"--model": str(tiny_checkpoint), "--data-dir": str(data_root), "--output-dir": str(tmp_path / "out"),
                 "--subjects": "anatomy"}
     for flag, value in defaults.items():
-        if flag not in argv and not (flag == "--subjects" and "gsm8k" in argv):
+        if flag not in argv and not (flag == "--subjects" and ("gsm8k" in argv or "humaneval" in argv)):
             argv += [flag, value]
     assert main(argv + ["--no-progress", "--limit", "1"]) == 2
     err = capsys.readouterr().err
