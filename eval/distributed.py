@@ -49,13 +49,6 @@ def shard_path(run_dir: Path, rank: int) -> Path:
     return run_dir / f"samples.rank{rank}.jsonl"
 
 
-def _jsonl(path: Path) -> RunStore:
-    """RunStore's reading (torn last line dropped) and fsynced appending, on a shard file."""
-    view = RunStore.__new__(RunStore)
-    view.dir, view.samples = path.parent, path
-    return view
-
-
 def open_store(run_dir: Path, identity: dict, overwrite: bool) -> tuple[RunStore, dict]:
     """Claim the run directory; saved records by doc_id, those an earlier torchrun job left in shards included."""
     fresh = overwrite or not (run_dir / "run.json").exists()  # shards of unknown or discarded runs never count
@@ -64,7 +57,7 @@ def open_store(run_dir: Path, identity: dict, overwrite: bool) -> tuple[RunStore
         drop_shards(run_dir)
     saved = store.load()
     for path in sorted(run_dir.glob(SHARD_GLOB)):
-        for doc_id, record in _jsonl(path).load().items():
+        for doc_id, record in RunStore.reader(path).load().items():
             saved.setdefault(doc_id, record)
     return store, saved
 
@@ -218,7 +211,7 @@ def _share(plan, ranks: Ranks, done: set, log) -> list[int]:
 
 def _serve_share(plan, backend, ranks: Ranks, mine: list[int], hashes: dict, store) -> list[dict]:
     """Serve this rank's documents, appending each batch's records (rank 0: samples.jsonl, rank k: its shard)."""
-    sink = store if ranks.rank == 0 else _jsonl(shard_path(plan.run_dir, ranks.rank))
+    sink = store if ranks.rank == 0 else RunStore.reader(shard_path(plan.run_dir, ranks.rank))
     if ranks.rank:
         sink.load()  # cut a torn last line an earlier job left, before appending after it
     records: list[dict] = []

@@ -221,8 +221,7 @@ def rescore(run_dir: Path, get_task) -> dict:
     previous = _previous_results(run_dir)
     options = identity.get("options", {})
     task = _rescoring_task(get_task(identity["task"]), previous.get("config") or {}, options)
-    store = RunStore.__new__(RunStore)
-    store.dir, store.samples = run_dir, run_dir / "samples.jsonl"
+    store = RunStore.reader(run_dir / "samples.jsonl")
     saved = store.load()
     if not saved:
         raise UserError(f"{store.samples}: no saved records to re-score")

@@ -53,6 +53,13 @@ class RunStore:
             raise UserError(f"cannot write to output directory {run_dir} ({err.strerror})") from None
         self._claim(identity, overwrite)
 
+    @classmethod
+    def reader(cls, samples: Path) -> "RunStore":
+        """The reading (torn last line dropped) and fsynced appending of a records file, claiming nothing."""
+        store = cls.__new__(cls)
+        store.dir, store.samples = samples.parent, samples
+        return store
+
     def _claim(self, identity: dict, overwrite: bool) -> None:
         run_file = self.dir / "run.json"
         if run_file.exists() and not overwrite:

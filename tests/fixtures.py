@@ -40,24 +40,25 @@ def write_mmlu(root: Path, subjects=("anatomy", "astronomy"), rows_per_subject: 
                 csv.writer(f).writerows(rows)
 
 
-def write_ceval(root: Path, subjects=("computer_network", "logic")) -> None:
-    for split, rows in (("dev", CHINESE_ROWS[:5]), ("val", CHINESE_ROWS)):
-        (root / "ceval" / split).mkdir(parents=True, exist_ok=True)
+def _write_chinese(root: Path, bench: str, splits: tuple[str, str], header: list[str], name, subjects) -> None:
+    """C-Eval and CMMLU layouts: a header, an index column, the shared rows."""
+    for split, rows in ((splits[0], CHINESE_ROWS[:5]), (splits[1], CHINESE_ROWS)):
+        (root / bench / split).mkdir(parents=True, exist_ok=True)
         for subject in subjects:
-            with open(root / "ceval" / split / f"{subject}_{split}.csv", "w", newline="", encoding="utf-8") as f:
+            with open(root / bench / split / name(subject, split), "w", newline="", encoding="utf-8") as f:
                 writer = csv.writer(f)
-                writer.writerow(["id", "question", "A", "B", "C", "D", "answer"])
+                writer.writerow(header)
                 writer.writerows([i, *row] for i, row in enumerate(rows))
+
+
+def write_ceval(root: Path, subjects=("computer_network", "logic")) -> None:
+    _write_chinese(root, "ceval", ("dev", "val"), ["id", "question", "A", "B", "C", "D", "answer"],
+                   lambda subject, split: f"{subject}_{split}.csv", subjects)
 
 
 def write_cmmlu(root: Path, subjects=("agronomy", "arts")) -> None:
-    for split, rows in (("dev", CHINESE_ROWS[:5]), ("test", CHINESE_ROWS)):
-        (root / "cmmlu" / split).mkdir(parents=True, exist_ok=True)
-        for subject in subjects:
-            with open(root / "cmmlu" / split / f"{subject}.csv", "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f)
-                writer.writerow(["", "Question", "A", "B", "C", "D", "Answer"])
-                writer.writerows([i, *row] for i, row in enumerate(rows))
+    _write_chinese(root, "cmmlu", ("dev", "test"), ["", "Question", "A", "B", "C", "D", "Answer"],
+                   lambda subject, split: f"{subject}.csv", subjects)
 
 
 def write_gsm8k(root: Path) -> None:
