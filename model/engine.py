@@ -8,19 +8,25 @@ Where the speed comes from:
   GPU), checks stop conditions on the host only every `sync_every` steps, and refills the rows of
   finished sequences with waiting ones (continuous batching);
 - only the positions that are scored reach the LM head, in chunks for long sequences.
-Results come back in input order and do not depend on how requests were batched.
+Results come back in input order and do not depend on how requests were batched: on a CPU because a
+batch only mixes rows of one padded width; on a GPU with `invariant=True` (the default there) because
+every product, norm and attention runs model/kernels.py, whose reductions have one order per row, and
+the few reductions left to the engine (choice logits, summed NLL) are done per row on the host.
 """
 from __future__ import annotations
 
+import math
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .config import with_switches
+from .config import ModelArgs, with_switches
 from .qwen import KVCache, Qwen, ntk_alpha
 
 
@@ -51,7 +57,7 @@ class Engine:
     def __init__(self, model: Qwen, *, max_batch: int | None = None, memory_fraction: float = 0.85,
                  cpu_batch_tokens: int = 8192, sync_every: int = 16, progress: bool = True,
                  cuda_graphs: bool = True, loss_chunk: int = 1024, pad_multiple: int = 16,
-                 gpu_batch_tokens: int = 16384):
+                 gpu_batch_tokens: int = 16384, invariant: bool = True, share_prefix: bool = True):
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -64,16 +70,26 @@ class Engine:
         self.loss_chunk = loss_chunk
         self.pad_multiple = pad_multiple
         self.gpu_batch_tokens = gpu_batch_tokens  # past ~16k tokens per forward the GEMMs gain nothing
+        # batch-invariant kernels on a GPU (a CPU is invariant by construction, see _batches)
+        self.invariant = invariant and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            model.use_impl("invariant" if self.invariant else "sdpa")
+        self.share_prefix = share_prefix
+        self.budget: int | None = None  # bytes for activations and KV, measured once per request list
+        self.label = ""  # progress-bar name (the task)
         self.stats = defaultdict(int)  # forwards, tokens, decode steps and slots read: for benchmarks
+        self._head_rows: dict[int, np.ndarray] = {}  # fp32 LM-head rows of choice ids, on the host
 
     # ---- sizing -------------------------------------------------------------------------------
-    def _memory_budget(self) -> int | None:
-        """Bytes available for activations and KV cache; None on CPU (a token budget applies instead)."""
+    def _measure_budget(self) -> None:
+        """Bytes for activations and KV cache, measured once per request list (a query per batch cost
+        seconds); None on a CPU, where a token budget applies instead."""
         if self.device.type != "cuda":
-            return None
+            self.budget = None
+            return
         free, _ = torch.cuda.mem_get_info(self.device)
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return int((free + cached) * self.memory_fraction)  # blocks PyTorch holds but does not use are free too
+        self.budget = int((free + cached) * self.memory_fraction)  # blocks PyTorch holds unused are free too
 
     def _kv_bytes_per_token(self) -> int:
         a = self.model.args
@@ -93,7 +109,7 @@ class Engine:
             return True
         if self.max_batch is not None and batch > self.max_batch:
             return False
-        budget = self._memory_budget()
+        budget = self.budget
         if budget is None:
             return batch * length <= self.cpu_batch_tokens
         fits = self._forward_bytes(batch, length, prefix) + batch * per_row <= budget
@@ -129,6 +145,8 @@ class Engine:
     def _groups(self, prompts: Sequence[Sequence[int]], shared: Sequence[int], ntk_lengths: Sequence[int]) -> list[_Group]:
         """Group requests by (shared prefix, per-layer NTK alphas): a prefix's K/V depends on both."""
         a = self.model.args
+        if not self.share_prefix:
+            shared = [0] * len(prompts)
         lengths = torch.tensor(list(ntk_lengths), dtype=torch.long)
         windows = sorted({w for w in (a.windows or (None,))}, key=lambda w: w or 0)
         if a.use_dynamic_ntk:
@@ -177,7 +195,9 @@ class Engine:
         return self.model.lm_head(rows.expand(2, -1))[:1]
 
     def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=False)
+        self._measure_budget()
+        name = f"{self.label} {desc}" if self.label else desc
+        return tqdm(total=total, desc=name, unit="doc", disable=not self.progress, dynamic_ncols=True, leave=False)
 
     # ---- 1. choice scores ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -206,12 +226,23 @@ class Engine:
         width = max(len(choice_ids[i]) for i in batch)
         ids = torch.tensor([list(choice_ids[i]) + [choice_ids[i][0]] * (width - len(choice_ids[i])) for i in batch],
                            device=self.device)  # [b, c]; short lists repeat their first id (dropped below)
-        exact = torch.einsum("bd,bcd->bc", last.float(), self.model.lm_head.weight[ids].float())  # fp32 compare
+        exact = self._choice_logits(last, ids)
         parity = probs.gather(1, ids).softmax(-1).float()
         top = logits.argmax(-1).tolist()
-        exact, parity = exact.tolist(), parity.tolist()
+        parity = parity.tolist()
         return [(i, ChoiceResult(tuple(exact[row][: len(choice_ids[i])]), tuple(parity[row][: len(choice_ids[i])]), top[row]))
                 for row, i in enumerate(batch)]
+
+    def _choice_logits(self, last: Tensor, ids: Tensor) -> list[list[float]]:
+        """fp32 logits of the choice tokens [b, c]. On a GPU a batched product would sum in an order that
+        follows the batch shape; the host sums each row alone (numpy's pairwise order, fixed by the width)."""
+        if self.device.type == "cpu":
+            return torch.einsum("bd,bcd->bc", last.float(), self.model.lm_head.weight[ids].float()).tolist()
+        for i in set(ids.flatten().tolist()) - self._head_rows.keys():
+            self._head_rows[i] = self.model.lm_head.weight[i].float().cpu().numpy()
+        hidden = last.float().cpu().numpy()
+        rows = np.stack([[self._head_rows[i] for i in row] for row in ids.tolist()])  # [b, c, d]
+        return (hidden[:, None, :] * rows).sum(-1).tolist()
 
     # ---- 2. rolling log-likelihood ------------------------------------------------------------
     @torch.inference_mode()
@@ -223,26 +254,22 @@ class Engine:
         by_switch = defaultdict(list)
         for i, sw in enumerate(switches):
             by_switch[tuple(sorted(sw.items()))].append(i)
-        base = self.model.args
         with self._bar(len(sequences), "loglikelihood") as bar:
-            try:
-                for key, members in by_switch.items():
-                    self.model.args = with_switches(base, **dict(key))
-                    lengths = {i: len(sequences[i]) for i in members}
-                    order = sorted(members, key=lambda i: -lengths[i])
-                    # a loss chunk's fp32 logits and their log-softmax, per row
-                    chunk_bytes = 3 * 4 * self.loss_chunk * self.model.args.vocab_size
-                    for batch in self._batches(order, lengths, 0, chunk_bytes):
-                        _deliver(self._nll_batch(batch, sequences), results, on_done, bar)
-            finally:
-                self.model.args = base
+            for key, members in by_switch.items():
+                switches = with_switches(self.model.args, **dict(key))
+                lengths = {i: len(sequences[i]) for i in members}
+                order = sorted(members, key=lambda i: -lengths[i])
+                # a loss chunk's fp32 logits and their log-softmax, per row
+                chunk_bytes = 3 * 4 * self.loss_chunk * switches.vocab_size
+                for batch in self._batches(order, lengths, 0, chunk_bytes):
+                    _deliver(self._nll_batch(batch, sequences, switches), results, on_done, bar)
         return results
 
-    def _nll_batch(self, batch, sequences):
+    def _nll_batch(self, batch, sequences, switches: ModelArgs):
         tokens, positions, lengths = self._pad([sequences[i] for i in batch], 0)
         self._count(tokens)
-        hidden = self.model.hidden(tokens, positions=positions)
-        nll = torch.zeros(len(batch), dtype=torch.float64, device=self.device)
+        hidden = self.model.hidden(tokens, positions=positions, switches=switches)
+        losses: list[list[float]] = [[] for _ in batch]  # every position's loss, summed exactly at the end
         width = tokens.shape[1]
         for start in range(0, width - 1, self.loss_chunk):  # never all vocab logits of a long row at once
             stop = min(start + self.loss_chunk, width - 1)
@@ -250,10 +277,11 @@ class Engine:
             targets = tokens[:, start + 1: stop + 1]
             # rows of the vocabulary stay contiguous: a class dimension in the middle runs many times slower
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-            loss = loss.view(targets.shape)
-            valid = positions[:, start + 1: stop + 1] >= 0
-            nll += (loss * valid).double().sum(1)
-        return [(i, (float(nll[row]), int(lengths[row]) - 1)) for row, i in enumerate(batch)]
+            loss = loss.view(targets.shape).masked_fill(positions[:, start + 1: stop + 1] < 0, 0.0)
+            for row, values in enumerate(loss.tolist()):
+                losses[row] += values
+        # math.fsum rounds once: the sum does not depend on how positions were chunked or batched
+        return [(i, (math.fsum(losses[row]), int(lengths[row]) - 1)) for row, i in enumerate(batch)]
 
     # ---- 3. greedy generation -----------------------------------------------------------------
     @torch.inference_mode()
@@ -344,7 +372,7 @@ class _Decoder:
         n = len(self.queue)
         if e.max_batch is not None:
             n = min(n, e.max_batch)
-        budget = e._memory_budget()
+        budget = e.budget
         if budget is None:
             rows = min(n, e.cpu_batch_tokens // max(1, self.max_len))
         else:
@@ -409,7 +437,7 @@ class _Decoder:
         self.next_token[rows, 0] = torch.where(self.finished[rows], self.next_token[rows, 0], token)
 
     def _decode(self):
-        kv = self.cache.decode(self.slot, self.position, self.read_len)
+        kv = self.cache.decode(self.slot, self.position, self.read_len, aligned=True)
         logits = self.model(self.next_token, positions=self.position, kv=kv, prefix=self.prefix)
         live = ~self.finished
         self.slot += live[:, None].long()  # finished rows keep rewriting one slot: static shapes, no growth

@@ -83,14 +83,15 @@ def swiglu(up: Tensor, gate: Tensor) -> Tensor:
     return up * F.silu(gate)
 
 
-def attend_cache(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """One new query per row [B, H, 1, D] over its cache slots [B, H, S, D]: output and log-sum-exp [B, H, 1].
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The plain formula: fp32 scores, masked (True = attend), softmax; output and log-sum-exp [B, H, T].
 
-    Plain batched products: measured on an H100 (bench/decode_variants.py) they beat a generated
-    multiply-and-reduce kernel twofold.
+    Also the decode path (one query per row over its cache slots): measured on an H100
+    (bench/decode_variants.py), plain batched products beat a generated multiply-and-reduce kernel twofold.
     """
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     lse = scores.logsumexp(-1)
     return (scores - lse[..., None]).exp().to(v.dtype) @ v, lse
 
@@ -128,13 +129,16 @@ class KVCache:
         self.pos[rows] = -1
         self.pos[rows[:, None], slots] = positions
         self.ntk_len[rows] = positions.max(dim=1).values + 1 if ntk_len is None else ntk_len
-        return CacheView(self, rows, slots, read=False, read_len=0)
+        return CacheView(self, rows, slots, read=False, read_len=0, aligned=False)
 
-    def decode(self, slots: Tensor, positions: Tensor, read_len: int | None = None) -> "CacheView":
-        """Write one step for every row at `slots` [B, T]; attention reads slots [0, read_len)."""
+    def decode(self, slots: Tensor, positions: Tensor, read_len: int | None = None, aligned: bool = False) -> "CacheView":
+        """Write one step for every row at `slots` [B, T]; attention reads slots [0, read_len).
+
+        aligned: the caller promises that slot s holds position P + s (P: the prefix length), see
+        model/kernels.py."""
         rows = torch.arange(positions.shape[0], device=positions.device)
         self.pos[rows[:, None], slots] = positions
-        return CacheView(self, rows, slots, read=True, read_len=read_len or self.pos.shape[1])
+        return CacheView(self, rows, slots, read=True, read_len=read_len or self.pos.shape[1], aligned=aligned)
 
 
 @dataclass
@@ -144,6 +148,7 @@ class CacheView:
     slots: Tensor
     read: bool
     read_len: int  # decoding reads only the slots that can hold tokens yet (static per captured graph)
+    aligned: bool  # slot s holds position P + s: attention may stop at the query's position
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v [b, T, H, D]; return what attention reads, [b, H, S, D]."""
@@ -155,21 +160,38 @@ class CacheView:
 
 
 class RMSNorm(nn.Module):
+    invariant = False  # the batch-invariant Triton kernel on a GPU (Qwen.use_impl)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.invariant and x.is_cuda:
+            from . import kernels
+
+            return kernels.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
+
+
+class Linear(nn.Linear):
+    invariant = False  # the batch-invariant Triton matmul on a GPU (Qwen.use_impl)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.invariant and x.is_cuda:
+            from . import kernels
+
+            return kernels.matmul(x, self.weight, self.bias)
+        return super().forward(x)
 
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate: SiLU goes on w2
-        self.c_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.w1 = Linear(args.dim, args.intermediate_size, bias=False)  # up
+        self.w2 = Linear(args.dim, args.intermediate_size, bias=False)  # gate: SiLU goes on w2
+        self.c_proj = Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.c_proj(swiglu(self.w1(x), self.w2(x)))
@@ -184,14 +206,18 @@ class LayerInputs:
     q_scale: Tensor | None  # LogN factor [B, T, 1, 1] or None
     mask: Tensor | None  # [B, 1, T, S] True = attend; None = plain causal
     prefix_mask: Tensor | None  # [B, 1, T, P] or None = every prefix token visible
+    q_pos: Tensor  # [B, T], -1 = padding (the batch-invariant kernels build their masks from positions)
+    key_pos: Tensor  # [B, S] positions of the own keys, -1 = empty
+    window: int | None
+    aligned: bool  # own key s holds position P + s (the engine's layout): see model/kernels.py
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_head, self.head_dim = args.n_head, args.head_dim
-        self.c_attn = nn.Linear(args.dim, 3 * args.dim, bias=True)  # fused q, k, v
-        self.c_proj = nn.Linear(args.dim, args.dim, bias=False)
+        self.c_attn = Linear(args.dim, 3 * args.dim, bias=True)  # fused q, k, v
+        self.c_proj = Linear(args.dim, args.dim, bias=False)
 
     def forward(self, x: Tensor, inp: LayerInputs, layer: int, kv: CacheView | None, prefix, impl: str) -> Tensor:
         B, T, _ = x.shape
@@ -205,6 +231,11 @@ class Attention(nn.Module):
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         pkv = None if prefix is None else (prefix.k[layer][0], prefix.v[layer][0])
+        if impl == "invariant" and q.is_cuda:
+            from . import kernels
+
+            y = kernels.attention(q.contiguous(), k, v, inp.key_pos, inp.q_pos, pkv, inp.window, inp.aligned)
+            return self.c_proj(y.reshape(B, T, -1))
         y = attention(q.transpose(1, 2), k, v, inp.mask, pkv, inp.prefix_mask, impl)  # [B, H, T, D]
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -220,40 +251,30 @@ def attention(q, k, v, mask, prefix_kv=None, prefix_mask=None, impl: str = "sdpa
     if impl == "math" or (prefix_kv is not None and prefix_mask is not None):
         return _attention_math(q, k, v, mask, prefix_kv, prefix_mask)
     if prefix_kv is None and q.shape[-2] == 1 and mask is not None:  # decoding
-        return attend_cache(q, k, v, mask)[0]
+        return explicit_attention(q, k, v, mask)[0]
     if prefix_kv is None:
         if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
     B, H, T, D = q.shape
-    own, own_lse = attend_cache(q, k, v, mask) if T == 1 and mask is not None else _attention_lse(q, k, v, mask)
+    own, own_lse = explicit_attention(q, k, v, mask) if mask is not None else _fused_attention_lse(q, k, v, True)
     pk, pv = prefix_kv
     rows_as_one = q.transpose(0, 1).reshape(1, H, B * T, D)  # every row's queries against the one prefix
-    pre, pre_lse = _attention_lse(rows_as_one, pk[None], pv[None], None, causal=False)
+    pre, pre_lse = _fused_attention_lse(rows_as_one, pk[None], pv[None], False)
     pre = pre.view(H, B, T, D).transpose(0, 1)
     pre_lse = pre_lse.view(H, B, T).transpose(0, 1)
     return merge_attention(own, own_lse, pre, pre_lse)
 
 
-def _attention_lse(q, k, v, mask, causal: bool = True) -> tuple[Tensor, Tensor]:
-    """Attention output and its log-sum-exp [B, H, T] (fp32): fused kernels where a mask is not needed."""
-    if mask is None:
-        try:
-            if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-                out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
-            elif q.is_cuda:
-                out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)[:2]
-            else:
-                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
-            return out, lse[..., : q.shape[-2]].float()
-        except (AttributeError, RuntimeError, NotImplementedError):  # a build without these kernels
-            pass
-        mask = _causal(q, k) if causal else None
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    lse = scores.logsumexp(-1)
-    return ((scores - lse[..., None]).exp().to(v.dtype) @ v), lse
+def _fused_attention_lse(q, k, v, causal: bool) -> tuple[Tensor, Tensor]:
+    """Attention output and its log-sum-exp [B, H, T] (fp32) from PyTorch's fused kernels."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
+    elif q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+    return out, lse[..., : q.shape[-2]].float()
 
 
 def _causal(q: Tensor, k: Tensor) -> Tensor:
@@ -261,19 +282,16 @@ def _causal(q: Tensor, k: Tensor) -> Tensor:
 
 
 def _attention_math(q, k, v, mask, prefix_kv, prefix_mask) -> Tensor:
-    """The plain reference: explicit scores, one softmax over prefix and own keys together."""
-    scale = q.shape[-1] ** -0.5
-    scores = (q @ k.transpose(-1, -2)).float() * scale
-    scores = scores.masked_fill(~(_causal(q, k) if mask is None else mask), float("-inf"))
-    if prefix_kv is None:
-        return scores.softmax(-1).to(v.dtype) @ v
-    pk, pv = prefix_kv
-    prefix_scores = torch.einsum("bhtd,hpd->bhtp", q, pk).float() * scale
-    if prefix_mask is not None:
-        prefix_scores = prefix_scores.masked_fill(~prefix_mask, float("-inf"))
-    probs = torch.cat([prefix_scores, scores], dim=-1).softmax(-1).to(v.dtype)
-    n_prefix = pk.shape[1]
-    return torch.einsum("bhtp,hpd->bhtd", probs[..., :n_prefix], pv) + probs[..., n_prefix:] @ v
+    """The plain reference: one softmax over prefix and own keys together (the prefix copied per row)."""
+    mask = _causal(q, k).expand(q.shape[0], 1, -1, -1) if mask is None else mask
+    if prefix_kv is not None:
+        B = q.shape[0]
+        pk, pv = (t[None].expand(B, -1, -1, -1) for t in prefix_kv)
+        if prefix_mask is None:
+            prefix_mask = torch.ones(B, 1, q.shape[-2], pk.shape[-2], dtype=torch.bool, device=q.device)
+        k, v = torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2)
+        mask = torch.cat([prefix_mask.expand(B, -1, q.shape[-2], -1), mask.expand(B, -1, q.shape[-2], -1)], dim=-1)
+    return explicit_attention(q, k, v, mask)[0]
 
 
 class Block(nn.Module):
@@ -293,7 +311,7 @@ class Qwen(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.attn_impl = "sdpa"  # "math": the plain reference attention, for tests
+        self.attn_impl = "sdpa"  # see use_impl
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(args.vocab_size, args.dim),
@@ -301,7 +319,19 @@ class Qwen(nn.Module):
                 ln_f=RMSNorm(args.dim, args.norm_eps),
             )
         )
-        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.dim, args.vocab_size, bias=False)
+
+    def use_impl(self, impl: str) -> "Qwen":
+        """"sdpa": PyTorch's and cuBLAS's kernels (fastest; on a GPU, results move with the batch shape);
+        "invariant": on a GPU, the batch-invariant kernels of model/kernels.py for every product, norm and
+        attention (on a CPU the same as "sdpa"); "math": the plain reference attention, for tests."""
+        if impl not in ("sdpa", "invariant", "math"):
+            raise ValueError(f"unknown attention implementation {impl!r}")
+        self.attn_impl = impl
+        for module in self.modules():
+            if isinstance(module, (Linear, RMSNorm)):
+                module.invariant = impl == "invariant"
+        return self
 
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, **kw) -> Tensor:
         """Logits [B, T, vocab] for token ids [B, T]; see `hidden` for the keyword arguments."""
@@ -315,28 +345,33 @@ class Qwen(nn.Module):
         positions: Tensor | None = None,
         kv: CacheView | None = None,
         prefix: KVCache | None = None,
+        switches: ModelArgs | None = None,
     ) -> Tensor:
         """Final-norm hidden states [B, T, dim].
 
         attention_mask [B, T] (1 = token, 0 = padding) or explicit positions [B, T] (-1 = padding);
         kv: a view of a KVCache to write (and, when decoding, read); prefix: a batch-1 KVCache holding
-        positions 0..P-1 that every row attends to (its rows' positions then start at P).
+        positions 0..P-1 that every row attends to (its rows' positions then start at P); switches: the
+        model's args with other NTK / LogN / window settings (config.with_switches) for this call only.
         """
+        args = switches or self.args
         positions = self._positions(tokens, attention_mask, positions, prefix)
         if kv is not None:
             ntk_len = kv.cache.ntk_len[kv.rows]
         else:
             ntk_len = positions.max(dim=1).values + 1
+        n_prefix = 0 if prefix is None else prefix.pos.shape[1]
         if kv is not None and kv.read:  # decoding: keys are cache slots, visibility comes from their positions
-            key_pos, plain_causal = kv.cache.pos[:, : kv.read_len], False
+            key_pos, plain_causal, aligned = kv.cache.pos[:, : kv.read_len], False, kv.aligned
         else:
-            key_pos, plain_causal = positions, _right_padded(positions)
+            key_pos = positions
+            plain_causal = aligned = _right_padded(positions, n_prefix)
         inputs = {}
         x = self.transformer.wte(tokens)
         for i, block in enumerate(self.transformer.h):
-            window = self.args.windows[i] if self.args.windows else None
+            window = args.windows[i] if args.windows else None
             if window not in inputs:
-                inputs[window] = self._layer_inputs(positions, key_pos, ntk_len, window, prefix, plain_causal)
+                inputs[window] = self._layer_inputs(args, positions, key_pos, ntk_len, window, prefix, plain_causal, aligned)
             x = block(x, inputs[window], i, kv, prefix, self.attn_impl)
         return self.transformer.ln_f(x)
 
@@ -349,8 +384,7 @@ class Qwen(nn.Module):
         mask = attention_mask.bool()
         return torch.where(mask, start + mask.long().cumsum(1) - 1, -1)
 
-    def _layer_inputs(self, positions, key_pos, ntk_len, window, prefix, plain_causal) -> LayerInputs:
-        args = self.args
+    def _layer_inputs(self, args, positions, key_pos, ntk_len, window, prefix, plain_causal, aligned) -> LayerInputs:
         span = ntk_len if window is None else ntk_len.clamp(max=window)  # a layer never sees more than its window
         alpha = ntk_alpha(span, args.seq_length) if args.use_dynamic_ntk else torch.ones_like(span, dtype=torch.double)
         angles = positions.clamp(min=0)[..., None].float() * rope_inv_freq(alpha, args.rope_base, args.head_dim)[:, None, :]
@@ -359,19 +393,23 @@ class Qwen(nn.Module):
         if args.use_logn_attn:
             counted = positions if window is None else positions.clamp(max=window - 1)
             q_scale = logn_scale(counted, args.seq_length)[:, :, None, None]
-        mask = None if plain_causal and window is None else _visible(positions, key_pos, window)
-        prefix_mask = None
-        if prefix is not None and window is not None:
-            prefix_mask = _visible(positions, prefix.pos.expand(positions.shape[0], -1), window)
-        return LayerInputs(emb.cos(), emb.sin(), q_scale, mask, prefix_mask)
+        mask = prefix_mask = None
+        if self.attn_impl != "invariant" or not positions.is_cuda:  # the invariant kernels mask from positions
+            mask = None if plain_causal and window is None else _visible(positions, key_pos, window)
+            if prefix is not None and window is not None:
+                prefix_mask = _visible(positions, prefix.pos.expand(positions.shape[0], -1), window)
+        return LayerInputs(emb.cos(), emb.sin(), q_scale, mask, prefix_mask, positions, key_pos, window, aligned)
 
 
-def _right_padded(positions: Tensor) -> bool:
-    """True when each row counts up by one from its first token and padding (-1) only follows:
-    plain causal attention is then exact (one host sync; never called while decoding)."""
+def _right_padded(positions: Tensor, start: int = 0) -> bool:
+    """True when each row counts up by one from position `start` (a prefix's length) and padding (-1)
+    only follows: plain causal attention is then exact, and own key s holds position start + s
+    (one host sync; never called while decoding)."""
     steps = positions[:, 1:] - positions[:, :-1]
     real = positions[:, 1:] >= 0
-    return bool(((steps == 1) | ~real).all() and (real <= (positions[:, :-1] >= 0)).all())
+    first = positions[:, 0]
+    return bool(((steps == 1) | ~real).all() and (real <= (positions[:, :-1] >= 0)).all()
+                and ((first == start) | (first < 0)).all())
 
 
 def _visible(q_pos: Tensor, key_pos: Tensor, window: int | None) -> Tensor:

@@ -1,0 +1,191 @@
+"""Batch-invariant GPU kernels (Triton): what a row computes never depends on the other rows.
+
+Library kernels choose their tiling, split-K and split-KV from the whole batch's shape, so a document's
+logits change with its neighbours (Thinking Machines, "Defeating Nondeterminism in LLM Inference", 2025).
+Here every reduction has one order per row, whatever the batch:
+- matmul: fp32 accumulation over K in fixed BLOCK_K steps, never split; the M/N tile only decides
+  which outputs a program owns (bench/determinism.py checks that tiles give identical bits);
+- rms_norm: one program per row, one block size;
+- attention: keys are visited in blocks of BLOCK_N aligned at logical key index 0, where the logical
+  index runs over a shared prefix [H, P, D] and then the row's own keys. Because the engine stores a
+  row's own key s at position P + s, a document scores the same with its prefix shared or in its own
+  prompt. Blocks a row cannot see add exact zeros, so skipping them or not changes no bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_K = 64  # the one K step of every matmul: the reduction order of a dot product
+ATTN_BLOCK_N = 64  # the one key-block size of attention
+
+
+# ---- matmul -------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["M"])  # one compiled kernel for every row count
+def _matmul_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_wn, stride_wk,
+                   stride_cm, stride_cn, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n  # programs of GROUP_M row-blocks run together: weight tiles stay in L2
+    first_m = (pid // width) * GROUP_M
+    group_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_n = (pid % width) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N] of w.T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        k_left = K - k_start
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+        w = tl.load(w_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def matmul_tile(m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, warps, stages) by row count: only which outputs a program owns, never the K order."""
+    if m <= 64:
+        return 64, 64, 4, 4  # decoding: small tiles, enough programs to stream the weights
+    if m <= 256:
+        return 128, 128, 8, 3
+    return 128, 256, 8, 3
+
+
+def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: tuple | None = None) -> Tensor:
+    """x [..., K] @ weight[N, K].T (+ bias) with one reduction order per output element."""
+    a = x.reshape(-1, x.shape[-1])
+    M, K = a.shape
+    N = weight.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out.view(*x.shape[:-1], N)
+    block_m, block_n, warps, stages = tile or matmul_tile(M)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _matmul_kernel[grid](a, weight, bias if bias is not None else weight, out, M, N, K, a.stride(0), a.stride(1),
+                         weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+                         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
+                         BLOCK_N=block_n, BLOCK_K=BLOCK_K, GROUP_M=8, num_warps=warps, num_stages=stages)
+    return out.view(*x.shape[:-1], N)
+
+
+# ---- RMSNorm ------------------------------------------------------------------------------------------
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, D, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < D, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    normed = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)  # cast back before the weight, as the original
+    w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=cols < D)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty_like(rows)
+    if rows.shape[0]:
+        D = rows.shape[1]
+        _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), D, eps,
+                                           BLOCK=triton.next_power_of_2(D), num_warps=8)
+    return out.view(x.shape)
+
+
+# ---- attention ----------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["T", "S", "P", "window"])  # one compiled kernel for every length
+def _attention_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, pk_ptr, pv_ptr, qpos_ptr, out_ptr,
+                      T, S, P, H, scale, window,
+                      sq_b, sq_t, sq_h, sk_b, sk_h, sk_s, skp_b, spk_h, spk_p, sqp_b, so_b, so_t, so_h,
+                      ALIGNED: tl.constexpr, IEEE: tl.constexpr, D: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (row, head, query block): online softmax over logical keys [0, P + S) in aligned blocks."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q_pos = tl.load(qpos_ptr + b * sqp_b + offs_m, mask=offs_m < T, other=-1)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_d[None, :], mask=offs_m[:, None] < T, other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    n_keys = P + S
+    if ALIGNED:  # own key s holds position P + s: nothing past the block's last query can be visible
+        n_keys = tl.minimum(n_keys, tl.max(q_pos, axis=0) + 1)
+    for start in range(0, n_keys, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)  # logical key indices
+        in_prefix = j < P
+        own = j - P
+        own_ok = (j >= P) & (own < S)
+        k_pre = tl.load(pk_ptr + h * spk_h + j[None, :] * spk_p + offs_d[:, None], mask=in_prefix[None, :], other=0.0)
+        k_own = tl.load(k_ptr + b * sk_b + h * sk_h + own[None, :] * sk_s + offs_d[:, None], mask=own_ok[None, :], other=0.0)
+        k = tl.where(in_prefix[None, :], k_pre, k_own)  # [D, BLOCK_N]
+        own_pos = tl.load(kpos_ptr + b * skp_b + own, mask=own_ok, other=-1)
+        k_pos = tl.where(in_prefix, j, own_pos)
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, k) * scale
+        visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
+        if window > 0:
+            visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
+        visible = visible | ((q_pos[:, None] < 0) & (k_pos[None, :] >= 0))  # padding queries stay finite
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_pre = tl.load(pv_ptr + h * spk_h + j[:, None] * spk_p + offs_d[None, :], mask=in_prefix[:, None], other=0.0)
+        v_own = tl.load(v_ptr + b * sk_b + h * sk_h + own[:, None] * sk_s + offs_d[None, :], mask=own_ok[:, None], other=0.0)
+        v = tl.where(in_prefix[:, None], v_pre, v_own)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=offs_m[:, None] < T)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Tensor, prefix_kv=None,
+              window: int | None = None, aligned: bool = False, block_m: int = 64) -> Tensor:
+    """q [B, T, H, D] (positions q_pos [B, T], -1 = padding) over own keys k, v [B, H, S, D] (positions
+    key_pos [B, S], -1 = empty) and an optional shared prefix (k, v) [H, P, D] at positions 0..P-1.
+
+    Returns [B, T, H, D]. aligned: own key s holds position P + s or is empty (the engine's layout),
+    which lets a query block stop at its last query's position.
+    """
+    B, T, H, D = q.shape
+    S = k.shape[2]
+    if prefix_kv is None:
+        pk = pv = k.new_zeros(H, 1, D)
+        P = 0
+    else:
+        pk, pv = prefix_kv
+        P = pk.shape[1]
+    assert k.stride(-1) == 1 and pk.stride(-1) == 1 and q.stride(-1) == 1
+    out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(T, block_m), B * H)
+    _attention_kernel[grid](q, k, v, key_pos, pk, pv, q_pos, out, T, S, P, H, D ** -0.5, window or 0,
+                            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                            key_pos.stride(0), pk.stride(0), pk.stride(1), q_pos.stride(0),
+                            out.stride(0), out.stride(1), out.stride(2),
+                            ALIGNED=aligned, IEEE=q.dtype == torch.float32, D=D, BLOCK_M=block_m,
+                            BLOCK_N=ATTN_BLOCK_N, num_warps=4, num_stages=2)
+    return out

@@ -1,0 +1,88 @@
+"""The batch-invariant kernels' semantics, checked on the CPU through Triton's interpreter.
+
+Bits are a property of the GPU's instructions, so bench/determinism.py checks them there (the
+interpreter's numpy products promise no summation order). Here: each kernel computes its reference
+function at every tile size, and attention's masks follow positions (right padding, empty cache
+slots, windows, a shared prefix whose key blocks straddle the row's own keys).
+"""
+import os
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined
+pytest.importorskip("triton")
+from model import kernels  # noqa: E402
+from model.qwen import explicit_attention, _visible  # noqa: E402
+
+D, H = 16, 2
+
+
+def _ref_attention(q, k, v, key_pos, q_pos, window=None):
+    """Reference over own keys only: q [B, T, H, D], k/v [B, H, S, D] -> [B, T, H, D]."""
+    mask = _visible(q_pos, key_pos, window) & (key_pos[:, None, None, :] >= 0)
+    out, _ = explicit_attention(q.transpose(1, 2).double(), k.double(), v.double(), mask)
+    return out.transpose(1, 2).float()
+
+
+@pytest.mark.parametrize("m", [1, 5, 70, 300])  # every tile size of matmul_tile
+def test_matmul_equals_reference(m):
+    gen = torch.Generator().manual_seed(m)
+    x, w, bias = torch.randn(m, 100, generator=gen), torch.randn(50, 100, generator=gen), torch.randn(50, generator=gen)
+    torch.testing.assert_close(kernels.matmul(x, w, bias), x.double().matmul(w.double().T).add(bias).float(),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.matmul(x[None], w), (x @ w.T)[None], rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_equals_reference():
+    from model.qwen import rms_norm
+
+    x, w = torch.randn(3, 5, 96), torch.rand(96) + 0.5
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), rms_norm(x, w, 1e-6), rtol=1e-6, atol=1e-6)
+
+
+def _prompt_batch(lengths, start=0, seed=0):
+    """Right-padded fresh keys: q [B, T, H, D], k/v [B, H, T, D], positions [B, T] from `start`."""
+    gen = torch.Generator().manual_seed(seed)
+    B, T = len(lengths), max(lengths)
+    q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
+    pos = torch.full((B, T), -1)
+    for row, n in enumerate(lengths):
+        pos[row, :n] = torch.arange(start, start + n)
+    return q, k.transpose(1, 2), v.transpose(1, 2), pos
+
+
+@pytest.mark.parametrize("window", [None, 37])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_prefill_attention_equals_reference(window, aligned):
+    q, k, v, pos = _prompt_batch([150, 9, 70])
+    out = kernels.attention(q, k, v, pos, pos, window=window, aligned=aligned)
+    real = pos >= 0
+    torch.testing.assert_close(out[real], _ref_attention(q, k, v, pos, pos, window)[real], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_reads_only_filled_slots():
+    gen = torch.Generator().manual_seed(3)
+    B, S = 3, 90
+    q = torch.randn(B, 1, H, D, generator=gen)
+    k, v = torch.randn(B, H, S, D, generator=gen), torch.randn(B, H, S, D, generator=gen)
+    key_pos = torch.full((B, S), -1)
+    for row, n in enumerate((90, 12, 65)):
+        key_pos[row, :n] = torch.arange(n)
+    q_pos = (key_pos.max(1).values - 1)[:, None]  # a query sees all but the last filled slot
+    out = kernels.attention(q, k, v, key_pos, q_pos, aligned=True, block_m=16)
+    torch.testing.assert_close(out, _ref_attention(q, k, v, key_pos, q_pos), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_shared_prefix_equals_the_full_prompt(window):
+    """Keys 0..P-1 held once as a prefix [H, P, D] give what the same keys in each row's own prompt give."""
+    P = 100  # not a multiple of the key block: blocks straddle prefix and own keys
+    q, k, v, pos = _prompt_batch([P + 40, P + 7], seed=1)
+    k[1, :, :P], v[1, :, :P] = k[0, :, :P], v[0, :, :P]  # both rows share row 0's prefix
+    prefix = (k[0, :, :P].contiguous(), v[0, :, :P].contiguous())
+    shared = kernels.attention(q[:, P:].contiguous(), k[:, :, P:], v[:, :, P:], pos[:, P:], pos[:, P:], prefix,
+                               window, aligned=True)
+    real = pos[:, P:] >= 0
+    reference = _ref_attention(q, k, v, pos, pos, window)[:, P:]
+    torch.testing.assert_close(shared[real], reference[real], rtol=1e-5, atol=1e-5)
