@@ -110,8 +110,8 @@ def refuse_unapplied_switches(args, model_id: str, plans) -> None:
             raise UserError(f"--task {plan.task.name} switches dynamic NTK / LogN / windows per row, which "
                             "transformers' Qwen2 lacks: use --backend native")
     if args.window_attn and args.window_attn.strip().lower() not in ("none", "off"):
-        raise UserError(f"--window-attn {args.window_attn}: transformers' Qwen2 (--backend hf) has no attention windows; drop the flag "
-                        "or use --backend native")
+        raise UserError(f"--window-attn {args.window_attn}: transformers' Qwen2 (--backend hf) has no attention "
+                        "windows; drop the flag or use --backend native")
     config = _config_args(model_id) if None in (args.dynamic_ntk, args.logn) else None
     switches = (("dynamic-ntk", "use_dynamic_ntk", args.dynamic_ntk), ("logn", "use_logn_attn", args.logn))
     on = [f"--{flag}" if given else f"config.json {key}=true"
@@ -223,10 +223,9 @@ class HFBackend:
     def choice(self, requests: list[ChoiceRequest], on_done: OnDone = None) -> list[ChoiceResponse]:
         """One forward per question; only the last real position of each row reaches lm_head. Rows are padded
         on the right, so no real token sees a pad and positions are those of the row alone: no mask needed."""
-        vocab = self.model.config.vocab_size
+        logits_bytes = 3 * 4 * self.model.config.vocab_size  # fp32 logits, softmax, a copy: per row
         out: list = [None] * len(requests)
-        for idx in self._batches([len(requests[i].tokens) for i in range(len(requests))],
-                                 lambda n: self._activation_bytes(n) + 3 * 4 * vocab):
+        for idx in self._batches([len(r.tokens) for r in requests], lambda n: self._activation_bytes(n) + logits_bytes):
             ids, mask = self._padded([requests[i].tokens for i in idx], left=False)
             hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state  # [B, T, dim]
             last = hidden[torch.arange(len(idx), device=hidden.device), mask.sum(1).to(hidden.device) - 1]
@@ -242,10 +241,10 @@ class HFBackend:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
         longest_new = max((r.max_new_tokens for r in requests), default=0)
-        vocab = self.model.config.vocab_size
+        logits_bytes = 3 * 4 * self.model.config.vocab_size
         out: list = [None] * len(requests)
-        for idx in self._batches([len(r.tokens) for r in requests], lambda n: self._kv_bytes(n + longest_new)
-                                 + self._activation_bytes(n) + 3 * 4 * vocab):
+        row_bytes = lambda n: self._kv_bytes(n + longest_new) + self._activation_bytes(n) + logits_bytes  # noqa: E731
+        for idx in self._batches([len(r.tokens) for r in requests], row_bytes):
             batch = [requests[i] for i in idx]
             ids, mask = self._padded([r.tokens for r in batch], left=True)
             ends = _RowEnds(batch, ids.shape[1], self.tokenizer.decode)
