@@ -86,7 +86,7 @@ class Bench:
         self.tok = QwenTokenizer(args.vocab)
         self.data = DataSource(Path(args.data_dir))
         self.native = NativeBackend(self.model, self.tok, progress=False)
-        self.hf = HFBackend.from_native(self.model, self.tok, progress=False)
+        self.hf = HFBackend.from_native(self.model, self.tok, batch_size=1, progress=False)
         torch.cuda.empty_cache()  # the baseline's construction-time weights were replaced by shared ones
         self.rows, self.notes = [], {}
 

@@ -1,9 +1,10 @@
 """Backends serve the three request kinds over whole lists of requests.
 
 native: the native model through model/engine.py (the fast path).
-hf:     plain `transformers`, batch 1 by default like the original scripts: the baseline of the
-        benchmarks, and a way to evaluate any Hugging Face causal LM. A Qwen (v1) checkpoint runs as
-        `transformers`' Qwen2 with the same weights (Qwen2 has no dynamic NTK / LogN / windows).
+hf:     plain `transformers`, batched as lm-evaluation-harness's HF backend (`--batch-size 1`: one
+        request at a time, like the original scripts): the peer of the benchmarks. A Qwen (v1) checkpoint
+        runs as `transformers`' Qwen2 with the same weights; Qwen2 has no dynamic NTK / LogN / windows, so
+        the runner refuses those switches during planning (refuse_unapplied_switches).
 """
 from __future__ import annotations
 
@@ -99,16 +100,58 @@ def _mapped(on_done: OnDone, convert):
     return lambda done: on_done([(i, convert(i, r)) for i, r in done])
 
 
+def refuse_unapplied_switches(args, model_id: str, plans) -> None:
+    """--backend hf runs transformers' Qwen2, which has no dynamic NTK, LogN or attention windows: refuse,
+    before any weights load, a run that would need one (its run.json would record a switch never applied)."""
+    if args.backend != "hf":
+        return
+    for plan in plans:
+        if any(getattr(r, "switches", ()) for requests in plan.requests for r in requests):
+            raise UserError(f"--task {plan.task.name} switches dynamic NTK / LogN / windows per row, which "
+                            "transformers' Qwen2 lacks: use --backend native")
+    if args.window_attn and args.window_attn.strip().lower() not in ("none", "off"):
+        raise UserError(f"--window-attn {args.window_attn}: transformers' Qwen2 (--backend hf) has no attention "
+                        "windows; drop the flag or use --backend native")
+    config = _config_args(model_id) if None in (args.dynamic_ntk, args.logn) else None
+    switches = (("dynamic-ntk", "use_dynamic_ntk", args.dynamic_ntk), ("logn", "use_logn_attn", args.logn))
+    on = [f"--{flag}" if given else f"config.json {key}=true"
+          for flag, key, given in switches if (given if given is not None else getattr(config, key))]
+    if on:
+        raise UserError(f"--backend hf runs transformers' Qwen2, which has no dynamic NTK or LogN; this run turns "
+                        f"them on ({' and '.join(on)}): pass --no-dynamic-ntk --no-logn to evaluate without them, "
+                        "or use --backend native")
+
+
+def _config_args(model_id: str):
+    """The checkpoint's config alone (a hub id fetches config.json only)."""
+    from model import ConfigError, ModelLoadError
+    from model.config import read_config
+    from model.loading import resolve_checkpoint
+
+    try:
+        return read_config(resolve_checkpoint(model_id, patterns=["config.json"]) / "config.json")
+    except (ModelLoadError, ConfigError) as err:
+        raise UserError(str(err)) from None
+
+
 class HFBackend:
-    """The plain transformers path: one request at a time unless batch_size says otherwise."""
+    """Plain transformers, batched as lm-evaluation-harness's HF backend batches: requests sorted longest first
+    (an out-of-memory error shows at the first batch), as many rows per batch as the memory budget holds at
+    the batch's longest length, or `batch_size` rows (1: the original scripts' one request at a time).
+    Results come back in input order; on_done hears of each batch as it finishes."""
 
     name = "hf"
+    MAX_BATCH = 64  # lm-evaluation-harness's default ceiling for --batch_size auto
+    CPU_BUDGET = 2 * 2**30  # bytes of activations per batch on a CPU: a simple fixed budget
+    LOGIT_ROWS = 1024  # positions per lm_head call in rolling loglikelihood: never [B, T, vocab] at once
 
     def __init__(self, model, tokenizer, *, batch_size: int | None = None, progress: bool = True):
         self.model, self.tokenizer = model, tokenizer
-        self.batch_size = batch_size or 1
+        self.batch_size = batch_size  # None: sized from memory, batch by batch
         self.progress = progress
-        self.device = next(model.parameters()).device
+        param = next(model.parameters())
+        self.device, self.elt = param.device, param.element_size()  # inputs go where the embedding is
+        model.generation_config.eos_token_id = None  # stop tokens are each request's own (_RowEnds)
 
     @classmethod
     def from_native(cls, native_model, tokenizer, device_map: str | None = None, **kw) -> "HFBackend":
@@ -124,92 +167,185 @@ class HFBackend:
             hf = dispatch_model(hf, placement)
         return cls(hf, tokenizer, **kw)
 
-    def _batches(self, requests):
+    # -- batch sizing -------------------------------------------------------------------------------------
+
+    def _activation_bytes(self, n: int) -> int:
+        """Peak activations of one row of n tokens in a forward pass: one layer's hidden, q/k/v/out and MLP
+        tensors live at a time (SDPA kernels keep no [T, T] scores on a GPU)."""
+        c = self.model.config
+        return n * (6 * c.hidden_size + 3 * c.intermediate_size) * self.elt
+
+    def _kv_bytes(self, n: int) -> int:
+        c = self.model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return n * 2 * c.num_hidden_layers * kv_heads * head_dim * self.elt
+
+    def _budget(self) -> int:
+        """Bytes a batch may use: 60% of the free memory of the fullest GPU holding the model (asked once
+        per call, never per batch), or CPU_BUDGET on a CPU."""
+        gpus = {p.device for p in self.model.parameters() if p.device.type == "cuda"}
+        if not gpus:
+            return self.CPU_BUDGET
+        free = min(torch.cuda.mem_get_info(d)[0] + torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d)
+                   for d in gpus)
+        return int(0.6 * free)
+
+    def _batches(self, lengths: list[int], row_bytes: Callable[[int], int]):
+        """Batches of indices, longest first; ties keep input order."""
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(requests), disable=not self.progress, leave=False, desc="hf")
-        for start in range(0, len(requests), self.batch_size):
-            idx = list(range(start, min(start + self.batch_size, len(requests))))
-            yield idx
-            bar.update(len(idx))
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        budget = self._budget() if self.batch_size is None else 0
+        bar = tqdm(total=len(order), disable=not self.progress, leave=False, desc="hf")
+        start = 0
+        while start < len(order):
+            size = self.batch_size or max(1, min(self.MAX_BATCH, budget // row_bytes(lengths[order[start]])))
+            yield order[start:start + size]
+            bar.update(min(size, len(order) - start))
+            start += size
         bar.close()
 
-    def _left_padded(self, seqs):
+    def _padded(self, seqs, left: bool):
+        """[B, T] ids padded with the end-of-text id, and the mask of real tokens."""
         width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        ids = torch.full((len(seqs), width), self.tokenizer.eod_id, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
         for row, s in enumerate(seqs):
-            ids[row, width - len(s):] = torch.tensor(s)
-            mask[row, width - len(s):] = 1
+            span = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[row, span] = torch.tensor(s)
+            mask[row, span] = 1
         return ids.to(self.device), mask.to(self.device)
+
+    # -- the three request kinds --------------------------------------------------------------------------
 
     @torch.inference_mode()
     def choice(self, requests: list[ChoiceRequest], on_done: OnDone = None) -> list[ChoiceResponse]:
-        out = []
-        for idx in self._batches(requests):
-            ids, mask = self._left_padded([requests[i].tokens for i in idx])
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -1]
-            done = []
-            for row, i in enumerate(idx):
-                choice_ids = list(requests[i].choice_ids)
-                exact = tuple(logits[row, choice_ids].float().tolist())
-                parity = tuple(logits[row].softmax(-1)[choice_ids].softmax(-1).float().tolist())
-                done.append((i, ChoiceResponse(exact, parity, int(logits[row].argmax()) in choice_ids)))
-            out += [r for _, r in done]
-            if on_done:
-                on_done(done)
+        """One forward per question; only the last real position of each row reaches lm_head. Rows are padded
+        on the right, so no real token sees a pad and positions are those of the row alone: no mask needed."""
+        logits_bytes = 3 * 4 * self.model.config.vocab_size  # fp32 logits, softmax, a copy: per row
+        out: list = [None] * len(requests)
+        for idx in self._batches([len(r.tokens) for r in requests], lambda n: self._activation_bytes(n) + logits_bytes):
+            ids, mask = self._padded([requests[i].tokens for i in idx], left=False)
+            hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state  # [B, T, dim]
+            last = hidden[torch.arange(len(idx), device=hidden.device), mask.sum(1).to(hidden.device) - 1]
+            logits = self.model.get_output_embeddings()(last)  # [B, vocab]
+            done = [(i, _choice_response(logits[row], requests[i].choice_ids)) for row, i in enumerate(idx)]
+            _deliver(done, out, on_done)
         return out
 
     @torch.inference_mode()
     def generate(self, requests: list[GenerateRequest], on_done: OnDone = None) -> list[GenerateResponse]:
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        """Batched greedy `generate` on left-padded rows (transformers derives positions from the mask);
+        _RowEnds ends each row at its stop token, stop rule or length, and the batch once every row has."""
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        decode = self.tokenizer.decode
-        out = []
-        for idx in self._batches(requests):
-            ids, mask = self._left_padded([requests[i].tokens for i in idx])
-            width = ids.shape[1]
-            rules = [requests[i].stop for i in idx]
-
-            class TextStop(StoppingCriteria):  # a host round trip per token: this is the plain baseline
-                def __call__(self, input_ids, scores, **kw):
-                    return torch.tensor([stop_rules_met(r, decode(row[width:].tolist())) for r, row in zip(rules, input_ids)],
-                                        device=input_ids.device)
-
-            stop_ids = sorted({t for i in idx for t in requests[i].stop_ids})
+        longest_new = max((r.max_new_tokens for r in requests), default=0)
+        logits_bytes = 3 * 4 * self.model.config.vocab_size
+        out: list = [None] * len(requests)
+        row_bytes = lambda n: self._kv_bytes(n + longest_new) + self._activation_bytes(n) + logits_bytes  # noqa: E731
+        for idx in self._batches([len(r.tokens) for r in requests], row_bytes):
+            batch = [requests[i] for i in idx]
+            ids, mask = self._padded([r.tokens for r in batch], left=True)
+            ends = _RowEnds(batch, ids.shape[1], self.tokenizer.decode)
+            sampling = [_GumbelSampling(batch, ids.shape[1])] if any(r.temperature > 0 for r in batch) else []
             gen = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
-                                      max_new_tokens=max(requests[i].max_new_tokens for i in idx),
-                                      eos_token_id=stop_ids or None, pad_token_id=self.tokenizer.eod_id,
-                                      stopping_criteria=StoppingCriteriaList([TextStop()]), repetition_penalty=1.0)
-            done = [(i, self._response(requests[i], gen[row, width:].tolist())) for row, i in enumerate(idx)]
-            out += [r for _, r in done]
-            if on_done:
-                on_done(done)
+                                      max_new_tokens=max(r.max_new_tokens for r in batch),
+                                      pad_token_id=self.tokenizer.eod_id, repetition_penalty=1.0,
+                                      logits_processor=LogitsProcessorList(sampling),
+                                      stopping_criteria=StoppingCriteriaList([ends]))
+            new = gen[:, ids.shape[1]:].tolist()
+            done = []
+            for row, i in enumerate(idx):
+                tokens = new[row][: ends.end[row]]
+                done.append((i, GenerateResponse(tuple(tokens), self.tokenizer.decode(tokens), ends.finish[row])))
+            _deliver(done, out, on_done)
         return out
-
-    def _response(self, request: GenerateRequest, new: list[int]) -> GenerateResponse:
-        cut = next((k for k, t in enumerate(new) if t in request.stop_ids), None)
-        tokens = new[:cut] if cut is not None else new[: request.max_new_tokens]
-        finish = "stop" if cut is not None or stop_rules_met(request.stop, self.tokenizer.decode(tokens)) else "length"
-        return GenerateResponse(tuple(tokens), self.tokenizer.decode(tokens), finish)
 
     @torch.inference_mode()
     def loglikelihood(self, requests: list[LoglikelihoodRequest], on_done: OnDone = None) -> list[LoglikelihoodResponse]:
+        """Summed next-token NLL, rows right-padded (as in choice); lm_head runs on LOGIT_ROWS real positions
+        at a time."""
         if any(r.switches for r in requests):
             raise UserError("the hf backend cannot switch dynamic NTK / LogN / windows per request; use --backend native")
-        out = []
-        for idx in self._batches(requests):
-            done = []
-            for i in idx:  # one sequence at a time: rows of long-context samples are long already
-                ids = torch.tensor(requests[i].tokens, device=self.device)[None]
-                hidden = self.model.model(input_ids=ids).last_hidden_state
-                nll = 0.0
-                for start in range(0, ids.shape[1] - 1, 1024):
-                    stop = min(start + 1024, ids.shape[1] - 1)
-                    logits = self.model.lm_head(hidden[:, start:stop]).float()
-                    nll += torch.nn.functional.cross_entropy(logits[0], ids[0, start + 1: stop + 1], reduction="sum").item()
-                done.append((i, LoglikelihoodResponse(nll, ids.shape[1] - 1)))
-            out += [r for _, r in done]
-            if on_done:
-                on_done(done)
+        dim = self.model.config.hidden_size
+        out: list = [None] * len(requests)
+        for idx in self._batches([len(r.tokens) for r in requests],
+                                 lambda n: self._activation_bytes(n) + n * dim * self.elt):
+            ids, mask = self._padded([requests[i].tokens for i in idx], left=False)
+            hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state  # [B, T, dim]
+            nll = self._summed_nll(hidden[:, :-1], ids[:, 1:], mask[:, 1:].bool())
+            done = [(i, LoglikelihoodResponse(nll[row], len(requests[i].tokens) - 1)) for row, i in enumerate(idx)]
+            _deliver(done, out, on_done)
         return out
+
+    def _summed_nll(self, hidden, targets, real) -> list[float]:
+        """Per-row sum of -log p(target) over the real positions (fp32 logits, fp64 sums)."""
+        real, targets = real.to(hidden.device), targets.to(hidden.device)
+        rows = torch.arange(len(hidden), device=hidden.device)[:, None].expand_as(real)[real]  # [N]
+        flat, targets = hidden[real], targets[real]  # [N, dim], [N]
+        nll = torch.zeros(len(hidden), dtype=torch.float64)
+        for start in range(0, len(flat), self.LOGIT_ROWS):
+            part = slice(start, start + self.LOGIT_ROWS)
+            logits = self.model.get_output_embeddings()(flat[part]).float()  # [<= LOGIT_ROWS, vocab]
+            loss = torch.nn.functional.cross_entropy(logits, targets[part].to(logits.device), reduction="none")
+            nll.index_add_(0, rows[part].cpu(), loss.double().cpu())
+        return nll.tolist()
+
+
+def _choice_response(logits: torch.Tensor, choice_ids: tuple[int, ...]) -> ChoiceResponse:
+    ids = list(choice_ids)
+    exact = tuple(logits[ids].float().tolist())
+    parity = tuple(logits.softmax(-1)[ids].softmax(-1).float().tolist())  # the original's, in the model dtype
+    return ChoiceResponse(exact, parity, int(logits.argmax()) in ids)
+
+
+def _deliver(done: list, out: list, on_done: OnDone) -> None:
+    for i, response in done:
+        out[i] = response
+    if on_done:
+        on_done(done)
+
+
+class _RowEnds:
+    """A transformers stopping criterion: ends each row at its first stop token (excluded), at the shortest
+    output on which its stop rules hold (where batch 1 stops), or at its own max_new_tokens; generate ends
+    the batch once every row has ended. end[row] and finish[row] say where and why."""
+
+    def __init__(self, requests: list[GenerateRequest], width: int, decode):
+        self.requests, self.width, self.decode = requests, width, decode
+        self.end: list[int | None] = [None] * len(requests)
+        self.finish = ["length"] * len(requests)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
+        n = input_ids.shape[1] - self.width  # tokens generated so far, the newest included
+        last = input_ids[:, -1].tolist()
+        for row, r in enumerate(self.requests):
+            if self.end[row] is not None:
+                continue
+            if last[row] in r.stop_ids:
+                self.end[row], self.finish[row] = n - 1, "stop"
+            elif r.stop and stop_rules_met(r.stop, self.decode(input_ids[row, self.width:].tolist())):
+                self.end[row], self.finish[row] = n, "stop"
+            elif n >= r.max_new_tokens:
+                self.end[row] = n
+        return torch.tensor([e is not None for e in self.end], device=input_ids.device)
+
+
+class _GumbelSampling:
+    """A transformers logits processor: temperature sampling for the rows that ask for it, as Gumbel-max on
+    top of greedy decoding with the native engine's noise keyed by (seed, step), so a request's sample does
+    not depend on its batch."""
+
+    def __init__(self, requests: list[GenerateRequest], width: int):
+        self.width = width
+        self.temperature = torch.tensor([r.temperature for r in requests], dtype=torch.float32)
+        self.seed = torch.tensor([r.seed for r in requests], dtype=torch.long)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        from model.engine import gumbel_noise
+
+        t, seed = self.temperature.to(scores.device), self.seed.to(scores.device)
+        step = torch.full_like(seed, input_ids.shape[1] - self.width)
+        sampled = scores.float() / t.clamp(min=1e-6)[:, None] + gumbel_noise(seed, step, scores.shape[-1])
+        return torch.where(t[:, None] > 0, sampled, scores.float())

@@ -131,6 +131,9 @@ def run(args) -> int:
         for plan in plans:
             print(f"{plan.task.name}: {sum(map(len, plan.requests))} requests -> {write_dry_run(plan)}")
         return 0
+    from eval.backends import refuse_unapplied_switches  # imports torch: not for --dry-run
+
+    refuse_unapplied_switches(args, model_id, plans)  # before any weights load
     _seed(args.seed)
     ranks = distributed.setup(args, plans)  # None unless torchrun started several processes
     backend, identity = _backend(distributed.backend_args(args, ranks), model_id, tok)
