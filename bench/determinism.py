@@ -82,6 +82,34 @@ def check_kernels(rows: list) -> None:
     print(rows[-1], flush=True)
 
 
+def probe(rows: list) -> None:
+    """The first module whose output for one row changes when the row is batched with others."""
+    args = ModelArgs(n_layer=2)
+    model = build_model(args)
+    Engine(model, progress=False)  # selects the invariant kernels
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    tokens = torch.randint(0, 150000, (5, 160), device="cuda", generator=gen)
+    pos = torch.arange(160, device="cuda").expand(5, -1).clone()
+    pos[0, 100:] = -1  # row 0: 100 tokens, padded; the others: 160
+    outputs = {}
+
+    def hook(name):
+        def save(module, inputs, output):
+            outputs.setdefault(name, []).append((inputs[0][0, :100].clone(), output[0, :100].clone()))
+        return save
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n and not list(m.children())]
+    alone_pos = pos[:1, :112].clone()
+    model.hidden(tokens[:1, :112], positions=alone_pos)
+    model.hidden(tokens, positions=pos)
+    for h in handles:
+        h.remove()
+    for name, ((in_a, out_a), (in_b, out_b)) in outputs.items():
+        rows.append({"part": "probe", "module": name, "input_same": torch.equal(in_a, in_b),
+                     "output_same": torch.equal(out_a, out_b)})
+        print(rows[-1], flush=True)
+
+
 def _bench(fn, reps=20):
     fn()
     t, _ = timed(lambda: [fn() for _ in range(reps)])
@@ -148,6 +176,8 @@ def main():
     parts = args.parts.split(",")
     if "kernels" in parts:
         check_kernels(rows)
+    if "probe" in parts:
+        probe(rows)
     if "mmlu" in parts or "gsm8k" in parts:
         model = build_model(ModelArgs(dim=256, n_layer=2, n_head=2) if args.smoke else ModelArgs())
         tok, data = QwenTokenizer(args.vocab), DataSource(Path(args.data_dir))

@@ -8,6 +8,8 @@ hf:     plain `transformers`, batched as lm-evaluation-harness's HF backend (`--
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Callable
 
 import torch
@@ -28,11 +30,24 @@ def stop_rules_met(groups: tuple[tuple[str, ...], ...], text: str) -> bool:
 class NativeBackend:
     name = "native"
 
-    def __init__(self, model, tokenizer, *, batch_size: int | None = None, progress: bool = True):
+    def __init__(self, model, tokenizer, *, batch_size: int | None = None, progress: bool = True,
+                 kernels: str = "invariant", prefix_reuse: bool = True, fixed_new_tokens: int | None = None):
         from model.engine import Engine
 
         self.model, self.tokenizer = model, tokenizer
-        self.engine = Engine(model, max_batch=batch_size, progress=progress)
+        self.engine = Engine(model, max_batch=batch_size, progress=progress, invariant=kernels == "invariant",
+                             share_prefix=prefix_reuse)
+        # what decides the numbers besides the weights: the kernels (a CPU is batch-invariant by construction)
+        self.mode = kernels if self.engine.device.type == "cuda" else "cpu"
+        self.fixed_new_tokens = fixed_new_tokens  # benchmarks only: every generation exactly this long
+
+    @property
+    def label(self) -> str:
+        return self.engine.label
+
+    @label.setter
+    def label(self, name: str) -> None:  # names the progress bars (the task)
+        self.engine.label = name
 
     def choice(self, requests: list[ChoiceRequest], on_done: OnDone = None) -> list[ChoiceResponse]:
         def convert(i, r):
@@ -44,6 +59,9 @@ class NativeBackend:
 
     def generate(self, requests: list[GenerateRequest], on_done: OnDone = None) -> list[GenerateResponse]:
         decode = self.tokenizer.decode
+        if self.fixed_new_tokens:  # random weights never stop: fix the work a benchmark measures
+            requests = [dataclasses.replace(r, max_new_tokens=self.fixed_new_tokens, stop=(), stop_ids=())
+                        for r in requests]
 
         def convert(i, g):
             return GenerateResponse(g.tokens, decode(g.tokens), g.finish)

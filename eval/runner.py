@@ -67,6 +67,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per HumanEval program")
     p.add_argument("--samples", type=int, default=1, help="HumanEval samples per task (pass@k for k <= samples)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
+    p.add_argument("--kernels", choices=["invariant", "fast"], default="invariant",
+                   help="GPU kernels of the native backend: batch-invariant (every document's numbers are the same "
+                        "at any batch size, rank count or free memory; the default) or the library kernels (faster, "
+                        "numbers move with the batching)")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="serve every prompt whole instead of computing a shared few-shot prefix once (same numbers "
+                        "with --kernels invariant, slower)")
+    p.add_argument("--fixed-new-tokens", type=int, metavar="N",
+                   help="benchmarks only: generate exactly N tokens per request, ignoring stop rules")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.task = [t for item in args.task for t in item.split(",") if t]
@@ -140,6 +149,7 @@ def run(args) -> int:
     for plan in plans:
         plan.identity = {**identity, "model_name": model_name, "task": plan.task.name, "task_version": plan.task.version,
                          "mode": args.mode, "options": plan.options, "data": stable_hash(plan.data_manifest["files"])}
+        backend.label = plan.task.name  # names the progress bars
         if ranks:
             distributed.execute(plan, backend, ranks, overwrite=args.overwrite, config=vars(args))
         else:
@@ -254,9 +264,12 @@ def _backend(args, model_id: str, tok):
     if args.backend == "hf":
         backend = HFBackend.from_native(model, tok, device_map=args.device_map, **kw)
     else:
-        backend = NativeBackend(model, tok, **kw)
+        backend = NativeBackend(model, tok, kernels=args.kernels, prefix_reuse=not args.no_prefix_reuse,
+                                fixed_new_tokens=args.fixed_new_tokens, **kw)
     a = model.args
     identity = {"model": _fingerprint(ckpt), "backend": args.backend, "dtype": str(next(model.parameters()).dtype),
+                "engine": getattr(backend, "mode", args.backend) + (f", {args.fixed_new_tokens} fixed new tokens"
+                                                                    if args.fixed_new_tokens else ""),
                 "switches": {"dynamic_ntk": a.use_dynamic_ntk, "logn": a.use_logn_attn, "windows": a.windows}}
     return backend, identity
 

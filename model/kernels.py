@@ -34,7 +34,7 @@ def _matmul_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_ak,
     group_m = tl.minimum(grid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % group_m
     pid_n = (pid % width) // group_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M x N can pass 2**31 (LM head)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
@@ -104,6 +104,50 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), D, eps,
                                            BLOCK=triton.next_power_of_2(D), num_warps=8)
     return out.view(x.shape)
+
+
+# ---- elementwise: one fixed formula per element (no compiler choosing fusions per shape) --------------
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, sx_bt, sc_bt, so_bt, D: tl.constexpr):
+    """One (token, head): x * cos + rotate_half(x) * sin in fp32, cast back, as the original."""
+    bt, h = tl.program_id(0), tl.program_id(1)
+    d = tl.arange(0, D)
+    half: tl.constexpr = D // 2
+    x = tl.load(x_ptr + bt * sx_bt + h * D + d).to(tl.float32)
+    partner = tl.load(x_ptr + bt * sx_bt + h * D + (d + half) % D).to(tl.float32)
+    rotated = tl.where(d < half, -partner, partner)
+    cos = tl.load(cos_ptr + bt * sc_bt + d)
+    sin = tl.load(sin_ptr + bt * sc_bt + d)
+    tl.store(out_ptr + bt * so_bt + h * D + d, (x * cos + rotated * sin).to(out_ptr.dtype.element_ty))
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, T, H, D] (last two dims contiguous), cos/sin [B, T, 1, D] fp32."""
+    B, T, H, D = x.shape
+    assert x.stride(3) == 1 and x.stride(2) == D and x.stride(0) == T * x.stride(1)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty(B, T, H, D, dtype=x.dtype, device=x.device)
+    if B * T:
+        _rope_kernel[(B * T, H)](x, cos, sin, out, H, x.stride(1), D, H * D, D=D)
+    return out
+
+
+@triton.jit
+def _swiglu_kernel(up_ptr, gate_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    gate = tl.load(gate_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + offs, mask=offs < n, other=0.0)
+    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)  # SiLU rounded to the model dtype, as eager PyTorch
+    tl.store(out_ptr + offs, (up.to(tl.float32) * act.to(tl.float32)).to(up.dtype), mask=offs < n)
+
+
+def swiglu(up: Tensor, gate: Tensor) -> Tensor:
+    up, gate = up.contiguous(), gate.contiguous()
+    out = torch.empty_like(up)
+    n = up.numel()
+    if n:
+        _swiglu_kernel[(triton.cdiv(n, 1024),)](up, gate, out, n, BLOCK=1024)
+    return out
 
 
 # ---- attention ----------------------------------------------------------------------------------------

@@ -187,6 +187,8 @@ class Linear(nn.Linear):
 
 
 class MLP(nn.Module):
+    invariant = False  # the fixed-formula Triton kernel on a GPU (Qwen.use_impl)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.w1 = Linear(args.dim, args.intermediate_size, bias=False)  # up
@@ -194,6 +196,10 @@ class MLP(nn.Module):
         self.c_proj = Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.invariant and x.is_cuda:
+            from . import kernels
+
+            return self.c_proj(kernels.swiglu(self.w1(x), self.w2(x)))
         return self.c_proj(swiglu(self.w1(x), self.w2(x)))
 
 
@@ -222,8 +228,12 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, inp: LayerInputs, layer: int, kv: CacheView | None, prefix, impl: str) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each [B, T, H, D]
-        q = rope(q, inp.cos, inp.sin)
-        k = rope(k, inp.cos, inp.sin)
+        invariant = impl == "invariant" and x.is_cuda
+        if invariant:
+            from . import kernels
+        rotate = kernels.rope if invariant else rope
+        q = rotate(q, inp.cos, inp.sin)
+        k = rotate(k, inp.cos, inp.sin)
         if inp.q_scale is not None:
             q = q * inp.q_scale.to(q.dtype)
         if kv is not None:
@@ -231,9 +241,7 @@ class Attention(nn.Module):
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         pkv = None if prefix is None else (prefix.k[layer][0], prefix.v[layer][0])
-        if impl == "invariant" and q.is_cuda:
-            from . import kernels
-
+        if invariant:
             y = kernels.attention(q.contiguous(), k, v, inp.key_pos, inp.q_pos, pkv, inp.window, inp.aligned)
             return self.c_proj(y.reshape(B, T, -1))
         y = attention(q.transpose(1, 2), k, v, inp.mask, pkv, inp.prefix_mask, impl)  # [B, H, T, D]
@@ -329,7 +337,7 @@ class Qwen(nn.Module):
             raise ValueError(f"unknown attention implementation {impl!r}")
         self.attn_impl = impl
         for module in self.modules():
-            if isinstance(module, (Linear, RMSNorm)):
+            if isinstance(module, (Linear, RMSNorm, MLP)):
                 module.invariant = impl == "invariant"
         return self
 

@@ -86,3 +86,15 @@ def test_shared_prefix_equals_the_full_prompt(window):
     real = pos[:, P:] >= 0
     reference = _ref_attention(q, k, v, pos, pos, window)[:, P:]
     torch.testing.assert_close(shared[real], reference[real], rtol=1e-5, atol=1e-5)
+
+
+def test_rope_and_swiglu_equal_reference():
+    from model.qwen import rope, swiglu
+
+    qkv = torch.randn(2, 5, 3, H, D)  # a fused projection's q: strided like the model's
+    q = qkv.unbind(2)[0]
+    angles = torch.rand(2, 5, 1, D)
+    cos, sin = angles.cos(), angles.sin()
+    torch.testing.assert_close(kernels.rope(q, cos, sin), rope(q, cos, sin), rtol=1e-6, atol=1e-6)
+    up, gate = torch.randn(3, 7, 40), torch.randn(3, 7, 40)
+    torch.testing.assert_close(kernels.swiglu(up, gate), swiglu(up, gate), rtol=1e-6, atol=1e-6)
