@@ -11,6 +11,7 @@ one GPU the same weights run through:
 - triton: the default GPU path (fused kernel up to FUSED_MAX_ROWS rows, dequantize + cuBLAS above);
 - triton-fused: the fused kernel for every row count (prefill too), so that NLL exercises it;
 - tinygemm: PyTorch's int4 kernel (its own rounding of scales and weights to bf16).
+Controls: the reference twice, and with 8 instead of 16 decode rows (same function, other cuBLAS kernels).
 Per variant: per-sample NLL of 100 samples of 256 tokens (the context it was trained at) against the
 reference, and greedy 64-token continuations of 100 prompts (64 tokens each, at most 16 rows per decode
 batch so that decoding takes the fused kernel) identical to the reference's. Targets (issue 19): every
@@ -127,8 +128,8 @@ def samples(tok, papers: Path) -> tuple[list[list[int]], list[list[int]]]:
     return nll, prompts
 
 
-def run_variant(model, nll_samples, prompts) -> dict:
-    engine = Engine(model, progress=False, max_batch=DECODE_ROWS)
+def run_variant(model, nll_samples, prompts, rows: int = DECODE_ROWS) -> dict:
+    engine = Engine(model, progress=False, max_batch=rows)
     start = time.perf_counter()
     nll = [n for n, _ in engine.loglikelihood(nll_samples)]
     tokens = [g.tokens for g in engine.generate(prompts, [NEW_TOKENS] * len(prompts), [[]] * len(prompts))]
@@ -162,17 +163,24 @@ def main():
     result["layers"] = layer_checks(model)
     print(json.dumps(result["layers"], indent=1), flush=True)
     runs = {"reference": run_variant(model, nll_samples, prompts)}
+    # controls: the reference again (the engine is deterministic), and with batches of 8 rows (the same
+    # function through other cuBLAS kernels: how often bf16 summation order alone changes a continuation)
+    runs["reference again"] = run_variant(model, nll_samples, prompts)
+    runs["reference, 8 rows"] = run_variant(model, nll_samples, prompts, rows=8)
     set_kernel(model, "triton")
     runs["triton"] = run_variant(model, nll_samples, prompts)
+    runs["triton, 8 rows"] = run_variant(model, nll_samples, prompts, rows=8)
     default_rows, gptq.FUSED_MAX_ROWS = gptq.FUSED_MAX_ROWS, 1 << 30
     runs["triton-fused"] = run_variant(model, nll_samples, prompts)
     gptq.FUSED_MAX_ROWS = default_rows
     set_kernel(model, "tinygemm")
     runs["tinygemm"] = run_variant(model, nll_samples, prompts)
     result["reference mean NLL"] = sum(runs["reference"]["nll"]) / (N_SAMPLES * (SAMPLE_LEN - 1))
-    for name in ("triton", "triton-fused", "tinygemm"):
+    for name in ("reference again", "reference, 8 rows", "triton", "triton-fused", "tinygemm"):
         result[name] = compare(runs[name], runs["reference"])
         print(name, {k: v for k, v in result[name].items() if "position" not in k}, flush=True)
+    result["triton, 8 rows vs triton"] = compare(runs["triton, 8 rows"], runs["triton"])
+    print("triton, 8 rows vs triton", result["triton, 8 rows vs triton"], flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
 
 

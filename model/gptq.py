@@ -41,7 +41,7 @@ QUANTIZED = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")  # 
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 ZERO_OFFSET = 1  # the "gptq" format stores zero - 1
 INT4MM_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes tinygemm is built for
-FUSED_MAX_ROWS = 64  # more rows: dequantize + cuBLAS is faster than the fused kernel (bench/bench_int4.py)
+FUSED_MAX_ROWS = 32  # more rows: dequantize + cuBLAS is faster than the fused kernel (bench/RESULTS.md, Int4)
 
 
 class QuantizationError(ConfigError):
