@@ -204,23 +204,15 @@ def row_sweep(desc_act: bool, sweep_rows: tuple[int, ...]) -> dict:
         codes, scale_zero, _ = gptq.int4mm_operands(layer)
         packed = torch._convert_weight_to_int4pack(gptq.pack_nibble_pairs(codes), 8)
         scale_zero = scale_zero.to(torch.bfloat16)
-        reference_w = layer.dequantize().to(torch.bfloat16)
         matmul = gptq.gptq_triton.gptq_matmul
         rows = []
         for m in sweep_rows:
             x = torch.randn(m, k, dtype=torch.bfloat16, device=DEVICE, generator=gen)
             row = {"rows": m, "bf16_ms": time_ms(lambda: F.linear(x, weight)),
                    "triton_fused_ms": time_ms(lambda: matmul(x, *tensors)),
-                   "triton_tensor_core_ms": time_ms(lambda: matmul(x, *tensors, gemv_max_rows=0)),
                    "dequantize_cublas_ms": time_ms(
                        lambda: F.linear(x, gptq.gptq_triton.gptq_dequantize(*tensors, torch.bfloat16).t())),
                    "tinygemm_ms": time_ms(lambda: torch._weight_int4pack_mm(x, packed, GROUP_SIZE, scale_zero))}
-            if m <= 4 and not desc_act:  # the one-row kernel (plain multiply-adds): column tiles, exactness
-                for block_n in (64, 128, 256):
-                    row[f"triton_gemv_block_n{block_n}_ms"] = time_ms(
-                        lambda: matmul(x, *tensors, block_n=block_n, gemv_max_rows=m))
-                row["triton_gemv_outputs_equal_reference"] = float(
-                    (matmul(x, *tensors, gemv_max_rows=m) == F.linear(x, reference_w)).float().mean())
             rows.append({key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()})
             print(name, rows[-1], flush=True)
         out[name] = rows

@@ -3,10 +3,9 @@
 Both compute the reference weight exactly: W[k, n] = (code - zero) * scale in fp32 (exact: a 5-bit integer
 times an fp16 scale), rounded once to the activation dtype, as `GPTQLinear.dequantize().to(dtype)` does.
 - `gptq_matmul`: x [M, K] @ W -> [M, N] for few rows (decoding). Each program unpacks a [BLOCK_K, BLOCK_N]
-  tile once and multiplies it on the tensor cores with fp32 accumulation (one row: `_gemv_kernel`, plain
-  multiply-adds); K is split over programs whose fp32 partial sums are added by one `sum` (no atomics: the
-  same inputs give the same bits). The split depends on the layer's shape only, so from 2 rows on a row's
-  result does not depend on how many rows share the call.
+  tile once and multiplies it on the tensor cores with fp32 accumulation; K is split over SPLIT_K programs
+  whose fp32 partial sums are added by one `sum` (no atomics: the same inputs give the same bits). SPLIT_K
+  depends on the layer's shape only, so a row's result does not depend on how many rows share the call.
 - `gptq_dequantize`: W as a dense [K, N] tensor, for prefill, where cuBLAS on the dense weight is faster.
 So the fused product differs from the reference only in the order of its fp32 additions.
 """
@@ -18,7 +17,6 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_M = 16  # the smallest tensor-core tile; decoding batches are at most a few tiles
-GEMV_MAX_ROWS = 1  # up to this many rows (in-order groups), `_gemv_kernel` instead (bench/bench_int4.py)
 PROGRAMS_PER_SM = 4  # enough loads in flight per multiprocessor to keep HBM busy
 
 
@@ -68,35 +66,6 @@ def _matmul_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, partia
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, partial_ptr, M, N, K, stride_xm,
-                 TILES_PER_SPLIT: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """One row per program, multiply-adds on the CUDA cores: no tile to convert into a tensor-core layout,
-    which is what the one-row case pays for in `_matmul_kernel`. Groups in input order only."""
-    pid_n, row, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    word_rows = tl.arange(0, BLOCK_K // 8)
-    zero_shift = (offs_n % 8) * 4
-    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-    for i in range(0, TILES_PER_SPLIT):
-        k_start = (pid_k * TILES_PER_SPLIT + i) * BLOCK_K
-        if k_start < K:
-            words = tl.load(qweight_ptr + (k_start // 8 + word_rows)[:, None] * N + offs_n[None, :],
-                            mask=mask_n[None, :], other=0)
-            group = k_start // GROUP_SIZE
-            scale = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            zword = tl.load(qzeros_ptr + group * (N // 8) + offs_n // 8, mask=mask_n, other=0)
-            zero = (((zword >> zero_shift) & 0xF) + 1)[None, :]
-            for j in tl.static_range(8):  # input channels k_start + 8r + j: nibble j of word row r
-                x = tl.load(x_ptr + row * stride_xm + k_start + word_rows * 8 + j).to(tl.float32)
-                exact = (((words >> (4 * j)) & 0xF) - zero).to(tl.float32) * scale
-                w = exact.to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-                acc += w * x[:, None]  # exact products (8-bit by 8-bit significands), fp32 sums
-    tl.store(partial_ptr + pid_k * M * N + row * N + offs_n, tl.sum(acc, axis=0), mask=mask_n)
-
-
-@triton.jit
 def _dequantize_kernel(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, out_ptr, N,
                        GROUP_SIZE: tl.constexpr, ACT_ORDER: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
@@ -126,27 +95,21 @@ def split_k(n: int, k_tiles: int, block_n: int, device: torch.device) -> int:
 
 
 def gptq_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor, group_size: int,
-                act_order: bool, bias: Tensor | None = None, block_n: int | None = None,
-                gemv_max_rows: int | None = None) -> Tensor:
+                act_order: bool, bias: Tensor | None = None, block_n: int = 64, num_warps: int = 4,
+                num_stages: int = 3) -> Tensor:
     """x [M, K] (bf16 or fp16, contiguous rows) @ W + bias -> [M, N] in x's dtype; bias added in fp32."""
     m, k = x.shape
     n = qweight.shape[1]
     bk = block_k(k, group_size, act_order)
     k_tiles = k // bk
-    gemv = not act_order and m <= (GEMV_MAX_ROWS if gemv_max_rows is None else gemv_max_rows)
-    block_n = block_n or (128 if gemv else 64)
     splits = split_k(n, k_tiles, block_n, x.device)
     tiles_per_split = triton.cdiv(k_tiles, splits)
     splits = triton.cdiv(k_tiles, tiles_per_split)  # no empty split
     partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    if gemv:
-        _gemv_kernel[(triton.cdiv(n, block_n), m, splits)](
-            x, qweight, scales, qzeros, partial, m, n, k, x.stride(0), tiles_per_split,
-            GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=bk)
-    else:
-        _matmul_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, BLOCK_M), splits)](
-            x, qweight, scales, qzeros, g_idx, partial, m, n, k, x.stride(0), tiles_per_split,
-            GROUP_SIZE=group_size, ACT_ORDER=act_order, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=bk)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, BLOCK_M), splits)
+    _matmul_kernel[grid](x, qweight, scales, qzeros, g_idx, partial, m, n, k, x.stride(0), tiles_per_split,
+                         GROUP_SIZE=group_size, ACT_ORDER=act_order, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
+                         BLOCK_K=bk, num_warps=num_warps, num_stages=num_stages)
     y = partial[0] if splits == 1 else partial.sum(0)
     if bias is not None:
         y = y + bias.float()
