@@ -105,7 +105,7 @@ def pack_int4(values: Tensor, dim: int) -> Tensor:
 
 
 class GPTQLinear(nn.Module):
-    """y = x W^T + b with W held as GPTQ codes; `repack_for_int4mm` moves a CUDA layer to the fused kernel."""
+    """y = x W^T + b with W held as GPTQ codes; `use_int4mm` moves a CUDA layer to a GPU kernel."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, desc_act: bool):
         super().__init__()
@@ -216,7 +216,7 @@ def tinygemm_weight(codes: Tensor, scale_zero: Tensor, group_size: int) -> Tenso
     """W [N, K] in bf16 exactly as tinygemm's CUDA kernel forms it from `int4mm_operands`: scale and zero
     rounded to bf16, then one bf16 fma per weight (`__hfma2((code - 8), scale, zero)`, rounded once).
     The fp32 arithmetic below is exact (a 4-bit integer times an 8-bit significand, plus a zero of at most
-    16 scales), so its one rounding to bf16 is the fma's. PyTorch's CPU build of the kernel skips that
+    8 scales), so its one rounding to bf16 is the fma's. PyTorch's CPU build of the kernel skips that
     rounding (its weight stays fp32), so only the GPU shows it."""
     scale_zero = scale_zero.to(torch.bfloat16).float().repeat_interleave(group_size, dim=0)  # [K, N, 2]
     w = (codes.t() - 8).float() * scale_zero[..., 0] + scale_zero[..., 1]
