@@ -10,10 +10,15 @@ so W[n, k] = scales[g, n] * (code[k, n] - (stored_zero[g, n] + 1)) with g = g_id
 QuantLinear.pack stores `zeros - 1` and its dequantization adds the 1 back (the "gptq" checkpoint format;
 "gptq_v2" stores the zero itself and is refused). Embeddings, norms and the LM head stay in floating point.
 
-Two matrix products. The reference (CPU, and any layer the fused kernel cannot take) dequantizes one
-layer's weight inside its forward, in fp32 (exact), and runs a plain product. On a CUDA GPU the codes are
-repacked once at load time for PyTorch's fused int4 kernel (tinygemm, `torch._weight_int4pack_mm`), which
-never forms the weight; the GPTQ copy is then dropped, so only one 4-bit copy stays on the device.
+Matrix products. The reference (CPU, and any layer no GPU kernel takes) dequantizes one layer's weight
+inside its forward, in fp32 (exact), rounds it once to the activation dtype and runs a plain product. On a
+CUDA GPU, `use_int4mm` moves layers to Triton kernels that read the stored tensors as they are
+(gptq_triton.py): up to FUSED_MAX_ROWS rows a fused kernel that never forms the weight (decoding), above
+that the same dequantization into a dense weight for cuBLAS (prefill). Both compute the reference's
+rounded weight exactly, so the GPU differs from the reference only in the order of fp32 additions.
+PyTorch's own int4 kernel (tinygemm, `torch._weight_int4pack_mm`) is kept as the fallback where Triton is
+missing; it computes a slightly different function (bf16 scales, a bf16 zero, a second rounding): see
+`tinygemm_weight` and EVALUATION.md, "Int4".
 """
 from __future__ import annotations
 
@@ -27,10 +32,16 @@ from torch import Tensor, nn
 
 from .config import ConfigError
 
+try:  # the Triton kernels; absent on CPU-only installs, where every layer uses the reference
+    from . import gptq_triton
+except ImportError:
+    gptq_triton = None
+
 QUANTIZED = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")  # in every block
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 ZERO_OFFSET = 1  # the "gptq" format stores zero - 1
-INT4MM_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the fused kernel is built for
+INT4MM_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes tinygemm is built for
+FUSED_MAX_ROWS = 32  # more rows: dequantize + cuBLAS is faster than the fused kernel (bench/RESULTS.md, Int4)
 
 
 class QuantizationError(ConfigError):
@@ -94,7 +105,7 @@ def pack_int4(values: Tensor, dim: int) -> Tensor:
 
 
 class GPTQLinear(nn.Module):
-    """y = x W^T + b with W held as GPTQ codes; `repack_for_int4mm` moves a CUDA layer to the fused kernel."""
+    """y = x W^T + b with W held as GPTQ codes; `use_int4mm` moves a CUDA layer to a GPU kernel."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int, desc_act: bool):
         super().__init__()
@@ -106,10 +117,16 @@ class GPTQLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.register_parameter("bias", nn.Parameter(torch.zeros(out_features)) if bias else None)
-        self.fused = False
+        self.kernel: str | None = None  # "triton" or "tinygemm" once `use_int4mm` moved it to a GPU kernel
+
+    @property
+    def fused(self) -> bool:
+        return self.kernel is not None
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_cuda and self.fused:
+        if x.is_cuda and self.kernel == "triton" and x.dtype in (torch.bfloat16, torch.float16):
+            return self._forward_triton(x)
+        if x.is_cuda and self.kernel == "tinygemm":
             return self._forward_int4mm(x)
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
 
@@ -128,10 +145,25 @@ class GPTQLinear(nn.Module):
         if not self.desc_act and not torch.equal(g_idx.long(), in_order):  # AutoGPTQ would ignore g_idx here
             raise QuantizationError(f"{where}: groups are not in input order although desc_act is false")
 
-    # ---- the fused GPU path -------------------------------------------------------------------
+    # ---- the Triton GPU path ------------------------------------------------------------------
+    def fits_triton(self) -> bool:
+        if not self.qweight.is_cuda or gptq_triton is None:
+            return False
+        return gptq_triton.block_k(self.in_features, self.group_size, self.desc_act) is not None
+
+    def _forward_triton(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features).contiguous()
+        tensors = (self.qweight, self.scales, self.qzeros, self.g_idx, self.group_size, self.desc_act)
+        if rows.shape[0] <= FUSED_MAX_ROWS:
+            y = gptq_triton.gptq_matmul(rows, *tensors, bias=self.bias)
+        else:  # [K, N] transposed, the same operand layout as the reference's dequantize().t()
+            y = F.linear(rows, gptq_triton.gptq_dequantize(*tensors, dtype=x.dtype).t(), self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    # ---- the tinygemm GPU path (PyTorch's own int4 kernel) ------------------------------------
     def fits_int4mm(self) -> bool:
-        """The fused kernel needs an sm80+ GPU, one of its group sizes and groups of equal size (K, N
-        are multiples of 32 and 8 already: the group size and the GPTQ packing see to that)."""
+        """tinygemm needs an sm80+ GPU, one of its group sizes and groups of equal size (K, N are
+        multiples of 32 and 8 already: the group size and the GPTQ packing see to that)."""
         if not self.qweight.is_cuda or torch.cuda.get_device_capability(self.qweight.device) < (8, 0):
             return False
         sizes = torch.bincount(self.g_idx.long(), minlength=self.in_features // self.group_size)
@@ -147,7 +179,7 @@ class GPTQLinear(nn.Module):
         self.register_buffer("int4_weight", packed)
         self.register_buffer("int4_scale_zero", scale_zero.to(torch.bfloat16))
         self.register_buffer("input_order", order)
-        self.fused = True
+        self.kernel = "tinygemm"
 
     def _forward_int4mm(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -160,11 +192,13 @@ class GPTQLinear(nn.Module):
 
 
 def int4mm_operands(layer: GPTQLinear) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The layer as the fused kernel computes it: codes [N, K], scale-and-zero [G, N, 2] fp32, input order.
+    """The layer in tinygemm's terms: codes [N, K], scale-and-zero [G, N, 2] fp32, input order.
 
     The kernel reads W[n, k] = (code - 8) * scale + zero over groups of consecutive k, so GPTQ's
-    (code - z) * scale becomes zero = (8 - z) * scale. Act-order layers get their input channels sorted
-    by group; the input is permuted the same way (`order`, None when already in order).
+    (code - z) * scale becomes zero = (8 - z) * scale, computed exactly in fp32 from the fp16 scale.
+    (Folding the bf16-rounded scale instead would multiply the scale's rounding by |code - z| <= 15
+    rather than |code - 8| <= 8.) Act-order layers get their input channels sorted by group; the input
+    is permuted the same way (`order`, None when already in order).
     """
     codes = unpack_int4(layer.qweight, dim=0)  # [K, N]
     zeros = unpack_int4(layer.qzeros, dim=1) + ZERO_OFFSET  # [G, N]
@@ -176,6 +210,17 @@ def int4mm_operands(layer: GPTQLinear) -> tuple[Tensor, Tensor, Tensor | None]:
         codes = codes[order]
     scale_zero = torch.stack([scales, (8 - zeros).float() * scales], dim=-1)
     return codes.t().contiguous(), scale_zero, order
+
+
+def tinygemm_weight(codes: Tensor, scale_zero: Tensor, group_size: int) -> Tensor:
+    """W [N, K] in bf16 exactly as tinygemm's CUDA kernel forms it from `int4mm_operands`: scale and zero
+    rounded to bf16, then one bf16 fma per weight (`__hfma2((code - 8), scale, zero)`, rounded once).
+    The fp32 arithmetic below is exact (a 4-bit integer times an 8-bit significand, plus a zero of at most
+    8 scales), so its one rounding to bf16 is the fma's. PyTorch's CPU build of the kernel skips that
+    rounding (its weight stays fp32), so only the GPU shows it."""
+    scale_zero = scale_zero.to(torch.bfloat16).float().repeat_interleave(group_size, dim=0)  # [K, N, 2]
+    w = (codes.t() - 8).float() * scale_zero[..., 0] + scale_zero[..., 1]
+    return w.to(torch.bfloat16).t()
 
 
 def pack_nibble_pairs(codes: Tensor) -> Tensor:
@@ -224,9 +269,18 @@ def assign(model: nn.Module, name: str, tensor: Tensor, device, source: Path) ->
     setattr(layer, attr, tensor.to(device))
 
 
-def use_int4mm(model: nn.Module) -> int:
-    """Repack every GPTQ layer on a CUDA GPU that the fused kernel can take; the number repacked."""
-    layers = [m for m in model.modules() if isinstance(m, GPTQLinear) and not m.fused and m.fits_int4mm()]
-    for layer in layers:
-        layer.repack_for_int4mm()
-    return len(layers)
+def use_int4mm(model: nn.Module, kernel: str = "triton") -> int:
+    """Move every GPTQ layer on a CUDA GPU to a GPU kernel: Triton where it is installed and takes the
+    layer, else tinygemm where it does (`kernel="tinygemm"`: tinygemm first); the number moved."""
+    moved = 0
+    for layer in model.modules():
+        if not isinstance(layer, GPTQLinear) or layer.fused:
+            continue
+        if kernel == "triton" and layer.fits_triton():
+            layer.kernel = "triton"
+        elif layer.fits_int4mm():
+            layer.repack_for_int4mm()
+        else:
+            continue
+        moved += 1
+    return moved

@@ -15,7 +15,7 @@ from checkpoints import tiny_model, v11_config, vocab_file
 from model import ModelLoadError, Qwen, load_model
 from model.engine import Engine
 from model.gptq import (QUANTIZED, GPTQLinear, QuantizationError, int4mm_operands, pack_int4, pack_nibble_pairs,
-                        unpack_int4)
+                        tinygemm_weight, unpack_int4)
 
 torch.set_grad_enabled(False)
 GROUP_SIZE = 32
@@ -50,6 +50,57 @@ def test_fused_kernel_byte_layout_by_hand():
     (the layout of torch's own int4 tests, `_group_quantize_tensor`)."""
     codes = torch.tensor([[1, 2, 3, 4], [15, 0, 0, 15]], dtype=torch.int32)
     assert pack_nibble_pairs(codes).tolist() == [[0x12, 0x34], [0xF0, 0x0F]]
+
+
+def _one_group_layer(code: int, stored_zero: int, scale: float) -> GPTQLinear:
+    """8 outputs, one group of 32 inputs, every code `code`."""
+    layer = GPTQLinear(32, 8, bias=False, group_size=32, desc_act=False)
+    layer.qweight = pack_int4(torch.full((32, 8), code), dim=0)
+    layer.qzeros = pack_int4(torch.full((1, 8), stored_zero), dim=1)
+    layer.scales = torch.full((1, 8), scale, dtype=torch.float16)
+    layer.g_idx = torch.zeros(32, dtype=torch.int32)
+    return layer
+
+
+def test_tinygemm_arithmetic_by_hand():
+    """tinygemm (CUDA) rounds scale and folded zero to bf16, then forms each weight with one bf16 fma:
+    W = bf16((code - 8) * bf16(scale) + bf16((8 - z) * scale)). `tinygemm_weight` matched the kernel bit for
+    bit on an H200 (bench/RESULTS.md, Int4); here its roundings are pinned by hand. bf16 steps are 2^-5
+    in [4, 8), and the fp16 scale 1 + 2^-8 + 2^-10 rounds up to the bf16 1 + 2^-7."""
+    scale = 1 + 2**-8 + 2**-10
+    # symmetric (zero 8, stored 7), code 15: GPTQ's weight 7 * scale = 7.0341796875; the reference rounds it
+    # once to 7.03125, tinygemm gets 7 * 1.0078125 = 7.0546875 -> 7.0625: one bf16 step apart
+    layer = _one_group_layer(15, stored_zero=7, scale=scale)
+    assert layer.dequantize()[0, 0].item() == 7 * scale
+    assert layer.dequantize().to(torch.bfloat16)[0, 0].item() == 7.03125
+    assert tinygemm_weight(*int4mm_operands(layer)[:2], 32)[0, 0].item() == 7.0625
+    # asymmetric zero 3 (stored 2), code 3: GPTQ's weight is exactly 0; the folded zero 5 * scale = 5.0244...
+    # rounds to 5.03125, and -5 * 1.0078125 + 5.03125 = -2^-7: tinygemm's weight is not 0
+    layer = _one_group_layer(3, stored_zero=2, scale=scale)
+    assert layer.dequantize()[0, 0].item() == 0.0
+    assert tinygemm_weight(*int4mm_operands(layer)[:2], 32)[0, 0].item() == -2**-7
+
+
+def test_tinygemm_weight_error_bound():
+    """The bound EVALUATION.md states, on random asymmetric layers: with u = 2^-8 (bf16's unit roundoff),
+    |W_tinygemm - W| <= e + u (|W| + e), e = u * scale * (|code - 8| + |8 - z|). A wrong zero-point
+    convention (say zero = (z - 8) * scale, or z without GPTQ's +1) breaks it by whole scales."""
+    gen = torch.Generator().manual_seed(5)
+    k, n, group = 256, 64, 64
+    layer = GPTQLinear(k, n, bias=False, group_size=group, desc_act=False)
+    codes = torch.randint(0, 16, (k, n), generator=gen)
+    stored = torch.randint(0, 15, (k // group, n), generator=gen)
+    layer.qweight, layer.qzeros = pack_int4(codes, dim=0), pack_int4(stored, dim=1)
+    layer.scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 1e-3).half()
+    layer.g_idx = (torch.arange(k) // group).to(torch.int32)
+    exact = layer.dequantize().double()  # [N, K]
+    fused = tinygemm_weight(*int4mm_operands(layer)[:2], group).double()
+    u = 2.0**-8
+    scale = layer.scales.double().repeat_interleave(group, 0).t()
+    zero = (stored + 1).double().repeat_interleave(group, 0).t()
+    e = u * scale * ((codes.t() - 8).abs() + (8 - zero).abs())
+    assert ((fused - exact).abs() <= e + u * (exact.abs() + e)).all()
+    assert (fused != exact.to(torch.bfloat16).double()).any()  # and it is not the reference's rounding
 
 
 # ---- a tiny checkpoint, quantized and packed here -------------------------------------------------
