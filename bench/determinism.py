@@ -45,6 +45,11 @@ def build_model(args: ModelArgs) -> Qwen:
     return init_weights(model, std=0.02, seed=0).eval()
 
 
+# (BLOCK_M, BLOCK_N, warps, stages): other tilings of the same K order, timed beside the chosen ones
+CANDIDATE_TILES = [(64, 32, 4, 4), (64, 64, 4, 4), (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 8, 4),
+                   (128, 256, 8, 4), (256, 128, 8, 3)]
+
+
 # ---- kernels -----------------------------------------------------------------------------------------
 def check_kernels(rows: list) -> None:
     """Bits across matmul tiles and across prefix sharing; matmul speed against cuBLAS."""
@@ -53,17 +58,19 @@ def check_kernels(rows: list) -> None:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
         x = torch.randn(4096, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         outs = {tile: kernels.matmul(x, w, tile=tile) for tile in
-                {kernels.matmul_tile(1), kernels.matmul_tile(100), kernels.matmul_tile(4096)}}
+                {kernels.matmul_tile(1), kernels.matmul_tile(100), kernels.matmul_tile(4096), *CANDIDATE_TILES}}
         first = next(iter(outs.values()))
         same = all(torch.equal(o, first) for o in outs.values())
         alone = all(torch.equal(kernels.matmul(x[i:i + m], w), first[i:i + m]) for i, m in ((0, 1), (5, 3), (64, 200)))
         for m in (1, 64, 256, 2048, 16384):
             xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-            t_tri = _bench(lambda: kernels.matmul(xm, w))
             t_lib = _bench(lambda: torch.nn.functional.linear(xm, w))
+            tiles = {str(t): round(_bench(lambda: kernels.matmul(xm, w, tile=t)) * 1e3, 3) for t in CANDIDATE_TILES
+                     if m > 64 or t[0] == 64}
+            t_tri = _bench(lambda: kernels.matmul(xm, w))
             rows.append({"part": "matmul", "n": n, "k": k, "m": m, "tiles_same_bits": same, "rows_alone_same_bits": alone,
                          "triton_ms": round(t_tri * 1e3, 3), "cublas_ms": round(t_lib * 1e3, 3),
-                         "triton_tflops": round(2 * m * n * k / t_tri / 1e12, 1)})
+                         "triton_tflops": round(2 * m * n * k / t_tri / 1e12, 1), "candidate_ms": tiles})
             print(rows[-1], flush=True)
     H, D, P = 32, 128, 900
     q = torch.randn(8, P + 200, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -143,6 +150,8 @@ def generate_records(model, reqs, way: Way, new_tokens: int):
 
 
 def compare_ways(name, ways, serve, rows):
+    for kernels_invariant in (True, False):  # compile and autotune outside the timed runs
+        serve(Way("warm-up", invariant=kernels_invariant, limit=64))
     reference_s, reference = serve(ways[0])
     rows.append({"part": name, "way": ways[0].name, "docs": len(reference), "differ": 0, "seconds": round(reference_s, 1)})
     print(rows[-1], flush=True)
