@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from eval.backends import NativeBackend, profile  # noqa: E402
 from eval.tasks import profile as profile_task  # noqa: E402
 from model import ModelArgs, Qwen, QwenTokenizer, init_weights  # noqa: E402
-from model import gptq  # noqa: E402
+from model import gptq, gptq_triton  # noqa: E402
 from model.engine import Engine  # noqa: E402
 
 torch.set_grad_enabled(False)
@@ -146,14 +146,14 @@ def check_layers(model: Qwen) -> dict:
         reference_w = layer.dequantize().to(torch.bfloat16)
         tensors = (layer.qweight, layer.scales, layer.qzeros, layer.g_idx, layer.group_size, layer.desc_act)
         row = {"triton dequantize bit for bit": torch.equal(
-            gptq.gptq_triton.gptq_dequantize(*tensors, torch.bfloat16), reference_w.t())}
+            gptq_triton.gptq_dequantize(*tensors, torch.bfloat16), reference_w.t())}
         codes, scale_zero, order = gptq.int4mm_operands(layer)
         emulated_w = gptq.tinygemm_weight(codes, scale_zero, layer.group_size)
         packed = torch._convert_weight_to_int4pack(gptq.pack_nibble_pairs(codes), 8)
         for rows in (1, 16):
             x = torch.randn(rows, layer.in_features, device=DEVICE, generator=gen, dtype=torch.bfloat16)
             reference = F.linear(x, reference_w)
-            fused = gptq.gptq_triton.gptq_matmul(x, *tensors)
+            fused = gptq_triton.gptq_matmul(x, *tensors)
             x_sorted = x if order is None else x[:, order].contiguous()
             tiny = torch._weight_int4pack_mm(x_sorted, packed, layer.group_size, scale_zero.to(torch.bfloat16))
             row[f"{rows} rows"] = {"triton vs reference": relative_error(fused, reference),
@@ -204,14 +204,14 @@ def row_sweep(desc_act: bool, sweep_rows: tuple[int, ...]) -> dict:
         codes, scale_zero, _ = gptq.int4mm_operands(layer)
         packed = torch._convert_weight_to_int4pack(gptq.pack_nibble_pairs(codes), 8)
         scale_zero = scale_zero.to(torch.bfloat16)
-        matmul = gptq.gptq_triton.gptq_matmul
+        matmul = gptq_triton.gptq_matmul
         rows = []
         for m in sweep_rows:
             x = torch.randn(m, k, dtype=torch.bfloat16, device=DEVICE, generator=gen)
             row = {"rows": m, "bf16_ms": time_ms(lambda: F.linear(x, weight)),
                    "triton_fused_ms": time_ms(lambda: matmul(x, *tensors)),
                    "dequantize_cublas_ms": time_ms(
-                       lambda: F.linear(x, gptq.gptq_triton.gptq_dequantize(*tensors, torch.bfloat16).t())),
+                       lambda: F.linear(x, gptq_triton.gptq_dequantize(*tensors, torch.bfloat16).t())),
                    "tinygemm_ms": time_ms(lambda: torch._weight_int4pack_mm(x, packed, GROUP_SIZE, scale_zero))}
             rows.append({key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()})
             print(name, rows[-1], flush=True)

@@ -32,10 +32,16 @@ from torch import Tensor, nn
 
 from .config import ConfigError
 
-try:  # the Triton kernels; absent on CPU-only installs, where every layer uses the reference
-    from . import gptq_triton
-except ImportError:
-    gptq_triton = None
+
+
+def _triton_kernels():
+    """model/gptq_triton.py, imported on first use on a GPU (Triton is absent from CPU-only installs,
+    and importing it early would fix Triton's mode before a test can choose its interpreter)."""
+    try:
+        from . import gptq_triton
+    except ImportError:
+        return None
+    return gptq_triton
 
 QUANTIZED = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")  # in every block
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
@@ -147,11 +153,13 @@ class GPTQLinear(nn.Module):
 
     # ---- the Triton GPU path ------------------------------------------------------------------
     def fits_triton(self) -> bool:
-        if not self.qweight.is_cuda or gptq_triton is None:
+        gptq_triton = _triton_kernels() if self.qweight.is_cuda else None
+        if gptq_triton is None:
             return False
         return gptq_triton.block_k(self.in_features, self.group_size, self.desc_act) is not None
 
     def _forward_triton(self, x: Tensor) -> Tensor:
+        gptq_triton = _triton_kernels()
         rows = x.reshape(-1, self.in_features).contiguous()
         tensors = (self.qweight, self.scales, self.qzeros, self.g_idx, self.group_size, self.desc_act)
         if rows.shape[0] <= FUSED_MAX_ROWS:

@@ -154,7 +154,8 @@ def swiglu(up: Tensor, gate: Tensor) -> Tensor:
 @triton.jit(do_not_specialize=["T", "S", "P", "window"])  # one compiled kernel for every length
 def _attention_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, pk_ptr, pv_ptr, qpos_ptr, out_ptr,
                       T, S, P, H, scale, window,
-                      sq_b, sq_t, sq_h, sk_b, sk_h, sk_s, skp_b, spk_h, spk_p, sqp_b, so_b, so_t, so_h,
+                      sq_b, sq_t, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, skp_b, spk_h, spk_p, spv_h, spv_p,
+                      sqp_b, so_b, so_t, so_h,
                       ALIGNED: tl.constexpr, IEEE: tl.constexpr, D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (row, head, query block): online softmax over logical keys [0, P + S) in aligned blocks."""
@@ -194,8 +195,8 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, pk_ptr, pv_ptr, qpos_ptr, o
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_pre = tl.load(pv_ptr + h * spk_h + j[:, None] * spk_p + offs_d[None, :], mask=in_prefix[:, None], other=0.0)
-        v_own = tl.load(v_ptr + b * sk_b + h * sk_h + own[:, None] * sk_s + offs_d[None, :], mask=own_ok[:, None], other=0.0)
+        v_pre = tl.load(pv_ptr + h * spv_h + j[:, None] * spv_p + offs_d[None, :], mask=in_prefix[:, None], other=0.0)
+        v_own = tl.load(v_ptr + b * sv_b + h * sv_h + own[:, None] * sv_s + offs_d[None, :], mask=own_ok[:, None], other=0.0)
         v = tl.where(in_prefix[:, None], v_pre, v_own)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -223,12 +224,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Tensor, p
     else:
         pk, pv = prefix_kv
         P = pk.shape[1]
-    assert k.stride(-1) == 1 and pk.stride(-1) == 1 and q.stride(-1) == 1
+    assert k.stride(-1) == v.stride(-1) == pk.stride(-1) == pv.stride(-1) == q.stride(-1) == 1
     out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(T, block_m), B * H)
     _attention_kernel[grid](q, k, v, key_pos, pk, pv, q_pos, out, T, S, P, H, D ** -0.5, window or 0,
                             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                            key_pos.stride(0), pk.stride(0), pk.stride(1), q_pos.stride(0),
+                            v.stride(0), v.stride(1), v.stride(2), key_pos.stride(0), pk.stride(0), pk.stride(1),
+                            pv.stride(0), pv.stride(1), q_pos.stride(0),
                             out.stride(0), out.stride(1), out.stride(2),
                             ALIGNED=aligned, IEEE=q.dtype == torch.float32, D=D, BLOCK_M=block_m,
                             BLOCK_N=ATTN_BLOCK_N, num_warps=4, num_stages=2)

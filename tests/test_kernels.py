@@ -42,10 +42,12 @@ def test_rms_norm_equals_reference():
 
 
 def _prompt_batch(lengths, start=0, seed=0):
-    """Right-padded fresh keys: q [B, T, H, D], k/v [B, H, T, D], positions [B, T] from `start`."""
+    """Right-padded fresh keys laid out as the model's: q [B, T, H, D]; k [B, H, T, D] (a rotated copy)
+    and v (a view into the fused projection, other strides than k); positions [B, T] from `start`."""
     gen = torch.Generator().manual_seed(seed)
     B, T = len(lengths), max(lengths)
-    q, k, v = (torch.randn(B, T, H, D, generator=gen) for _ in range(3))
+    q, k, v = torch.randn(B, T, 3, H, D, generator=gen).unbind(2)
+    q, k = q.contiguous(), k.contiguous()
     pos = torch.full((B, T), -1)
     for row, n in enumerate(lengths):
         pos[row, :n] = torch.arange(start, start + n)
