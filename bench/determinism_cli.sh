@@ -24,9 +24,7 @@ run() {  # name, then the launcher and its flags
 mkdir -p "$OUT"
 run auto python3 eval/runner.py
 run batch1 python3 eval/runner.py --batch-size 1
-run batch7 python3 eval/runner.py --batch-size 7
 run whole python3 eval/runner.py --no-prefix-reuse
-run fast python3 eval/runner.py --kernels fast
 if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     run ranks2 python3 -m torch.distributed.run --nproc-per-node 2 eval/runner.py
 fi
