@@ -16,9 +16,9 @@ rm -rf "$OUT"
 
 run() {  # name, then the launcher and its flags
     local name=$1; shift
-    "$@" --task mmlu --limit "${MMLU_LIMIT:-4}" --model "$CKPT" --data-dir "$DATA" --dtype bf16 --no-progress \
+    "$@" --task mmlu --limit "${MMLU_LIMIT:-4}" --model "$CKPT" --data-dir "$DATA" --dtype bf16 --no-progress --device "${DEVICE:-auto}" \
         --output-dir "$OUT/$name" >"$OUT/$name-mmlu.log" 2>&1
-    "$@" --task gsm8k --limit "${GSM8K_LIMIT:-64}" --model "$CKPT" --data-dir "$DATA" --dtype bf16 --no-progress \
+    "$@" --task gsm8k --limit "${GSM8K_LIMIT:-64}" --model "$CKPT" --data-dir "$DATA" --dtype bf16 --no-progress --device "${DEVICE:-auto}" \
         --output-dir "$OUT/$name" >"$OUT/$name-gsm8k.log" 2>&1
 }
 mkdir -p "$OUT"
@@ -26,7 +26,7 @@ run auto python3 eval/runner.py
 run batch1 python3 eval/runner.py --batch-size 1
 run whole python3 eval/runner.py --no-prefix-reuse
 if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
-    run ranks2 python3 -m torch.distributed.run --nproc-per-node 2 eval/runner.py
+    DEVICE=auto run ranks2 python3 -m torch.distributed.run --nproc-per-node 2 eval/runner.py
 fi
 
 echo "| run | task | samples.jsonl vs auto |"
