@@ -467,13 +467,14 @@ class _Decoder:
         self.graphs[self.read_len].replay()
 
     def _capture(self) -> "torch.cuda.CUDAGraph":
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up kernels off the capture
-            self._snapshot(self._decode)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        self._snapshot(lambda: self._capture_into(graph))
+        with torch.cuda.device(self.e.device):  # streams and Triton launches belong to the model's GPU, not GPU 0
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm up kernels off the capture
+                self._snapshot(self._decode)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            self._snapshot(lambda: self._capture_into(graph))
         return graph
 
     def _capture_into(self, graph):

@@ -13,10 +13,17 @@ Here every reduction has one order per row, whatever the batch:
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+def _on(x: Tensor):
+    """Launch on x's GPU: Triton takes the current device's stream, which is GPU 0 unless set."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
 
 BLOCK_K = 64  # the one K step of every matmul: the reduction order of a dot product
 ATTN_BLOCK_N = 64  # the one key-block size of attention
@@ -78,10 +85,11 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: tuple | 
         return out.view(*x.shape[:-1], N)
     block_m, block_n, warps, stages = tile or matmul_tile(M)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    _matmul_kernel[grid](a, weight, bias if bias is not None else weight, out, M, N, K, a.stride(0), a.stride(1),
-                         weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-                         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
-                         BLOCK_N=block_n, BLOCK_K=BLOCK_K, GROUP_M=8, num_warps=warps, num_stages=stages)
+    with _on(x):
+        _matmul_kernel[grid](a, weight, bias if bias is not None else weight, out, M, N, K, a.stride(0), a.stride(1),
+                             weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+                             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
+                             BLOCK_N=block_n, BLOCK_K=BLOCK_K, GROUP_M=8, num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], N)
 
 
@@ -104,8 +112,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     out = torch.empty_like(rows)
     if rows.shape[0]:
         D = rows.shape[1]
-        _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), D, eps,
-                                           BLOCK=triton.next_power_of_2(D), num_warps=8)
+        with _on(x):
+            _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), D, eps,
+                                               BLOCK=triton.next_power_of_2(D), num_warps=8)
     return out.view(x.shape)
 
 
@@ -131,7 +140,8 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty(B, T, H, D, dtype=x.dtype, device=x.device)
     if B * T:
-        _rope_kernel[(B * T, H)](x, cos, sin, out, H, x.stride(1), D, H * D, D=D)
+        with _on(x):
+            _rope_kernel[(B * T, H)](x, cos, sin, out, H, x.stride(1), D, H * D, D=D)
     return out
 
 
@@ -149,7 +159,8 @@ def swiglu(up: Tensor, gate: Tensor) -> Tensor:
     out = torch.empty_like(up)
     n = up.numel()
     if n:
-        _swiglu_kernel[(triton.cdiv(n, 1024),)](up, gate, out, n, BLOCK=1024)
+        with _on(up):
+            _swiglu_kernel[(triton.cdiv(n, 1024),)](up, gate, out, n, BLOCK=1024)
     return out
 
 
@@ -230,11 +241,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Tensor, p
     assert k.stride(-1) == v.stride(-1) == pk.stride(-1) == pv.stride(-1) == q.stride(-1) == 1
     out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(T, block_m), B * H)
-    _attention_kernel[grid](q, k, v, key_pos, pk, pv, q_pos, out, T, S, P, H, D ** -0.5, window or 0,
-                            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                            v.stride(0), v.stride(1), v.stride(2), key_pos.stride(0), pk.stride(0), pk.stride(1),
-                            pv.stride(0), pv.stride(1), q_pos.stride(0),
-                            out.stride(0), out.stride(1), out.stride(2),
-                            ALIGNED=aligned, IEEE=q.dtype == torch.float32, D=D, BLOCK_M=block_m,
-                            BLOCK_N=ATTN_BLOCK_N, num_warps=4, num_stages=2)
+    with _on(q):
+        _attention_kernel[grid](q, k, v, key_pos, pk, pv, q_pos, out, T, S, P, H, D ** -0.5, window or 0,
+                                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                                v.stride(0), v.stride(1), v.stride(2), key_pos.stride(0), pk.stride(0), pk.stride(1),
+                                pv.stride(0), pv.stride(1), q_pos.stride(0),
+                                out.stride(0), out.stride(1), out.stride(2),
+                                ALIGNED=aligned, IEEE=q.dtype == torch.float32, D=D, BLOCK_M=block_m,
+                                BLOCK_N=ATTN_BLOCK_N, num_warps=4, num_stages=2)
     return out
