@@ -36,6 +36,7 @@ __all__ = ["Checked", "CodeExecutionRefused", "DEFAULT_TIMEOUT", "Limits", "MESS
 
 OPT_IN_ENVIRONMENT_VARIABLE = "QWEN_EVAL_ALLOW_CODE_EXECUTION"
 DEFAULT_TIMEOUT = 3.0
+DEFAULT_LIMITS = Limits()
 STATUSES = ("passed", "failed", "timed_out", "crashed")
 
 
@@ -67,7 +68,7 @@ def network_isolation() -> str:
 def isolation_summary() -> dict[str, str]:
     """The isolation actually in force on this machine, in words, for the run's results."""
     namespaces, root = supervisor.namespaces_work(), os.geteuid() == 0
-    limits = Limits()
+    limits = DEFAULT_LIMITS
     return {
         "mode": "namespaces" if namespaces else "basic",
         "network": network_isolation(),
@@ -92,14 +93,15 @@ def run_programs(
     timeouts: float | Sequence[float] = DEFAULT_TIMEOUT,
     workers: int | None = None,
     progress: bool = False,
-    limits: Limits = Limits(),
+    limits: Limits | None = None,
     hidden: Sequence[str] = (),
 ) -> list[Outcome]:
     """Run each program in its own sandbox; outcomes come back in input order.
 
     A str is a complete program run whole, for HumanEval's original way:
     prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})". A Checked program is
-    judged from outside its sandbox. `hidden` names more directories to hide (namespace mode).
+    judged from outside its sandbox. `limits` default to DEFAULT_LIMITS; `hidden` names more
+    directories to hide (namespace mode).
     Whatever a program does, it only changes its own Outcome.
     """
     if not _opted_in:
@@ -111,7 +113,7 @@ def run_programs(
     namespaces = supervisor.namespaces_work()
 
     def job(index: int, uid: int | None) -> Job:
-        return Job(programs[index], per_program[index], namespaces, uid, limits, tuple(hidden))
+        return Job(programs[index], per_program[index], namespaces, uid, limits or DEFAULT_LIMITS, tuple(hidden))
 
     with supervisor.reserved_uids(workers) as uids:
         outcomes = _run_side_by_side(job, len(programs), uids, progress)

@@ -318,7 +318,7 @@ def _build_private_filesystem(request: LaunchRequest) -> None:
     directory and /dev/shm."""
     linux.make_mounts_read_only()
     linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, None)
-    for directory in request.hidden_directories:
+    for directory in sorted(request.hidden_directories, reverse=True):  # inner ones while still reachable
         if os.path.isdir(directory):
             linux.mount("tmpfs", directory, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=64k,nr_inodes=16,mode=0755")
     os.makedirs(request.workdir, exist_ok=True)  # it may sit inside a hidden directory
