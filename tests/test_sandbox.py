@@ -17,7 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 from eval import sandbox  # noqa: E402
 from eval.metrics import pass_at_k  # noqa: E402
+from eval.api import Doc  # noqa: E402
 from eval.sandbox import supervisor  # noqa: E402
+from eval.tasks import humaneval  # noqa: E402
 
 ROOT = os.geteuid() == 0
 SHARED_HUMANEVAL = Path(__file__).resolve().parents[2] / "shared/data/humaneval/HumanEval.jsonl.gz"
@@ -52,9 +54,11 @@ def mode(request, monkeypatch) -> str:
     return request.param
 
 
-def test_all_canonical_solutions_pass(problems):
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [humaneval.checked_program, humaneval.program], ids=["separate", "in_process"])
+def test_all_canonical_solutions_pass(problems, build):
     assert len(problems) == 164
-    sources = [humaneval_program(problem, problem["canonical_solution"]) for problem in problems]
+    sources = [build(Doc(problem["task_id"], problem), problem["canonical_solution"]) for problem in problems]
     outcomes = sandbox.run_programs(sources)
     failing = {problem["task_id"]: outcome for problem, outcome in zip(problems, outcomes)
                if outcome.status != "passed"}

@@ -187,10 +187,10 @@ def _remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _python(module: str, **options) -> subprocess.Popen:
+def _python(module: str, *flags: str, **options) -> subprocess.Popen:
     """`python -m eval.sandbox.<module>` from the repository root, with nothing inherited."""
     return subprocess.Popen(
-        [sys.executable, "-s", "-B", "-m", f"eval.sandbox.{module}"], cwd=REPOSITORY,
+        [sys.executable, "-s", "-B", *flags, "-m", f"eval.sandbox.{module}"], cwd=REPOSITORY,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **options)
 
 
@@ -238,7 +238,8 @@ def _supervise(job: Job, workdir: str, token: str | None) -> Observation:
         reply_read, reply_write = _pipe(fds) if checked else (None, None)
         checker = None
         if checked:
-            checker = _python("checker", pass_fds=(call_write, reply_read), env=_program_environment(workdir))
+            # -S: no site-packages, which halves its start-up; a check uses the standard library only
+            checker = _python("checker", "-S", pass_fds=(call_write, reply_read), env=_program_environment(workdir))
             _send(checker, json.dumps({"check": checked.check, "entry_point": checked.entry_point,
                                        "call_fd": call_write, "reply_fd": reply_read}).encode())
         try:
