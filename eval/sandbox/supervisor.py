@@ -33,6 +33,7 @@ OUTPUT_LIMIT = 64 * 1024      # bytes of stdout / stderr kept while a program ru
 RESULT_LIMIT = 64 * 1024      # bytes read from the result pipe
 SETUP_TIMEOUT = 30.0          # launcher start-up and isolation, before the program's clock starts
 KILL_GRACE = 5.0              # for the launcher to kill and reap a timed-out program
+EXIT_GRACE = 1.0              # for a judged candidate to end by itself (it ends when the checker's pipe closes)
 DRAIN_GRACE = 1.0             # for the last output after the launcher exited
 UID_CANDIDATES = range(61000, 62000)
 
@@ -262,7 +263,7 @@ def _supervise(job: Job, workdir: str, token: str | None) -> Observation:
         supervision.wait_for_start()
         deadline = supervision.started_at + job.timeout
         timed_out = not supervision.pump(supervision.judged, deadline)
-        supervision.stop(job.uid)
+        supervision.stop(job.uid, grace=0.0 if timed_out else EXIT_GRACE)
         supervision.pump(lambda: supervision.open_pipes == 0, time.monotonic() + DRAIN_GRACE)
     except BaseException:
         supervision.stop(job.uid)
@@ -383,14 +384,15 @@ class _Supervision:
         reason = self.records.setup_error() or self.stderr.data.decode(errors="replace")[-MESSAGE_LIMIT:]
         raise SandboxError(f"sandbox set-up failed: {reason}")
 
-    def stop(self, uid: int | None) -> None:
-        """End the checker; ask the launcher to kill the program (it ends by itself once the
-        checker is gone); kill the launcher too if it does not manage."""
+    def stop(self, uid: int | None, grace: float = 0.0) -> None:
+        """End the checker; give the launcher `grace` seconds to end by itself (so that its exit
+        status is the program's own), then ask it to kill the program; kill it too if it does
+        not manage."""
         self._mark_finished()
         if self.checker and self.checker not in self.exited:
             _kill(self.checker)
             self.exited.add(self.checker)
-        if self.launcher in self.exited:
+        if self.pump(lambda: self.launcher in self.exited, time.monotonic() + grace):
             return
         self.launcher.send_signal(signal.SIGTERM)
         if self.pump(lambda: self.launcher in self.exited, time.monotonic() + KILL_GRACE):
