@@ -130,7 +130,7 @@ def lock_directory() -> str:
     """Root: a directory only root can write to, so no sandboxed program can plant lock files.
     Otherwise a directory private to the user."""
     root = os.geteuid() == 0
-    base = "/run" if root and os.path.isdir("/run") else tempfile.gettempdir()
+    base = "/run" if root and os.path.isdir("/run") else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
     path = os.path.join(base, "qwen-eval-sandbox" if root else f"qwen-eval-sandbox-{os.geteuid()}")
     os.makedirs(path, mode=0o700, exist_ok=True)
     info = os.lstat(path)
