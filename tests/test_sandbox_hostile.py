@@ -160,6 +160,15 @@ def test_hostile_bytes_on_every_pipe_are_the_programs_outcome(docs, mode):
     assert [o["status"] for o in outcomes] == ["failed", "passed"]
 
 
+def test_a_huge_or_strange_return_value_is_the_candidates_failure(docs, mode):
+    doc = docs["HumanEval/0"]
+    outcomes = scored(doc, ["    return 'x' * 5_000_000\n", "    return iter([True])\n",
+                            "    import collections\n    return collections.Counter(a=1) == {'a': 1}\n"])
+    assert [(o["status"], o["error_type"]) for o in outcomes] == [
+        ("failed", "UnsupportedReturnValue"), ("failed", "UnsupportedReturnValue"), ("failed", "AssertionError")]
+    assert "more than" in outcomes[0]["message"] and "list_iterator" in outcomes[1]["message"]
+
+
 @pytest.mark.parametrize("line", HOSTILE_LINES + [b"x" * (wire.RECORD_LIMIT + 1)])
 def test_the_parsers_raise_only_protocol_errors(line):
     try:

@@ -21,8 +21,8 @@ import types
 from typing import Callable
 
 from . import linux
-from .wire import (MEMORY_POLL_SECONDS, MESSAGE_LIMIT, RECORD_LIMIT, REPOSITORY, LaunchRequest, Limits, ProtocolError, decode_value,
-                   dump_record, encode_value, failure_record, load_record)
+from .wire import (MEMORY_POLL_SECONDS, MESSAGE_LIMIT, RECORD_LIMIT, REPOSITORY, LaunchRequest, Limits, ProtocolError,
+                   Unencodable, decode_value, dump_record, encode_value, failure_record, load_record)
 
 PROGRAM_FILENAME = "<program>"
 SANDBOX_FAILED = 125
@@ -408,6 +408,8 @@ def _serve_candidate(request: LaunchRequest, reporter: Reporter) -> None:
             with contextlib.suppress(OSError):
                 reporter.send(**failure_record(error, request.source, PROGRAM_FILENAME))
         _flush_and_exit(1)
+    if os.getpid() != program_pid:  # a copy the program forked while being defined
+        os._exit(0)
     calls, replies = os.fdopen(request.call_fd, "rb"), request.reply_fd
     while line := calls.readline(RECORD_LIMIT + 1):
         reply = _answer(namespace, request.entry_point, line)
@@ -433,9 +435,14 @@ def _answer(namespace: dict, entry_point: str, line: bytes) -> bytes:
     except BaseException as error:  # SystemExit too
         return dump_record(**{**failure_record(error, "", PROGRAM_FILENAME), "kind": "raised"})
     try:
-        return dump_record(kind="returned", value=encode_value(value))
-    except BaseException as error:  # Unencodable, or whatever a hostile object raises
-        return dump_record(kind="unencodable", message=f"{type(error).__name__}: {error}"[:MESSAGE_LIMIT])
+        reply = dump_record(kind="returned", value=encode_value(value))
+    except Unencodable as error:
+        return dump_record(kind="unencodable", message=str(error)[:MESSAGE_LIMIT])
+    except BaseException as error:  # whatever a hostile object raises while it is encoded
+        return dump_record(kind="unencodable", message=f"a value whose encoding raised {type(error).__name__}")
+    if len(reply) > RECORD_LIMIT:
+        return dump_record(kind="unencodable", message=f"a value of more than {RECORD_LIMIT} bytes")
+    return reply
 
 
 def _run_as_main(source: str) -> dict:

@@ -231,7 +231,9 @@ class Observation:
     stdout: bytes
 
 
-def _supervise(job: Job, workdir: str, token: str | None) -> Observation:
+def _start(job: Job, workdir: str, token: str | None) -> tuple[subprocess.Popen, subprocess.Popen | None, int]:
+    """The launcher (and for a Checked program the checker, wired to it by two pipes); returns
+    them and the read end of the result pipe, the only pipe end this process keeps."""
     checked = job.program if isinstance(job.program, Checked) else None
     with contextlib.ExitStack() as fds:
         result_read, result_write = _pipe(fds)
@@ -244,8 +246,8 @@ def _supervise(job: Job, workdir: str, token: str | None) -> Observation:
             _send(checker, json.dumps({"check": checked.check, "entry_point": checked.entry_point,
                                        "call_fd": call_write, "reply_fd": reply_read}).encode())
         try:
-            launcher = _python("launcher", pass_fds=tuple(fd for fd in (result_write, call_read, reply_write) if fd is not None),
-                               env=_program_environment(workdir))
+            launcher = _python("launcher", pass_fds=tuple(fd for fd in (result_write, call_read, reply_write)
+                                                          if fd is not None), env=_program_environment(workdir))
         except BaseException:
             if checker:
                 _kill(checker)
@@ -257,7 +259,11 @@ def _supervise(job: Job, workdir: str, token: str | None) -> Observation:
             protected_pids=sorted(protected), hidden_directories=hidden_directories(job.hidden), token=token,
             entry_point=checked.entry_point if checked else None, call_fd=call_read, reply_fd=reply_write,
         ).to_json())
-        result_read = os.dup(result_read)  # the only end this process keeps; the rest close here
+        return launcher, checker, os.dup(result_read)
+
+
+def _supervise(job: Job, workdir: str, token: str | None) -> Observation:
+    launcher, checker, result_read = _start(job, workdir, token)
     supervision = _Supervision(launcher, result_read, checker)
     try:
         supervision.wait_for_start()

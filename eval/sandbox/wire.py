@@ -139,7 +139,7 @@ def encode_value(value: object, depth: int = 0) -> object:
     for name, kind in _SEQUENCES.items():
         if isinstance(value, kind):
             return [name, [encode_value(item, depth + 1) for item in value]]
-    raise Unencodable(f"a {type(value).__name__} is not plain data")
+    raise Unencodable(f"an object of type {type(value).__name__}, which is not plain data")
 
 
 def decode_value(data: object, depth: int = 0) -> object:
