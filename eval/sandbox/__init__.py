@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import queue
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import Callable, Sequence
 
 from . import supervisor
@@ -126,6 +125,9 @@ def run_programs(
 
 def _run_side_by_side(job: Callable[[int, int | None], Job], count: int, uids: list[int | None],
                       progress: bool) -> list[tuple[Outcome, bool]]:
+    # imported here: the launcher and the checker import this package too, and start faster without it
+    from concurrent.futures import ThreadPoolExecutor
+
     free_uids: queue.SimpleQueue[int | None] = queue.SimpleQueue()
     for uid in uids:
         free_uids.put(uid)
@@ -157,8 +159,10 @@ def _timeouts_per_program(timeouts: float | Sequence[float], count: int) -> list
     return per_program
 
 
-def _wait_for(futures: list[Future], progress: bool) -> None:
+def _wait_for(futures: list, progress: bool) -> None:
     """Raise the first error (a SandboxError, never a program's doing) as soon as it happens."""
+    from concurrent.futures import as_completed
+
     if not progress:
         for future in as_completed(futures):
             future.result()

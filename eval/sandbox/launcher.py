@@ -446,6 +446,9 @@ def _answer(namespace: dict, entry_point: str, line: bytes) -> bytes:
 
 
 def _run_as_main(source: str) -> dict:
+    # the program reads the usual __pycache__ directories and never writes any
+    sys.dont_write_bytecode, sys.pycache_prefix = True, None
+    os.environ.pop("PYTHONPYCACHEPREFIX", None)
     main_module = types.ModuleType("__main__")
     sys.modules["__main__"], sys.argv = main_module, [PROGRAM_FILENAME]
     exec(compile(source, PROGRAM_FILENAME, "exec"), main_module.__dict__)

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import pwd
-import secrets
 import selectors
 import shutil
 import signal
@@ -169,7 +168,7 @@ def run_one(job: Job) -> tuple[Outcome, bool]:
     try:
         if job.uid is not None:
             os.chown(workdir, job.uid, job.uid)
-        token = secrets.token_hex(16) if isinstance(job.program, str) else None
+        token = os.urandom(16).hex() if isinstance(job.program, str) else None
         observation = _supervise(job, workdir, token)
     finally:
         _remove_tree(workdir)
@@ -188,10 +187,13 @@ def _remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _python(module: str, *flags: str, **options) -> subprocess.Popen:
-    """`python -m eval.sandbox.<module>` from the repository root, with nothing inherited."""
+def _python(module: str, workdir: str, *flags: str, **options) -> subprocess.Popen:
+    """`python -m eval.sandbox.<module>` from the repository root, with nothing inherited. Its
+    bytecode is cached in the lock directory, which no program can write to (compiling the
+    sandbox's modules anew would double every start); programs never write bytecode."""
+    environment = {**_program_environment(workdir), "PYTHONPYCACHEPREFIX": os.path.join(lock_directory(), "pycache")}
     return subprocess.Popen(
-        [sys.executable, "-s", "-B", *flags, "-m", f"eval.sandbox.{module}"], cwd=REPOSITORY,
+        [sys.executable, "-s", *flags, "-m", f"eval.sandbox.{module}"], cwd=REPOSITORY, env=environment,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **options)
 
 
@@ -242,12 +244,12 @@ def _start(job: Job, workdir: str, token: str | None) -> tuple[subprocess.Popen,
         checker = None
         if checked:
             # -S: no site-packages, which halves its start-up; a check uses the standard library only
-            checker = _python("checker", "-S", pass_fds=(call_write, reply_read), env=_program_environment(workdir))
+            checker = _python("checker", workdir, "-S", pass_fds=(call_write, reply_read))
             _send(checker, json.dumps({"check": checked.check, "entry_point": checked.entry_point,
                                        "call_fd": call_write, "reply_fd": reply_read}).encode())
         try:
-            launcher = _python("launcher", pass_fds=tuple(fd for fd in (result_write, call_read, reply_write)
-                                                          if fd is not None), env=_program_environment(workdir))
+            launcher = _python("launcher", workdir,
+                               pass_fds=tuple(fd for fd in (result_write, call_read, reply_write) if fd is not None))
         except BaseException:
             if checker:
                 _kill(checker)

@@ -11,16 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
+import os
 import re
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 
 RECORD_LIMIT = 4 * 1024**2   # bytes of one record line (a call's arguments or a return value)
 MAX_DEPTH = 100              # nesting of a value
 MESSAGE_LIMIT = 1000         # characters of an error message kept
 MEMORY_POLL_SECONDS = 0.05   # how often the total memory of a program's processes is measured
-REPOSITORY = str(Path(__file__).resolve().parents[2])  # the harness's checkout, hidden from programs
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # the harness's checkout, hidden from programs
 
 _INT = re.compile(r"-?0x[0-9a-f]+")
 _SEQUENCES = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
