@@ -59,8 +59,8 @@ def require_opt_in(allow: bool) -> None:
 
 
 def network_isolation() -> str:
-    """"netns" (a new network namespace with only a down loopback) or "seccomp" (socket creation
-    blocked, which holds in both modes)."""
+    """Which network isolation is in force: "netns" (a new network namespace with only a down
+    loopback) or "seccomp" (socket creation blocked, which holds in both modes)."""
     return "netns" if supervisor.namespaces_work() else "seccomp"
 
 
