@@ -284,7 +284,8 @@ def _isolate(request: LaunchRequest) -> None:
     if request.namespaces:
         _build_private_filesystem(request)
     os.chdir(request.workdir)
-    linux.join_new_session_keyring()  # not the harness's keys (keyctl is denied from here on)
+    with contextlib.suppress(OSError):  # e.g. Docker's profile denies keyctl already: nothing to reach then
+        linux.join_new_session_keyring()  # not the harness's keys (keyctl is denied from here on)
     if request.uid is not None:
         os.setgroups([])
         os.setresgid(request.uid, request.uid, request.uid)
