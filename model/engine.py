@@ -194,10 +194,10 @@ class Engine:
             return self.model.lm_head(rows)
         return self.model.lm_head(rows.expand(2, -1))[:1]
 
-    def _bar(self, total: int, desc: str):
+    def _bar(self, total: int, desc: str, unit: str = "doc"):
         self._measure_budget()
         name = f"{self.label} {desc}" if self.label else desc
-        return tqdm(total=total, desc=name, unit="doc", disable=not self.progress, dynamic_ncols=True, leave=False)
+        return tqdm(total=total, desc=name, unit=unit, disable=not self.progress, dynamic_ncols=True, leave=False)
 
     # ---- 1. choice scores ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -298,10 +298,12 @@ class Engine:
         shared = shared_prefix or [0] * len(prompts)
         sampling = (list(temperature or [0.0] * len(prompts)), list(seed or [0] * len(prompts)))
         results: list[Generation | None] = [None] * len(prompts)
-        with self._bar(len(prompts), "generate") as bar:
+        # counted in tokens of the budget (a request that stops early hands in the rest): the ETA moves
+        # every sync, not only when a whole request ends
+        with self._bar(sum(max_new_tokens), "generate", unit="tok") as bar:
             for group in self._groups(prompts, shared, [len(p) for p in prompts]):
-                for done in _Decoder(self, group, prompts, max_new_tokens, stop_ids, stop_check, sampling):
-                    _deliver(done, results, on_done, bar)
+                for done in _Decoder(self, group, prompts, max_new_tokens, stop_ids, stop_check, sampling, bar):
+                    _deliver(done, results, on_done, None)
         return results
 
 
@@ -311,7 +313,8 @@ def _deliver(done: list, results: list, on_done: Done | None, bar) -> None:
         results[i] = r
     if on_done:
         on_done(done)
-    bar.update(len(done))
+    if bar is not None:
+        bar.update(len(done))
 
 
 def _bucket(n: int) -> int:
@@ -338,8 +341,8 @@ def gumbel_noise(seed: Tensor, step: Tensor, vocab: int) -> Tensor:
 class _Decoder:
     """Continuous batching of one prefix group over a static KV cache."""
 
-    def __init__(self, engine: Engine, group: _Group, prompts, max_new, stop_ids, stop_check, sampling):
-        self.e, self.model = engine, engine.model
+    def __init__(self, engine: Engine, group: _Group, prompts, max_new, stop_ids, stop_check, sampling, bar):
+        self.e, self.model, self.bar = engine, engine.model, bar
         self.temperatures, self.seeds = sampling
         self.sampling = any(self.temperatures[i] > 0 for i in group.members)
         self.prefix = engine._prefix_cache(group)
@@ -366,6 +369,7 @@ class _Decoder:
         self.read_len = 0  # slots the decode step reads, rounded up: a CUDA graph per rounded length
         self.host_slot = [0] * self.rows  # each row's next slot as the host last knew it
         self.checked = [0] * self.rows  # tokens of each row already offered to stop_check
+        self.counted = [0] * self.rows  # tokens of each row already on the progress bar
 
     def _rows(self) -> int:
         e = self.e
@@ -412,7 +416,7 @@ class _Decoder:
         first = self._pick(self.e._head(hidden[torch.arange(len(joiners), device=self.e.device), lengths - 1]), rows)
         for row, i in joiners:
             self.owner[row] = i
-            self.checked[row] = 0
+            self.checked[row] = self.counted[row] = 0
             ids = self.stop_ids[i]
             self.stop_table[row] = -1
             if ids:
@@ -509,6 +513,9 @@ class _Decoder:
             elif finished[row]:
                 reason = "length" if counts[row] >= self.max_new[i] else "stop"
                 done.append((row, i, Generation(tuple(new), reason)))
+        self.bar.update(sum(counts[row] - self.counted[row] for row, i in enumerate(self.owner) if i >= 0)
+                        + sum(self.max_new[i] - counts[row] for row, i, _ in done))
+        self.counted = counts
         for row, _, _ in done:
             self.owner[row] = -1
         if done:

@@ -156,3 +156,31 @@ def test_gumbel_noise_is_a_function_of_seed_step_and_id():
     b = gumbel_noise(torch.tensor([3]), torch.tensor([1]), 1000)
     assert torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
     assert abs(a.mean().item() - 0.5772) < 0.1  # the Gumbel mean (Euler-Mascheroni)
+
+
+def test_generation_progress_moves_with_tokens(model, monkeypatch):
+    """The bar counts the token budget as rows decode (an early stop hands in the rest): it moves at every
+    sync, not only when a whole request ends, and ends exactly at the total."""
+    updates = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total = total
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            updates.append(n)
+
+    monkeypatch.setattr("model.engine.tqdm", Bar)
+    prompts = random_prompts(5, 3, 20, seed=2)
+    max_new = [30, 9, 4, 25, 7]
+    stop = lambda i, new: i == 0 and len(new) >= 12  # request 0 stops early on a text rule
+    engine = Engine(model, max_batch=2, sync_every=3, progress=True)
+    engine.generate(prompts, max_new, [()] * 5, stop_check=stop)
+    assert sum(updates) == sum(max_new)
+    assert sum(1 for n in updates if n) > len(prompts)  # more moves than finished requests
