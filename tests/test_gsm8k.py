@@ -5,7 +5,7 @@ import json
 import pytest
 
 from checkpoints import vocab_file
-from eval.api import Doc, UserError
+from eval.api import Doc, GenerateResponse, UserError
 from eval.backends import stop_rules_met
 from eval.data import DataSource
 from eval.pipeline import execute, plan_task
@@ -126,6 +126,19 @@ def test_extraction_table(text, parity, improved, v1):
 def test_python_number_emulates_eval(literal, value):
     result = gsm8k.python_number(literal)
     assert result == value and type(result) is type(value)
+
+
+@pytest.mark.parametrize("text,v1", [("The answer is \uff11\uff18", None), ("The answer is \u0661\u0668", None),
+                                     ("The answer is 1\uff18", None), ("18 or \uff11\uff18", 18)])
+def test_non_ascii_digits_are_invalid_as_the_originals_eval(text, v1):
+    # eval("１８") is a SyntaxError: the original scores such a last match invalid, never as 18
+    # (v1's pattern needs an ASCII first digit, so it skips "１８" and finds the 18 before it)
+    assert gsm8k.last_integer(text) is None
+    assert gsm8k.last_number_v1(text) == v1
+    chat = gsm8k.score_chat(text, "#### 18")
+    assert not chat["v0"]["correct"] and chat["v1"]["correct"] == (v1 == 18)
+    base = TASK.score(Doc("gsm8k/0", {"gold": 18}), [GenerateResponse((), text, "stop")], "fewshot", {})
+    assert base["parity"] == {"pred": None, "correct": False}
 
 
 @pytest.mark.parametrize("answer,gold", [

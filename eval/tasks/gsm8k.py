@@ -112,7 +112,7 @@ CHAT_ROWS = ((("zero_shot", "v0"), "0-shot, v0 (last integer)", 41.1),
 # ---- numbers as the original's `eval` reads them (never eval model output) ------------------------
 def python_number(literal: str) -> int | float | None:
     """The value Python's eval gives a signed decimal literal; None where eval raises ("050", "", ".")."""
-    match = re.fullmatch(r"(-?)(\d*)(\.?)(\d*)", literal.strip())
+    match = re.fullmatch(r"(-?)([0-9]*)(\.?)([0-9]*)", literal.strip())  # eval reads ASCII digits only
     if not match:
         return None
     sign, whole, dot, frac = match.groups()
