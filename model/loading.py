@@ -21,6 +21,8 @@ from .tokenizer import QwenTokenizer
 
 CHECKPOINT_FILES = ["config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json",
                     "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "quantize_config.json"]
+LOCAL_CHECKPOINT_FILES = ("the folder needs config.json, qwen.tiktoken and the weights (model.safetensors, "
+                          "pytorch_model.bin, or shards with their .index.json)")
 # Buffers the original code stored or registered that carry no weights.
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.attn\.masked_bias|\.attn\.bias|logn_tensor)$")
 
@@ -36,8 +38,8 @@ def resolve_checkpoint(path_or_id: str, patterns=CHECKPOINT_FILES) -> Path:
         if not path.is_dir():
             raise ModelLoadError(f"{path}: expected a checkpoint directory, found a file")
         return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_id)) or str(path_or_id).startswith("."):
-        raise ModelLoadError(f"model path {path_or_id!r} does not exist")
+    if not _looks_like_hub_id(str(path_or_id)):
+        raise ModelLoadError(f"model path {str(path_or_id)!r} does not exist")
     errors = []
     try:
         from huggingface_hub import snapshot_download
@@ -55,8 +57,17 @@ def resolve_checkpoint(path_or_id: str, patterns=CHECKPOINT_FILES) -> Path:
         errors.append(f"ModelScope: {type(err).__name__}: {err}")
     raise ModelLoadError(
         f"could not fetch {path_or_id!r} ({'; '.join(errors)}). Without network access, download the "
-        f"checkpoint elsewhere and pass its local directory instead (e.g. --model /path/to/Qwen-7B)."
+        f"checkpoint elsewhere and pass its local directory instead (e.g. --model /path/to/Qwen-7B): "
+        f"{LOCAL_CHECKPOINT_FILES}. For an offline trial run, unpack the small model "
+        f"../shared/models/tiny-qwen-256 as README.md, 'First hour', shows."
     )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """'org/name', unless 'org' is a local folder: then scratch/nonexist is a mistyped path, not a hub id."""
+    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name):
+        return False
+    return not Path(name.split("/")[0]).is_dir()
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -88,6 +99,8 @@ def _safetensors_header(path: Path) -> dict:
         if len(raw) < 8:
             raise ModelLoadError(f"{path}: truncated safetensors file ({size} bytes)")
         n = struct.unpack("<Q", raw)[0]
+        if n > size - 8:
+            raise ModelLoadError(f"{path}: corrupt safetensors header length ({n} bytes, file has {size})")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
