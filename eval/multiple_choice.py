@@ -11,7 +11,7 @@ import re
 from thefuzz import process
 
 from .api import ChoiceRequest, Doc, GenerateRequest, Scores, Table, UserError
-from .data import DataSource
+from .data import DataSource, csv_record_lines
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -41,16 +41,17 @@ class MultipleChoiceTask:
         for subject in subjects or self.subjects:
             shots = "" if mode == "chat" else self.fewshot_prefix(subject, self.rows(data, subject, "dev")[: self.n_shots])
             for index, row in enumerate(self.rows(data, subject, self.split)):
-                if self._valid(data, subject, index, row):
+                where = row.pop("where", None) or f"{self.name}/{self.split}/{subject} row {index}"  # hub rows
+                if self._valid(data, where, row):
                     docs.append(Doc(f"{self.name}/{subject}/{index}", {**row, "fewshot": shots}, subject))
         return docs
 
-    def _valid(self, data: DataSource, subject: str, index: int, row: dict) -> bool:
+    def _valid(self, data: DataSource, where: str, row: dict) -> bool:
         if row["answer"] in LETTERS:
             return True
         found = "missing answer (a row with missing columns?)" if _is_missing(row["answer"]) else \
             f"answer {row['answer']!r} is not one of A, B, C, D"
-        data.bad_row(f"{self.name}/{self.split}/{subject} row {index}", found)
+        data.bad_row(where, found)
         return False
 
     # ---- prompts --------------------------------------------------------------------------------
@@ -191,16 +192,19 @@ def extract_with_cascade(text: str, row: dict, patterns: list[str]) -> tuple[str
     return LETTERS[choices.index(best)], "fuzzy"
 
 
-def subject_rows(frame, columns: dict[str, str], path) -> list[dict]:
+def subject_rows(frame, columns: dict[str, str], path, header: bool = True) -> list[dict]:
     """Rows as {question, A, B, C, D, answer} dicts, cells printed as the original's f-strings print
-    them (pandas parsing: an option "None" reads as NaN and prints "nan"; see --verbatim-csv)."""
+    them (pandas parsing: an option "None" reads as NaN and prints "nan"; see --verbatim-csv), each
+    with "where": "line N of FILE" for error messages (load() takes it out again)."""
     missing = [c for c in columns.values() if c not in frame.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
+    lines = csv_record_lines(path)[1 if header else 0:]
     rows = []
-    for record in frame[list(columns.values())].itertuples(index=False):
+    for i, record in enumerate(frame[list(columns.values())].itertuples(index=False)):
         row = dict(zip(columns, record))
-        rows.append({k: v if isinstance(v, str) or k == "answer" else f"{v}" for k, v in row.items()})
+        row = {k: v if isinstance(v, str) or k == "answer" else f"{v}" for k, v in row.items()}
+        rows.append({**row, "where": f"line {lines[i]} of {path}" if i < len(lines) else f"row {i} of {path}"})
     return rows
 
 
