@@ -83,6 +83,11 @@ class LongPPL:
                 docs += [Doc(f"{self.name}/{name}/{length}/{index}",
                              {"document": name, "length": length, "sample": index, "start": s[index]}, name)
                          for length, s in starts.items() if index < len(s)]
+        longest = max(map(len, (self.tokens[name] for name in subjects or self.subjects)))
+        too_long = [length for length in self.lengths if length > longest]
+        if too_long:  # a length no document reaches would be an empty column
+            raise UserError(f"--lengths {','.join(map(str, too_long))}: longer than every long_ppl document "
+                            f"(the longest has {longest} tokens)")
         return docs
 
     def requests(self, doc: Doc, tok, mode: str, options: dict) -> list[LoglikelihoodRequest]:
