@@ -60,6 +60,8 @@ def test_window_schedules():
     for bad in ("4x2048,x", "2048,4x4096", "9x10"):
         with pytest.raises(ConfigError, match="window schedule"):
             parse_windows(bad, 8)
+    with pytest.raises(ConfigError, match=r"'0' gives sizes \[0, 0\]; needs one size of at least 1 for each of the 2"):
+        parse_windows("0", 2)
 
 
 def _copy(src, tmp_path):
