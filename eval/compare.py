@@ -5,8 +5,8 @@ results/base/Qwen-7B): run directories are then paired by name (mmlu-fewshot, gs
 Per task, on the documents both runs hold: the headline score of each run, the delta, a paired
 test (exact McNemar for right/wrong scores, paired bootstrap otherwise) and the documents that
 flipped; the same per category (MMLU, C-Eval, CMMLU) and per long_ppl length, for information.
-The gate looks at headline scores only: a drop of at least --max-drop points with p < --alpha is a
-regression (exit 1). Runs whose prompts or data differ are refused unless --allow-different-prompts.
+The gate looks at headline scores only: a drop of at least --max-drop points is a regression (exit 1);
+with --alpha, only when the paired test also gives p < alpha. Runs whose prompts or data differ are refused unless --allow-different-prompts.
 """
 from __future__ import annotations
 
@@ -177,8 +177,8 @@ class Comparison:
     better: list[str] = field(default_factory=list)
     unit: str = ""  # of `drop`: "" accuracy points, "%" perplexity
 
-    def regression(self, max_drop: float, alpha: float) -> bool:
-        return self.gated and self.drop >= max_drop and self.p < alpha
+    def regression(self, max_drop: float, alpha: float | None) -> bool:
+        return self.gated and self.drop >= max_drop and (alpha is None or self.p < alpha)
 
 
 def document_score(record: dict, path: tuple[str, ...]) -> float:
@@ -267,7 +267,7 @@ def compare_runs(base: Run, new: Run, allow_different: bool) -> tuple[list[Compa
 
 # ---- output ------------------------------------------------------------------------------------------
 def render_pair(base: Run, new: Run, units: list[Comparison], warnings: list[str], max_drop: float,
-                alpha: float) -> str:
+                alpha: float | None) -> str:
     shared = units[0].n  # the headline score covers every shared document
     differs = sorted(k for k in set(base.identity) | set(new.identity) if base.identity.get(k) != new.identity.get(k))
     lines = [f"## {base.task} ({base.mode})", "",
@@ -302,13 +302,13 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("new", type=Path, metavar="NEW_RUN")
     p.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
                    help="fail when a headline score drops by at least this much (accuracy points; percent "
-                        "perplexity rise for long_ppl) and the drop is significant (default 1)")
-    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired test (default 0.05; "
-                                                             "1 gates on the drop alone)")
+                        "perplexity rise for long_ppl; default 1)")
+    p.add_argument("--alpha", type=float, help="fail only when the paired test also gives p below this "
+                                               "(e.g. 0.05; default: the drop alone decides)")
     p.add_argument("--allow-different-prompts", action="store_true",
                    help="compare runs whose prompts or data files differ")
     args = p.parse_args(argv)
-    if not 0 < args.alpha <= 1 or args.max_drop < 0:
+    if (args.alpha is not None and not 0 < args.alpha <= 1) or args.max_drop < 0:
         raise UserError("--alpha must be in (0, 1] and --max-drop at least 0")
     return args
 
@@ -329,7 +329,7 @@ def main(argv) -> int:
     print("\n".join(sections))
     for note in notes:
         print(f"not compared: {note}")
-    rule = f"drop >= {args.max_drop:g} and p < {args.alpha:g}"
+    rule = f"drop >= {args.max_drop:g}" + (f" and p < {args.alpha:g}" if args.alpha is not None else "")
     if regressions:
         print(f"REGRESSION ({rule}):\n" + "\n".join(f"  {r}" for r in regressions))
         return 1
