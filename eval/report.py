@@ -2,8 +2,10 @@
 
 Finds every run (results.json) under RESULTS_DIR (default results/) and renders one Markdown table
 per published table (eval/published.py): reported number, measured number, difference, 95% confidence
-interval of the measured number and whether the reported number lies inside it. Plots are written
-next to each run's table and linked. The report goes to RESULTS_DIR/REPORT.md (atomically) and stdout.
+interval of the measured number and whether the reported number lies inside it (judged only for a run
+of the whole benchmark). Each table names the published model and the measured ones. Plots go to
+RESULTS_DIR/report-plots/ and are linked; the report goes to RESULTS_DIR/REPORT.md (atomically) and
+stdout. Nothing is written into a run directory (results/reference/ holds committed runs).
 
 Which run feeds a published row: same task, same mode (any mode for speed), and the same
 quantisation tag in the model name (int4 / int8 / nf4, or none) as the published model. When several
@@ -32,7 +34,7 @@ from .results import atomic_write
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 QUANTISATION_TAGS = ("int4", "int8", "nf4")
 MULTIPLE_CHOICE = ("mmlu", "ceval", "cmmlu")
-PER_SUBJECT_COLUMN = {"acc": "correct", "acc_parity": "correct_parity", "acc_word_bounded": "correct_word_bounded"}
+PLOTS_DIR = "report-plots"
 PPL_BOOTSTRAP_ROUNDS = 2_000
 
 
@@ -115,7 +117,7 @@ def wilson(percent: float, n: int) -> tuple[float, float] | None:
 
 
 def multiple_choice(run: Run, row: published.Row) -> Measured:
-    """The average or a category row of the run's table; micro: Wilson, macro: normal, stratified by subject."""
+    """The average or a category row of the run's table; Wilson intervals (macro: see macro_interval)."""
     table = run.results["table"]
     rows = table["rows"]
     line = rows[0] if row.part is None else next((r for r in rows if r[0] == row.part), None)
@@ -129,14 +131,13 @@ def multiple_choice(run: Run, row: published.Row) -> Measured:
     members = {**task.categories, **task.extra_groups}.get(row.part) if row.part else None
     per_subject = details["per_subject"]
     subjects = [s for s in per_subject if members is None or s in members]
-    return Measured(value, macro_interval(value, [per_subject[s] for s in subjects], PER_SUBJECT_COLUMN[row.metric]))
+    return Measured(value, macro_interval(value, [per_subject[s]["n"] for s in subjects]))
 
 
-def macro_interval(value: float, subjects: list[dict], column: str) -> tuple[float, float]:
-    """Mean of subject accuracies: variance = sum over subjects of p(1-p)/n, divided by (number of subjects)^2."""
-    variance = sum((s[column] / 100) * (1 - s[column] / 100) / s["n"] for s in subjects) / len(subjects) ** 2
-    half = 100 * Z95 * math.sqrt(variance)
-    return max(0.0, value - half), min(100.0, value + half)
+def macro_interval(value: float, sizes: list[int]) -> tuple[float, float]:
+    """A mean of S subject accuracies: Wilson at its effective size S^2 / sum(1/n_s) (the variance of the
+    mean is p(1-p)/n_eff at a common p), so a run where every subject scores 0 still gets an interval."""
+    return wilson(value, len(sizes) ** 2 / sum(1 / n for n in sizes))
 
 
 def perplexity(run: Run, row: published.Row) -> Measured:
@@ -158,21 +159,27 @@ def perplexity(run: Run, row: published.Row) -> Measured:
 COLUMNS = ("benchmark", "metric", "reported", "measured", "difference", "95% CI", "within CI", "run", "notes")
 
 
-def render_row(row: published.Row, run: Run | None, root: Path) -> str:
+def render_row(row: published.Row, run: Run | None, root: Path, table_model: str) -> str:
     if row.task is None:
         cells = [row.label, "-", f"{row.reported:g}", "n/a", "", "", "", "", row.note]
     elif run is None:
         cells = [row.label, row.metric, f"{row.reported:g}", "not run", "", "", "", "", row.note]
     else:
         m = measure(run, row)
-        notes = "; ".join(x for x in (run_notes(run), m.note, row.note) if x)
+        other = run.model_name.lower() != (row.model or table_model).lower()
+        notes = "; ".join(x for x in (run_notes(run), f"measured model: {run.model_name}" if other else "",
+                                      m.note, row.note) if x)
         measured = "-" if m.value is None else f"{m.value:.2f}"
         difference = "" if m.value is None else f"{m.value - row.reported:+.2f}"
         interval = f"[{m.interval[0]:.2f}, {m.interval[1]:.2f}]" if m.interval else ""
-        within = ("yes" if m.interval[0] <= row.reported <= m.interval[1] else "no") if m.interval else ""
+        within = _within(m.interval, row.reported) if not run_notes(run) else "n/a: not the whole benchmark"
         cells = [row.label, row.metric, f"{row.reported:g}", measured, difference, interval, within,
                  f"`{run.dir.relative_to(root)}`", notes]
     return "| " + " | ".join(cells) + " |"
+
+
+def _within(interval: tuple[float, float] | None, reported: float) -> str:
+    return ("yes" if interval[0] <= reported <= interval[1] else "no") if interval else ""
 
 
 def run_notes(run: Run) -> str:
@@ -189,13 +196,17 @@ def run_notes(run: Run) -> str:
 
 def render_table(table: published.Table, picks: list[Run | None], root: Path, plots: dict | None) -> str:
     """The published table with measurements from `picks` (one run or None per row); plots linked below."""
+    measured = sorted({run.model_name for run in picks if run is not None})
     lines = [f"## {table.title}", "", f"Source: {table.source}.", "",
+             f"Published numbers of {table.model}; measured: {', '.join(measured) or 'no run'}.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += [render_row(row, run, root) for row, run in zip(table.rows, picks)]
+    lines += [render_row(row, run, root, table.model) for row, run in zip(table.rows, picks)]
     if plots is not None:
         for run in {r.dir: r for r in picks if r is not None}.values():  # each run once, in table order
             if run.dir not in plots:
-                plots[run.dir] = plot_run(run.dir, run.results)
+                out = root / PLOTS_DIR / run.dir.relative_to(root)  # never into the run directory itself
+                out.mkdir(parents=True, exist_ok=True)
+                plots[run.dir] = plot_run(out, run.results)
             lines += [f"\n![{run.task} ({run.mode}), {run.model_name}]({p.relative_to(root).as_posix()})"
                       for p in plots[run.dir]]
     return "\n".join(lines) + "\n"
@@ -217,10 +228,11 @@ def render_report(root: Path, runs: list[Run], with_plots: bool = True) -> str:
     header = ("# Reproduction report: published Qwen-7B numbers vs measured\n\n"
               f"{len(runs)} run(s) found under `{root}`. The metric column names the results.json metric "
               "measured: the original scripts' scoring (parity). 95% CI of the measured number: Wilson for "
-              "micro-averaged accuracies (MMLU, GSM8K, HumanEval), normal approximation stratified by subject "
+              "micro-averaged accuracies (MMLU, GSM8K, HumanEval), Wilson at the effective number of documents "
               "for macro averages (C-Eval, CMMLU), percentile bootstrap over samples for perplexity. "
-              "\"within CI\": the reported number lies inside it. Matching rule: `python eval/runner.py "
-              "report --help`.\n")
+              "\"within CI\": the reported number lies inside it; judged only for a run of the whole benchmark "
+              "(not --limit, --subjects or partial). Each table compares with the published model it names. "
+              "Matching rule: `python eval/runner.py report --help`.\n")
     tables = [render_table(t, picks, root, plots) for t, picks in chosen]
     return "\n".join([header, *tables, render_runs(runs, root, used)])
 

@@ -95,13 +95,30 @@ def test_missing_task_is_not_run_and_partial_run_is_marked(tmp_path, capsys):
     assert "| `Qwen-7B/gsm8k-fewshot` | gsm8k | fewshot | Qwen-7B | 50 of 1319 | yes |" in text
 
 
-def test_macro_average_gets_a_stratified_interval(tmp_path, capsys):
+def test_macro_average_gets_a_wilson_interval_at_its_effective_size(tmp_path, capsys):
     multiple_choice_run(tmp_path, "Qwen-7B", {"logic": 30, "law": 45}, task=ceval.TASK, n=50)
     row = table_row(report(tmp_path, capsys), "C-Eval val 5-shot")
     assert row[3] == "75.00"  # the mean of the subjects' 60% and 90%
+    low, high = wilson(75.0, 2 ** 2 / (1 / 50 + 1 / 50))  # S^2 / sum(1/n): 100 documents
+    assert row[5] == f"[{low:.2f}, {high:.2f}]"
+
+
+def test_macro_interval_does_not_collapse_when_every_subject_is_zero(tmp_path, capsys):
+    multiple_choice_run(tmp_path, "Qwen-7B", {"logic": 0, "law": 0}, task=ceval.TASK, n=50)
+    row = table_row(report(tmp_path, capsys), "C-Eval val 5-shot")
     low, high = (float(x) for x in row[5].strip("[]").split(", "))
-    half = 100 * 1.959964 * math.sqrt(0.6 * 0.4 / 50 + 0.9 * 0.1 / 50) / 2  # sum of p(1-p)/n, over 2 subjects
-    assert math.isclose((high - low) / 2, half, abs_tol=0.01)
+    assert row[3] == "0.00" and low == 0.0 and 3.0 < high < 4.0 and row[6] == "no"  # Wilson, n = 100
+
+
+def test_a_subset_run_is_never_within_ci_and_the_models_are_named(tmp_path, capsys):
+    gsm8k_run(tmp_path, "tiny-qwen-256", n_correct=0, n_done=2, n_docs=2)  # 0.00: Wilson [0, 65.8] holds 51.6
+    results = tmp_path / "tiny-qwen-256" / "gsm8k-fewshot" / "results.json"
+    results.write_text(results.read_text().replace('"config": {}', '"config": {"limit": 2}'))
+    text = report(tmp_path, capsys)
+    row = table_row(text, "GSM8K 8-shot")
+    assert row[3] == "0.00" and row[6] == "n/a: not the whole benchmark"
+    assert "measured model: tiny-qwen-256" in row[8] and "--limit 2" in row[8]
+    assert "Published numbers of Qwen-7B; measured: tiny-qwen-256." in text
 
 
 def test_chat_and_int4_rows_match_by_mode_and_model_name(tmp_path, capsys):
@@ -131,13 +148,23 @@ def test_plots_are_valid_pngs_of_the_expected_size_and_linked(tmp_path, capsys):
     mmlu_dir = multiple_choice_run(tmp_path, "Qwen-7B", {"anatomy": 57, "philosophy": 60})
     ppl_dir = long_ppl_run(tmp_path, "Qwen-7B")
     text = report(tmp_path, capsys)
-    for path in (mmlu_dir / "categories.png", ppl_dir / "perplexity.png"):
+    for run_dir, name in ((mmlu_dir, "categories.png"), (ppl_dir, "perplexity.png")):
+        path = tmp_path / "report-plots" / run_dir.relative_to(tmp_path) / name
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size == PNG_SIZE
             image.verify()
         assert f"]({path.relative_to(tmp_path).as_posix()})" in text
     assert not list(tmp_path.rglob(".*.tmp"))
     assert "categories.png" not in report(tmp_path, capsys, "--no-plots")
+
+
+def test_report_never_writes_into_a_run_directory(tmp_path, capsys):
+    """`report results/` must leave the committed runs under results/reference/ as they are."""
+    run_dir = long_ppl_run(tmp_path / "reference", "tiny-qwen-256")
+    before = sorted(p.name for p in run_dir.iterdir())
+    report(tmp_path, capsys)
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    assert (tmp_path / "report-plots" / "reference" / "tiny-qwen-256" / "long_ppl-fewshot" / "perplexity.png").exists()
 
 
 def test_plot_run_skips_tasks_without_categories_or_lengths(tmp_path):
