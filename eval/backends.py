@@ -33,6 +33,15 @@ class NativeBackend:
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, max_batch=batch_size, progress=progress)
 
+    @property
+    def label(self) -> str:
+        """Shown first on the progress bars: the pipeline sets the task being served."""
+        return self.engine.label
+
+    @label.setter
+    def label(self, text: str) -> None:
+        self.engine.label = text
+
     def choice(self, requests: list[ChoiceRequest], on_done: OnDone = None) -> list[ChoiceResponse]:
         def convert(i, r):
             return ChoiceResponse(r.logits, r.parity_probs, r.top_id in requests[i].choice_ids)
@@ -103,6 +112,7 @@ class HFBackend:
     """The plain transformers path: one request at a time unless batch_size says otherwise."""
 
     name = "hf"
+    label = ""  # shown first on the progress bar (the task being served)
 
     def __init__(self, model, tokenizer, *, batch_size: int | None = None, progress: bool = True):
         self.model, self.tokenizer = model, tokenizer
@@ -127,7 +137,7 @@ class HFBackend:
     def _batches(self, requests):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(requests), disable=not self.progress, leave=False, desc="hf")
+        bar = tqdm(total=len(requests), disable=not self.progress, leave=False, desc=f"{self.label} hf".strip())
         for start in range(0, len(requests), self.batch_size):
             idx = list(range(start, min(start + self.batch_size, len(requests))))
             yield idx

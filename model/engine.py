@@ -60,6 +60,7 @@ class Engine:
         self.cpu_batch_tokens = cpu_batch_tokens
         self.sync_every = sync_every
         self.progress = progress
+        self.label = ""  # what is being served (the runner sets the task's name), first on every progress bar
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.loss_chunk = loss_chunk
         self.pad_multiple = pad_multiple
@@ -177,7 +178,8 @@ class Engine:
         return self.model.lm_head(rows.expand(2, -1))[:1]
 
     def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=False)
+        return tqdm(total=total, desc=f"{self.label} {desc}".strip(), disable=not self.progress, dynamic_ncols=True,
+                    leave=False)
 
     # ---- 1. choice scores ---------------------------------------------------------------------
     @torch.inference_mode()
