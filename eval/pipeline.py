@@ -17,6 +17,8 @@ from pathlib import Path
 from . import api
 from .api import Doc, Request, UserError, serve, stable_hash
 from .data import DataSource
+from .cli_checks import check_subjects
+from .metrics import with_stderr
 from .results import RunStore, atomic_write, render_markdown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,18 +49,14 @@ def plan_task(task, mode: str, data, tok, *, subjects=None, limit=None, options=
     if hasattr(task, "bind"):  # tasks whose documents depend on the data dir and tokenizer (long_ppl)
         task = task.bind(data, tok, options)
     if subjects:
-        known = getattr(task, "subjects", None)
-        if not known:
-            raise UserError(f"task {task.name} has no subjects; drop --subjects")
-        unknown = sorted(set(subjects) - set(known))
-        if unknown:
-            raise UserError(f"unknown {task.name} subject(s): {', '.join(unknown)}")
+        check_subjects(task.name, subjects, getattr(task, "subjects", None) or [])
         docs = task.load(data, mode, subjects)
     else:
         docs = task.load(data, mode)
     docs = _limit(docs, limit)
     if not docs:
-        raise UserError(f"{task.name}: no documents to evaluate")
+        raise UserError(f"{task.name}: no documents to evaluate"
+                        + (f" (--limit {limit})" if limit is not None else ""))
     requests = [task.requests(doc, tok, mode, options) for doc in docs]
     return Plan(task, mode, options, docs, requests, run_dir, data_manifest=data.manifest())
 
@@ -80,8 +78,8 @@ def prompt_hash(requests: list[Request]) -> str:
     return stable_hash([[r.prompt, list(r.tokens)] for r in requests])
 
 
-def write_dry_run(plan: Plan) -> Path:
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
+def write_dry_run(plan: Plan, overwrite: bool = False) -> Path:
+    """requests.jsonl of the plan; an earlier dry run of other requests in the folder is kept unless overwrite."""
     lines = []
     for doc, requests in zip(plan.docs, plan.requests):
         for r in requests:
@@ -89,8 +87,12 @@ def write_dry_run(plan: Plan) -> Path:
             if getattr(r, "query", None) is not None:
                 line["query"] = r.query
             lines.append(json.dumps(line, ensure_ascii=False))
-    path = plan.run_dir / "requests.jsonl"
-    atomic_write(path, "\n".join(lines) + "\n")
+    path, text = plan.run_dir / "requests.jsonl", "\n".join(lines) + "\n"
+    if not overwrite and path.exists() and path.read_text(encoding="utf-8") != text:
+        raise UserError(f"{path} holds the requests of another dry run; use another --output-dir, "
+                        f"or --overwrite to replace it")
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, text)
     return path
 
 
@@ -183,9 +185,19 @@ def finish(plan: Plan, store: RunStore, saved: dict, *, partial: bool, config: d
         "identity": plan.identity, "config": config or {}, "options": plan.options,
         "provenance": provenance(plan), "seconds": round(seconds, 2),
     }
-    store.finish(results, scores.table, title)
-    print(render_markdown(scores.table, title))
+    shown, notes = with_stderr(scores.table), skipped_rows_notes(plan.data_manifest.get("skipped_rows") or [])
+    store.finish(results, shown, title, notes)
+    print(render_markdown(shown, title, notes))
     return results
+
+
+def skipped_rows_notes(skipped: list[str], shown: int = 10) -> list[str]:
+    """Lines under the table for --skip-bad-rows: how many data rows were left out, and which."""
+    if not skipped:
+        return []
+    more = [f"- ... and {len(skipped) - shown} more (results.json, provenance.data.skipped_rows)"]
+    return ([f"{len(skipped)} bad data row(s) skipped (--skip-bad-rows):"] + [f"- {row}" for row in skipped[:shown]]
+            + (more if len(skipped) > shown else []))
 
 
 def provenance(plan: Plan) -> dict:

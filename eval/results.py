@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 from .api import Table, UserError
+from .cli_checks import check_same_configuration
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -62,16 +63,8 @@ class RunStore:
 
     def _claim(self, identity: dict, overwrite: bool) -> None:
         run_file = self.dir / "run.json"
-        if run_file.exists() and not overwrite:
-            try:
-                old = json.loads(run_file.read_text())["identity"]
-            except (json.JSONDecodeError, KeyError):
-                raise UserError(f"{run_file} is unreadable; remove it or pass --overwrite") from None
-            if old != identity:
-                diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-                raise UserError(f"{self.dir} holds a run with a different configuration ({', '.join(diff)} differ). "
-                                f"Use another --output-dir, or --overwrite to discard it.")
-        elif run_file.exists() or self.samples.exists():
+        check_same_configuration(self.dir, identity, overwrite)  # again here, for callers other than the runner
+        if overwrite or not run_file.exists():  # a discarded run, or records that no run.json vouches for
             for name in ("samples.jsonl", "results.json", "table.md", "table.csv"):
                 (self.dir / name).unlink(missing_ok=True)
         atomic_write(run_file, json.dumps({"identity": identity}, indent=2, ensure_ascii=False))
@@ -109,8 +102,8 @@ class RunStore:
             f.flush()
             os.fsync(f.fileno())
 
-    def finish(self, results: dict, table: Table, title: str) -> None:
-        atomic_write(self.dir / "table.md", render_markdown(table, title))
+    def finish(self, results: dict, table: Table, title: str, notes: list[str] = ()) -> None:
+        atomic_write(self.dir / "table.md", render_markdown(table, title, notes))
         atomic_write(self.dir / "table.csv", render_csv(table))
         atomic_write(self.dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False, default=str))
 
@@ -119,9 +112,11 @@ def _fmt(value) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def render_markdown(table: Table, title: str) -> str:
+def render_markdown(table: Table, title: str, notes: list[str] = ()) -> str:
+    """The table under its title; notes (e.g. skipped data rows) below it."""
     lines = [f"### {title}", "", "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table.rows]
+    lines += ["", *notes] if notes else []
     return "\n".join(lines) + "\n"
 
 

@@ -10,18 +10,23 @@ import argparse
 import json
 import os
 import random
-import re
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import from the repository, never from eval/ itself
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from eval import distributed  # noqa: E402
-from eval.api import UserError, stable_hash  # noqa: E402
+from eval.api import Table, UserError, stable_hash  # noqa: E402
+from eval.cli_checks import check_flags, check_same_configuration  # noqa: E402
 from eval.data import DataSource  # noqa: E402
+from eval.metrics import with_stderr  # noqa: E402
 from eval.pipeline import execute, plan_task, rescore, write_dry_run  # noqa: E402
 from eval.registry import get_task, task_names  # noqa: E402
+from eval.run_layout import dtype_name, model_folder, run_folder  # noqa: E402
+from eval.suites import SUITES, expand  # noqa: E402
 
 DEFAULT_MODELS = {"fewshot": "Qwen/Qwen-7B", "chat": "Qwen/Qwen-7B-Chat"}
 
@@ -105,6 +110,7 @@ def run(args) -> int:
             task = get_task(name)
             summary = (sys.modules[type(task).__module__].__doc__ or "").strip().splitlines()[0]
             print(f"{name:10s} modes: {', '.join(task.modes):14s} {summary}")
+        print(f"suites: {', '.join(SUITES)} (see --help)")
         return 0
     if args.rescore:
         if _run_task(Path(args.rescore)) == "humaneval":
@@ -113,38 +119,108 @@ def run(args) -> int:
         return 0
     if not args.task:
         raise UserError("no task given: pass --task NAME (see --list-tasks)")
-    tasks = [get_task(name) for name in args.task]
-    if any(t.name == "humaneval" for t in tasks) and not args.dry_run:
+    check_flags(args)  # from here on, whatever can fail on user input fails before any weight loads
+    entries = expand(args.task, args.mode)
+    if any(get_task(e.task).name == "humaneval" for e in entries) and not args.dry_run:
         _require_code_execution(args)  # before any generation is spent
-    model_id = args.model or DEFAULT_MODELS[args.mode]
-    tok = _tokenizer(args.tokenizer or model_id)
-    data = _data_source(args)
-    options = _options(args)
-    model_name = _model_name(model_id)
-    plans = []
-    for task in tasks:
-        run_dir = Path(args.output_dir) / model_name / _run_name(task.name, args)
-        subjects = args.subjects.split(",") if args.subjects else None
-        plans.append(plan_task(task, args.mode, data, tok, subjects=subjects, limit=args.limit, options=options,
-                               run_dir=run_dir))
+    groups = _plan_all(args, entries)
     if args.dry_run:
-        for plan in plans:
-            print(f"{plan.task.name}: {sum(map(len, plan.requests))} requests -> {write_dry_run(plan)}")
+        for group in groups.values():
+            for job in group.jobs:
+                path = write_dry_run(job.plan, overwrite=args.overwrite)
+                print(f"{job.plan.task.name} ({job.plan.mode}): {sum(map(len, job.plan.requests))} requests -> {path}")
         return 0
     _seed(args.seed)
-    ranks = distributed.setup(args, plans)  # None unless torchrun started several processes
-    backend, identity = _backend(distributed.backend_args(args, ranks), model_id, tok)
-    for plan in plans:
-        plan.identity = {**identity, "model_name": model_name, "task": plan.task.name, "task_version": plan.task.version,
-                         "mode": args.mode, "options": plan.options, "data": stable_hash(plan.data_manifest["files"])}
-        if ranks:
-            distributed.execute(plan, backend, ranks, overwrite=args.overwrite, config=vars(args))
-        else:
-            execute(plan, backend, overwrite=args.overwrite, config=vars(args))
-        if not ranks or ranks.rank == 0:
-            _plot(plan.run_dir)
+    ranks = distributed.setup(args, [job.plan for group in groups.values() for job in group.jobs])  # None: 1 process
+    load_args = distributed.backend_args(args, ranks)
+    for model_id, group in groups.items():  # every model described, every run directory checked, then loads
+        group.ckpt, model_identity = _describe(load_args, model_id)
+        for job in group.jobs:
+            job.plan.identity = {**model_identity, "model_name": job.model_name, "task": job.plan.task.name,
+                                 "task_version": job.plan.task.version, "mode": job.plan.mode,
+                                 "options": job.plan.options, "data": stable_hash(job.plan.data_manifest["files"])}
+            check_same_configuration(job.plan.run_dir, job.plan.identity, args.overwrite)
+    finished = []
+    for model_id, group in groups.items():
+        backend = _load(load_args, model_id, group.ckpt, group.tok)
+        for job in group.jobs:
+            backend.label = f"{job.plan.task.name} ({job.plan.mode})"
+            if ranks:
+                results = distributed.execute(job.plan, backend, ranks, overwrite=args.overwrite, config=job.config)
+            else:
+                results = execute(job.plan, backend, overwrite=args.overwrite, config=job.config)
+            if not ranks or ranks.rank == 0:
+                _plot(job.plan.run_dir)
+                print(summary_line(job.plan, results))
+                finished.append(job)
     distributed.close(ranks)
+    if finished:
+        _last_words(args, finished)
     return 0
+
+
+@dataclass
+class Job:
+    plan: object  # eval.pipeline.Plan
+    config: dict  # the flags this run was made with (a suite sets some per task)
+    model_name: str
+
+
+@dataclass
+class ModelGroup:
+    """The runs one model serves; it is loaded once for all of them."""
+
+    tok: object
+    jobs: list[Job] = field(default_factory=list)
+    ckpt: Path | None = None
+
+
+def _plan_all(args, entries) -> dict[str | None, ModelGroup]:
+    """Every run planned (documents, requests, run directory), grouped by the model that serves it: a suite
+    of both modes needs the base and the chat model. All data and tokenizer errors surface here."""
+    groups: dict[str | None, ModelGroup] = {}
+    for entry in entries:
+        task = get_task(entry.task)
+        entry_args = argparse.Namespace(**{**vars(args), "mode": entry.mode, **entry.flags})
+        model_id = args.model or (None if args.dry_run and args.tokenizer else DEFAULT_MODELS[entry.mode])
+        if model_id not in groups:
+            groups[model_id] = ModelGroup(_tokenizer(args.tokenizer or model_id, explicit=bool(args.tokenizer)))
+        group = groups[model_id]
+        folder = run_folder(task.name, entry.mode, args, window_in_name=task.name != "long_ppl",
+                            dtype=None if args.dry_run else dtype_name(_dtype(args)))
+        run_dir = Path(args.output_dir) / model_folder(model_id, args.tokenizer) / folder
+        subjects = args.subjects.split(",") if args.subjects else None
+        plan = plan_task(task, entry.mode, _data_source(args), group.tok, subjects=subjects, limit=args.limit,
+                         options=_options(entry_args), run_dir=run_dir)
+        group.jobs.append(Job(plan, vars(entry_args), _model_name(model_id or args.tokenizer)))
+    return groups
+
+
+def summary_line(plan, results: dict) -> str:
+    """One line per finished run: its headline number (± standard error where it is a percentage of
+    documents), documents, skipped data rows and directory."""
+    table = with_stderr(Table(**results["table"]))
+    if "stderr" in table.columns and table.rows:
+        row = table.rows[0]
+        headline = f"{table.columns[2]} {row[2]:.2f}" + (f" ± {row[3]:.2f}" if row[3] != "" else "")
+    else:
+        name, value = next(iter(results["metrics"].items()), ("-", "-"))
+        headline = f"{name} {value:.2f}" if isinstance(value, float) else f"{name} {value}"
+    skipped = plan.data_manifest.get("skipped_rows") or []
+    skips = f"; {len(skipped)} bad data rows skipped (listed in table.md)" if skipped else ""
+    return f"{plan.task.name} ({plan.mode}): {headline} on {results['n_done']} documents{skips} -> {plan.run_dir}"
+
+
+def _last_words(args, jobs: list[Job]) -> None:
+    """A suite ends with the reproduction report of its models; every command ends saying where its files are."""
+    if any(name in SUITES for name in args.task):
+        from eval import report
+
+        root = Path(args.output_dir)
+        print(report.render_report(root, report.find_runs(root, sorted({j.model_name for j in jobs})),
+                                   with_plots=False))
+    folders = sorted({str(j.plan.run_dir.parent) for j in jobs})
+    print(f"results written to {', '.join(folders)}/ ({', '.join(j.plan.run_dir.name for j in jobs)})")
 
 
 def _run_task(run_dir: Path) -> str | None:
@@ -170,16 +246,18 @@ def _plot(run_dir: Path) -> None:
     plot_run(run_dir)
 
 
-def _tokenizer(path_or_id):
+def _tokenizer(path_or_id, *, explicit: bool):
+    """The tokenizer; its errors name --tokenizer only when it was given (else they are the checkpoint's)."""
     from model import ModelLoadError, TokenizerError, load_tokenizer
 
     try:
         return load_tokenizer(path_or_id)
     except (ModelLoadError, TokenizerError) as err:
-        raise UserError(f"tokenizer: {err}") from None
+        raise UserError(f"--tokenizer {path_or_id}: {err}" if explicit else str(err)) from None
 
 
 def _data_source(args) -> DataSource:
+    """A fresh source per run, so each run records only the files it read and the rows it skipped."""
     root = None
     if args.data_dir:
         root = Path(args.data_dir).expanduser()
@@ -208,20 +286,6 @@ def _model_name(model_id: str) -> str:
     return Path(model_id.rstrip("/")).name or "model"
 
 
-def _run_name(task: str, args) -> str:
-    """<task>-<mode>, plus a suffix for every switch given on the command line and a non-native backend."""
-    parts = [task, args.mode]
-    if args.dynamic_ntk is not None:
-        parts.append(f"ntk_{'on' if args.dynamic_ntk else 'off'}")
-    if args.logn is not None:
-        parts.append(f"logn_{'on' if args.logn else 'off'}")
-    if args.window_attn and task != "long_ppl":
-        parts.append("win_" + re.sub(r"[^0-9x,]", "", args.window_attn).replace(",", "_"))
-    if args.backend != "native":
-        parts.append(args.backend)
-    return "-".join(parts)
-
-
 def _seed(seed: int) -> None:
     import numpy as np
     import torch
@@ -231,31 +295,51 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _backend(args, model_id: str, tok):
-    """Load the model (the only slow step) and describe it for the run's identity."""
-    from model import ConfigError, ModelLoadError, load_model
+def _device(args) -> str:
+    return "cpu" if args.device_map else args.device  # the host holds it until accelerate places the layers
+
+
+def _dtype(args):
+    """The dtype the weights will be held in, known before they load."""
+    from model.loading import resolve_device, resolve_dtype
+
+    return resolve_dtype(args.dtype, resolve_device(_device(args)))
+
+
+def _describe(args, model_id: str) -> tuple[Path, dict]:
+    """The checkpoint and the model part of each run's identity, from its config and file fingerprints:
+    everything run.json compares, without reading a weight."""
+    from model import ConfigError, ModelLoadError
+    from model.config import read_config, with_switches
     from model.loading import resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(model_id)
+        a = with_switches(read_config(ckpt / "config.json"), args.dynamic_ntk, args.logn, args.window_attn)
+    except (ModelLoadError, ConfigError) as err:
+        raise UserError(str(err)) from None
+    return ckpt, {"model": _fingerprint(ckpt), "backend": args.backend, "dtype": str(_dtype(args)),
+                  "switches": {"dynamic_ntk": a.use_dynamic_ntk, "logn": a.use_logn_attn, "windows": a.windows}}
+
+
+def _load(args, model_id: str, ckpt: Path, tok):
+    """Load the model (the only slow step), saying so, and wrap it in the chosen backend."""
+    import model as qwen
 
     from eval.backends import HFBackend, NativeBackend
 
-    if args.device_map and args.backend != "hf":
-        raise UserError("--device-map spreads a transformers model over GPUs: use it with --backend hf")
+    print(f"loading {model_id} ({dtype_name(_dtype(args))}, {_device(args)}) ...", flush=True)
+    started = time.time()
     try:
-        ckpt = resolve_checkpoint(model_id)
-        device = "cpu" if args.device_map else args.device  # the host holds it until accelerate places the layers
-        model = load_model(ckpt, dtype=args.dtype, device=device, dynamic_ntk=args.dynamic_ntk, logn=args.logn,
-                           window_attn=args.window_attn)
-    except (ModelLoadError, ConfigError) as err:
+        native = qwen.load_model(ckpt, dtype=args.dtype, device=_device(args), dynamic_ntk=args.dynamic_ntk,
+                                 logn=args.logn, window_attn=args.window_attn)
+    except (qwen.ModelLoadError, qwen.ConfigError) as err:
         raise UserError(str(err)) from None
+    print(f"loaded {model_id} in {time.time() - started:.1f} s", flush=True)
     kw = dict(batch_size=args.batch_size, progress=not args.no_progress)
     if args.backend == "hf":
-        backend = HFBackend.from_native(model, tok, device_map=args.device_map, **kw)
-    else:
-        backend = NativeBackend(model, tok, **kw)
-    a = model.args
-    identity = {"model": _fingerprint(ckpt), "backend": args.backend, "dtype": str(next(model.parameters()).dtype),
-                "switches": {"dynamic_ntk": a.use_dynamic_ntk, "logn": a.use_logn_attn, "windows": a.windows}}
-    return backend, identity
+        return HFBackend.from_native(native, tok, device_map=args.device_map, **kw)
+    return NativeBackend(native, tok, **kw)
 
 
 def _fingerprint(ckpt: Path) -> str:

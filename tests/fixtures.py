@@ -116,3 +116,10 @@ class OracleBackend:
         raise NotImplementedError
 
     loglikelihood = choice
+
+
+def find_run(out: Path, name: str) -> Path:
+    """out/<model folder>/<name>: the model folder's name carries a hash of the checkpoint's path."""
+    found = sorted(p for p in out.glob(f"*/{name}") if p.is_dir())
+    assert len(found) == 1, f"expected one run {name} under {out}, found {found}"
+    return found[0]
