@@ -1,7 +1,8 @@
-"""Command line: python eval/runner.py --task gsm8k [--task mmlu ...] [options]
+"""Command line: `qwen-eval run --task gsm8k [...]`, or `python eval/runner.py --task gsm8k [...]` (the same).
 
-Also: `--rescore RUN_DIR` (re-score saved records, no model), `--list-tasks`, `--dry-run`, and the
-subcommands `report [RESULTS_DIR]` (reported vs measured) and `compare BASE_RUN NEW_RUN` (regression gate).
+Subcommands: run (the default), rescore RUN_DIR (re-score saved records, no model), report [RESULTS_DIR]
+(reported vs measured), compare BASE_RUN NEW_RUN (regression gate), list (the tasks). The flags
+`--rescore RUN_DIR` and `--list-tasks` of `run` do the same as rescore and list.
 User errors print one line and exit with code 2; Ctrl-C writes the partial table and exits 130.
 """
 from __future__ import annotations
@@ -14,20 +15,22 @@ import re
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import from the repository, never from eval/ itself
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__" and not __package__:  # `python eval/runner.py`: run as the module, from the repository
+    repo = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-m", "eval.runner", *sys.argv[1:]], {**os.environ, "PYTHONPATH": path})
 
-from eval import distributed  # noqa: E402
-from eval.api import UserError, stable_hash  # noqa: E402
-from eval.data import DataSource  # noqa: E402
-from eval.pipeline import execute, plan_task, rescore, write_dry_run  # noqa: E402
-from eval.registry import get_task, task_names  # noqa: E402
+from eval import distributed
+from eval.api import UserError, stable_hash
+from eval.data import DataSource
+from eval.pipeline import execute, plan_task, rescore, write_dry_run
+from eval.registry import get_task, task_names
 
 DEFAULT_MODELS = {"fewshot": "Qwen/Qwen-7B", "chat": "Qwen/Qwen-7B-Chat"}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python eval/runner.py", description=__doc__,
+def parse_args(argv=None, prog="python eval/runner.py") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", action="append", default=[], help="task name (repeat, or comma-separate, for several)")
     p.add_argument("--model", help="checkpoint directory or hub id (default Qwen/Qwen-7B; Qwen/Qwen-7B-Chat in chat mode)")
@@ -73,23 +76,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-SUBCOMMANDS = {"report": "eval.report", "compare": "eval.compare"}
+def _rescore_command(argv) -> int:
+    p = argparse.ArgumentParser(prog="qwen-eval rescore", description="recompute metrics and tables from saved samples")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--allow-code-execution", action="store_true", help="needed to re-score tasks that run code")
+    args = p.parse_args(argv)
+    return run(parse_args(["--rescore", args.run_dir] + ["--allow-code-execution"] * args.allow_code_execution))
+
+
+def _list_command(argv) -> int:
+    argparse.ArgumentParser(prog="qwen-eval list", description="the tasks and their modes").parse_args(argv)
+    return run(parse_args(["--list-tasks"]))
+
+
+def _module_command(name: str):
+    def command(argv) -> int:
+        import importlib
+
+        return importlib.import_module(name).main(argv)
+    return command
+
+
+COMMANDS = {
+    "run": lambda argv: run(parse_args(argv, prog="qwen-eval run")),
+    "rescore": _rescore_command,
+    "list": _list_command,
+    "report": _module_command("eval.report"),
+    "compare": _module_command("eval.compare"),
+}
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        import importlib
-
-        command = importlib.import_module(SUBCOMMANDS[argv[0]])
-        try:
-            return command.main(argv[1:])
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        return run(args)
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        return run(parse_args(argv))  # no subcommand: `run`, as `python eval/runner.py --task ...` always was
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -107,14 +129,15 @@ def run(args) -> int:
             print(f"{name:10s} modes: {', '.join(task.modes):14s} {summary}")
         return 0
     if args.rescore:
-        if _run_task(Path(args.rescore)) == "humaneval":
-            _require_code_execution(args)  # re-scoring HumanEval runs the saved completions again
+        task = _run_task(Path(args.rescore))
+        if task in task_names() and get_task(task).executes_code:
+            _require_code_execution(args)  # re-scoring runs the saved completions again
         rescore(Path(args.rescore), get_task)
         return 0
     if not args.task:
         raise UserError("no task given: pass --task NAME (see --list-tasks)")
     tasks = [get_task(name) for name in args.task]
-    if any(t.name == "humaneval" for t in tasks) and not args.dry_run:
+    if any(t.executes_code for t in tasks) and not args.dry_run:
         _require_code_execution(args)  # before any generation is spent
     model_id = args.model or DEFAULT_MODELS[args.mode]
     tok = _tokenizer(args.tokenizer or model_id)
@@ -123,7 +146,7 @@ def run(args) -> int:
     model_name = _model_name(model_id)
     plans = []
     for task in tasks:
-        run_dir = Path(args.output_dir) / model_name / _run_name(task.name, args)
+        run_dir = Path(args.output_dir) / model_name / _run_name(task, args)
         subjects = args.subjects.split(",") if args.subjects else None
         plans.append(plan_task(task, args.mode, data, tok, subjects=subjects, limit=args.limit, options=options,
                                run_dir=run_dir))
@@ -132,17 +155,13 @@ def run(args) -> int:
             print(f"{plan.task.name}: {sum(map(len, plan.requests))} requests -> {write_dry_run(plan)}")
         return 0
     _seed(args.seed)
-    ranks = distributed.setup(args, plans)  # None unless torchrun started several processes
+    ranks = distributed.setup(args, plans)  # SINGLE unless torchrun started several processes
     backend, identity = _backend(distributed.backend_args(args, ranks), model_id, tok)
     for plan in plans:
         plan.identity = {**identity, "model_name": model_name, "task": plan.task.name, "task_version": plan.task.version,
                          "mode": args.mode, "options": plan.options, "data": stable_hash(plan.data_manifest["files"])}
-        if ranks:
-            distributed.execute(plan, backend, ranks, overwrite=args.overwrite, config=vars(args))
-        else:
-            execute(plan, backend, overwrite=args.overwrite, config=vars(args))
-        if not ranks or ranks.rank == 0:
-            _plot(plan.run_dir)
+        if execute(plan, backend, ranks, overwrite=args.overwrite, config=vars(args)) is not None:
+            _plot(plan.run_dir)  # rank 0
     distributed.close(ranks)
     return 0
 
@@ -208,14 +227,14 @@ def _model_name(model_id: str) -> str:
     return Path(model_id.rstrip("/")).name or "model"
 
 
-def _run_name(task: str, args) -> str:
+def _run_name(task, args) -> str:
     """<task>-<mode>, plus a suffix for every switch given on the command line and a non-native backend."""
-    parts = [task, args.mode]
+    parts = [task.name, args.mode]
     if args.dynamic_ntk is not None:
         parts.append(f"ntk_{'on' if args.dynamic_ntk else 'off'}")
     if args.logn is not None:
         parts.append(f"logn_{'on' if args.logn else 'off'}")
-    if args.window_attn and task != "long_ppl":
+    if args.window_attn and not task.sets_switches:
         parts.append("win_" + re.sub(r"[^0-9x,]", "", args.window_attn).replace(",", "_"))
     if args.backend != "native":
         parts.append(args.backend)
