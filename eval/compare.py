@@ -19,20 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import UserError
+from .api import AccuracyScores, PerplexityScores, UserError
+from .metrics import average
 from .registry import get_task
-from .tasks.long_ppl import ROWS
 
 BOOTSTRAP_ROUNDS = 10_000
-# (task, mode) -> (headline metric, path to its per-document value in a samples.jsonl record).
-HEADLINE = {
-    **{(task, mode): ("acc", ("correct",)) for task in ("mmlu", "ceval", "cmmlu") for mode in ("fewshot", "chat")},
-    ("gsm8k", "fewshot"): ("acc", ("parity", "correct")),
-    ("gsm8k", "chat"): ("acc", ("zero_shot", "v0", "correct")),
-    ("humaneval", "fewshot"): ("pass@1", ("parity",)),
-    ("humaneval", "chat"): ("pass@1", ("v0",)),
-}
-PERPLEXITY_TASK = "long_ppl"
 
 
 # ---- runs ---------------------------------------------------------------------------------------
@@ -181,27 +172,15 @@ class Comparison:
         return self.gated and self.drop >= max_drop and (alpha is None or self.p < alpha)
 
 
-def document_score(record: dict, path: tuple[str, ...]) -> float:
-    value = record
-    for key in path:
-        value = value[key]
-    if isinstance(value, list):  # HumanEval: a task's samples; their pass rate is its unbiased pass@1
-        return sum(s["status"] == "passed" for s in value) / len(value)
-    return float(value)
-
-
-def compare_accuracy(base: Run, new: Run, shared: list[str]) -> list[Comparison]:
-    metric, path = HEADLINE[(base.task, base.mode)]
+def compare_accuracy(base: Run, new: Run, shared: list[str], spec: AccuracyScores) -> list[Comparison]:
     try:
-        scores = {d: (document_score(base.records[d], path), document_score(new.records[d], path)) for d in shared}
+        scores = {d: (spec.score(base.records[d]), spec.score(new.records[d])) for d in shared}
     except (KeyError, TypeError):
-        raise UserError(f"{base.task} ({base.mode}): a record lacks {'.'.join(path)}") from None
+        raise UserError(f"{base.task} ({base.mode}): a record lacks the per-document {spec.metric} score") from None
     subjects = {d: base.records[d].get("subject", "") for d in shared}
-    task = get_task(base.task)
-    averaging = getattr(task, "averaging", "micro")
-    groups = {**getattr(task, "categories", {}), **getattr(task, "extra_groups", {})}
-    units = [accuracy_comparison(f"{metric} ({averaging})", shared, scores, subjects, averaging, gated=True)]
-    for group, members in groups.items():
+    averaging = spec.averaging
+    units = [accuracy_comparison(f"{spec.metric} ({averaging})", shared, scores, subjects, averaging, gated=True)]
+    for group, members in spec.groups.items():
         docs = [d for d in shared if subjects[d] in members]
         if docs:
             units.append(accuracy_comparison(group, docs, scores, subjects, averaging, gated=False))
@@ -209,8 +188,8 @@ def compare_accuracy(base: Run, new: Run, shared: list[str]) -> list[Comparison]
 
 
 def accuracy_comparison(name, docs, scores, subjects, averaging, gated) -> Comparison:
-    base = average([scores[d][0] for d in docs], [subjects[d] for d in docs], averaging)
-    new = average([scores[d][1] for d in docs], [subjects[d] for d in docs], averaging)
+    base = average(by_subject(docs, subjects, {d: scores[d][0] for d in docs}), averaging)
+    new = average(by_subject(docs, subjects, {d: scores[d][1] for d in docs}), averaging)
     worse = [d for d in docs if scores[d][1] < scores[d][0]]
     better = [d for d in docs if scores[d][1] > scores[d][0]]
     if all(v in (0.0, 1.0) for d in docs for v in scores[d]):
@@ -222,30 +201,29 @@ def accuracy_comparison(name, docs, scores, subjects, averaging, gated) -> Compa
     return Comparison(name, len(docs), base, new, test, p, base - new, gated, worse, better)
 
 
-def average(values: list[float], subjects: list[str], averaging: str) -> float:
-    """In percent. Micro: over documents; macro: the mean of per-subject means (C-Eval, CMMLU)."""
-    if averaging == "micro":
-        return 100 * sum(values) / len(values)
-    by_subject: dict[str, list[float]] = {}
-    for value, subject in zip(values, subjects):
-        by_subject.setdefault(subject, []).append(value)
-    return 100 * sum(sum(v) / len(v) for v in by_subject.values()) / len(by_subject)
+def by_subject(docs: list[str], subjects: dict[str, str], scores: dict[str, float]) -> dict[str, tuple[float, int]]:
+    """(summed score, documents) per subject, for metrics.average."""
+    out: dict[str, tuple[float, int]] = {}
+    for d in docs:
+        total, n = out.get(subjects[d], (0.0, 0))
+        out[subjects[d]] = (total + scores[d], n + 1)
+    return out
 
 
-def compare_perplexity(base: Run, new: Run, shared: list[str]) -> list[Comparison]:
-    """One gated score per switch row (all lengths, token-weighted), then each (row, length) cell."""
-    rows = [row for row in ROWS if row in base.records[shared[0]]["rows"]]  # records store them sorted by name
-    lengths = sorted({base.records[d]["length"] for d in shared})
-    gated = [perplexity_comparison(f"ppl {row} (all lengths)", shared, base, new, row, True) for row in rows]
-    cells = [perplexity_comparison(f"ppl {row} @ {length}", [d for d in shared if base.records[d]["length"] == length],
-                                   base, new, row, False) for row in rows for length in lengths]
+def compare_perplexity(base: Run, new: Run, shared: list[str], spec: PerplexityScores) -> list[Comparison]:
+    """One gated score per row (all lengths, token-weighted), then each (row, length) cell."""
+    lengths = sorted({spec.length(base.records[d]) for d in shared})
+    rows = spec.rows(base.records[shared[0]])
+    gated = [perplexity_comparison(f"ppl {row} (all lengths)", shared, base, new, spec, row, True) for row in rows]
+    cells = [perplexity_comparison(f"ppl {row} @ {length}",
+                                   [d for d in shared if spec.length(base.records[d]) == length],
+                                   base, new, spec, row, False) for row in rows for length in lengths]
     return gated + cells
 
 
-def perplexity_comparison(name, docs, base: Run, new: Run, row: str, gated: bool) -> Comparison:
+def perplexity_comparison(name, docs, base: Run, new: Run, spec: PerplexityScores, row: str, gated: bool) -> Comparison:
     """exp(summed NLL / summed tokens), as the task aggregates; paired bootstrap of the log-perplexity change."""
-    columns = np.array([[run.records[d]["rows"][row][key] for run in (base, new) for key in ("nll", "n_tokens")]
-                        for d in docs], dtype=float)
+    columns = np.array([[x for run in (base, new) for x in spec.cell(run.records[d], row)] for d in docs], dtype=float)
     total = columns.sum(axis=0)
     observed = total[2] / total[3] - total[0] / total[1]
     sums = bootstrap_sums(columns)
@@ -260,9 +238,10 @@ def compare_runs(base: Run, new: Run, allow_different: bool) -> tuple[list[Compa
     if not shared:
         raise UserError(f"{base.dir} and {new.dir} share no documents")
     warnings = comparable(base, new, shared, allow_different)
-    if base.task == PERPLEXITY_TASK:
-        return compare_perplexity(base, new, shared), warnings
-    return compare_accuracy(base, new, shared), warnings
+    spec = get_task(base.task).paired_scores(base.mode)
+    if isinstance(spec, PerplexityScores):
+        return compare_perplexity(base, new, shared, spec), warnings
+    return compare_accuracy(base, new, shared, spec), warnings
 
 
 # ---- output ------------------------------------------------------------------------------------------
@@ -277,7 +256,7 @@ def render_pair(base: Run, new: Run, units: list[Comparison], warnings: list[str
              f"- documents compared: {shared} (only in base: {len(base.records) - shared}, "
              f"only in new: {len(new.records) - shared})"]
     lines += [f"- WARNING: {w}" for w in warnings]
-    perplexity = base.task == PERPLEXITY_TASK
+    perplexity = units[0].unit == "%"
     lines += ["", "| score | n | base | new | delta | drop | test | p | right->wrong | wrong->right | gate |",
               "|" + "---|" * 11]
     for u in units:
@@ -319,7 +298,7 @@ def main(argv) -> int:
     regressions, sections = [], []
     for base_dir, new_dir in pairs:
         base, new = load_run(base_dir), load_run(new_dir)
-        if (base.task, base.mode) not in HEADLINE and base.task != PERPLEXITY_TASK:
+        if get_task(base.task).paired_scores(base.mode) is None:
             notes.append(f"{base_dir.name}: {base.task} has no per-document scores to compare")
             continue
         units, warnings = compare_runs(base, new, args.allow_different_prompts)

@@ -18,8 +18,9 @@ from . import api
 from .api import Doc, Request, UserError, serve, stable_hash
 from .data import DataSource
 from .cli_checks import check_subjects
+from .distributed import SINGLE, Ranks, assign, doc_cost, log_to
 from .metrics import with_stderr
-from .results import RunStore, atomic_write, render_markdown
+from .results import RunStore, atomic_write, drop_shards, open_run, render_markdown, shard_path
 
 REPO = Path(__file__).resolve().parents[1]
 RESPONSE_KINDS = {cls.__name__: cls for cls in (api.ChoiceResponse, api.GenerateResponse, api.LoglikelihoodResponse,
@@ -46,10 +47,9 @@ def plan_task(task, mode: str, data, tok, *, subjects=None, limit=None, options=
     if mode not in task.modes:
         raise UserError(f"task {task.name} has no {mode!r} mode (modes: {', '.join(task.modes)})")
     options = dict(options or {})
-    if hasattr(task, "bind"):  # tasks whose documents depend on the data dir and tokenizer (long_ppl)
-        task = task.bind(data, tok, options)
+    task = task.bind(data, tok, options)  # tasks whose documents depend on the data dir and tokenizer (long_ppl)
     if subjects:
-        check_subjects(task.name, subjects, getattr(task, "subjects", None) or [])
+        check_subjects(task.name, subjects, task.subjects or [])
         docs = task.load(data, mode, subjects)
     else:
         docs = task.load(data, mode)
@@ -97,41 +97,81 @@ def write_dry_run(plan: Plan, overwrite: bool = False) -> Path:
 
 
 # ---- execution --------------------------------------------------------------------------------------
-def execute(plan: Plan, backend, *, overwrite: bool = False, config: dict | None = None, log=print) -> dict:
-    """Serve what is not saved yet, append records as batches finish, then write the tables."""
-    from .distributed import drop_shards, open_store  # a torchrun job's records may sit in rank shards
+def execute(plan: Plan, backend, ranks: Ranks = SINGLE, *, overwrite: bool = False, config: dict | None = None,
+            log=print) -> dict | None:
+    """Serve what is not saved yet, append records as batches finish, then write the tables.
 
-    store, saved = open_store(plan.run_dir, plan.identity, overwrite)
+    One process, or one of N torchrun ranks: every rank serves its share of the unsaved documents
+    (rank 0 appends to samples.jsonl, rank k to its shard), then rank 0 gathers the records and writes
+    the run exactly as one process would. Returns results.json's content on rank 0, None elsewhere.
+    """
+    if ranks.rank:
+        log_to(plan.run_dir, ranks)
     hashes = {doc.doc_id: prompt_hash(reqs) for doc, reqs in zip(plan.docs, plan.requests)}
-    _check_saved(saved, hashes, store)
-    todo = [k for k, doc in enumerate(plan.docs) if doc.doc_id not in saved]
-    if saved and todo:
-        log(f"{plan.task.name}: resuming, {len(plan.docs) - len(todo)} of {len(plan.docs)} documents already done")
+    ranks.same_everywhere(plan.task.name, stable_hash([hashes, plan.identity]))
+    store = saved = None
+    if ranks.rank == 0:
+        store, saved = open_run(plan.run_dir, plan.identity, overwrite)
+        _check_saved(saved, hashes, store)
+    done = set(ranks.share(sorted(saved) if ranks.rank == 0 else None))
+    mine = _share(plan, ranks, done, log)
+    sink = store if ranks.rank == 0 else RunStore.reader(shard_path(plan.run_dir, ranks.rank))
+    if ranks.rank:
+        sink.load()  # cut a torn last line an earlier job left, before appending after it
     started = time.time()
+    records: list[dict] = []
 
-    def on_records(records):
-        store.append(records)
-        saved.update((r["doc_id"], r) for r in records)
+    def on_records(batch):
+        sink.append(batch)
+        records.extend(batch)
 
-    interrupted = False
     try:
-        serve_docs(plan, backend, todo, hashes, on_records)
+        serve_docs(plan, backend, mine, hashes, on_records)
     except KeyboardInterrupt:
-        interrupted = True
+        if ranks.world > 1:
+            print(f"{plan.task.name}: rank {ranks.rank} interrupted; its finished records are saved (under torchrun "
+                  f"no partial table is written): re-run the same command to resume", file=sys.stderr)
+            raise
         saved.update(store.load())  # the disk is the truth: a record may have landed just before the signal
         log(f"{plan.task.name}: interrupted; writing the partial table of the documents finished so far")
-    results = finish(plan, store, saved, partial=interrupted, config=config, seconds=time.time() - started)
-    if interrupted:
-        raise KeyboardInterrupt
-    drop_shards(plan.run_dir)  # samples.jsonl now holds every record the shards had
+        finish(plan, store, saved, partial=True, config=config, seconds=time.time() - started)
+        raise
+    except Exception as err:
+        if ranks.world > 1:  # the traceback follows on stderr (rank k: its log)
+            where = f" (traceback in {plan.run_dir / f'rank{ranks.rank}.log'})" if ranks.rank else ""
+            ranks.say(f"error: rank {ranks.rank} of {ranks.world} failed serving its share of {plan.task.name}: "
+                      f"{type(err).__name__}: {err}{where}")
+        raise
+    ranks.wait_for_all(plan.task.name)
+    gathered = ranks.gather(records)
+    results = None
+    if ranks.rank == 0:
+        for part in gathered:
+            saved.update((r["doc_id"], r) for r in part)
+        if ranks.world > 1:
+            config = {**(config or {}), "world_size": ranks.world}
+        results = finish(plan, store, saved, partial=False, config=config, seconds=time.time() - started)
+        drop_shards(plan.run_dir)  # samples.jsonl now holds every record the shards had
+    ranks.barrier()  # samples.jsonl is complete: shards on disks rank 0 cannot see may go too
+    shard_path(plan.run_dir, ranks.rank).unlink(missing_ok=True)
     return results
 
 
-def serve_docs(plan: Plan, backend, todo: list[int], hashes: dict, on_records) -> None:
-    """Serve the requests of documents `todo` (indices into plan.docs); on_records(records) as documents complete.
+def _share(plan: Plan, ranks: Ranks, done: set, log) -> list[int]:
+    """This rank's documents (indices into plan.docs) among those not saved yet."""
+    todo = [k for k, doc in enumerate(plan.docs) if doc.doc_id not in done]
+    if done and todo:
+        log(f"{plan.task.name}: resuming, {len(plan.docs) - len(todo)} of {len(plan.docs)} documents already done")
+    if ranks.world == 1:
+        return todo
+    mine = [todo[i] for i in assign([doc_cost(plan.requests[k]) for k in todo], ranks.world)[ranks.rank]]
+    log(f"{plan.task.name}: rank {ranks.rank} of {ranks.world} serves {len(mine)} of {len(todo)} documents "
+        f"({sum(doc_cost(plan.requests[k]) for k in mine)} tokens)")
+    return mine
 
-    Shared with eval/distributed.py, which serves one rank's shard the same way.
-    """
+
+def serve_docs(plan: Plan, backend, todo: list[int], hashes: dict, on_records) -> None:
+    """Serve the requests of documents `todo` (indices into plan.docs); on_records(records) as documents complete."""
     flat = [(k, j) for k in todo for j in range(len(plan.requests[k]))]
     pending: dict[int, list] = {k: [None] * len(plan.requests[k]) for k in todo}
 
@@ -144,7 +184,7 @@ def serve_docs(plan: Plan, backend, todo: list[int], hashes: dict, on_records) -
                 finished.append(k)
         on_records([make_record(plan, k, pending.pop(k), hashes) for k in finished])
 
-    if getattr(plan.task, "measures", False):  # timed one request at a time (the profile task)
+    if plan.task.timed:  # timed one request at a time (the profile task)
         from .backends import profile as answer
     else:
         answer = serve
@@ -251,8 +291,6 @@ def rescore(run_dir: Path, get_task) -> dict:
 def _rescoring_task(task, config: dict, options: dict):
     """A task whose scoring needs the tokenizer (tooluse's Rouge-L) gets the run's, when it can be loaded;
     one whose binding needs the data directory (long_ppl) scores saved records unbound."""
-    if not hasattr(task, "bind"):
-        return task
     tok = None
     source = config.get("tokenizer") or config.get("model")
     if source:

@@ -24,11 +24,7 @@ def plot_run(run_dir: Path, results: dict | None = None) -> list[Path]:
     """The run's plots (none for tasks without categories or lengths), written into run_dir."""
     if results is None:
         results = json.loads((run_dir / "results.json").read_text())
-    if results["task"] == "long_ppl":
-        return [plot_perplexity(results, run_dir / "perplexity.png")]
-    task = get_task(results["task"])
-    groups = {**getattr(task, "categories", {}), **getattr(task, "extra_groups", {})}
-    return [plot_categories(results, list(groups), run_dir / "categories.png")] if groups else []
+    return get_task(results["task"]).plot(results, run_dir)
 
 
 def plot_perplexity(results: dict, path: Path) -> Path:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import published
-from .api import UserError
+from .api import AccuracyScores, PerplexityScores, UserError
 from .compare import bootstrap_sums, read_records
 from .plots import plot_run
 from .registry import get_task
@@ -33,7 +33,6 @@ from .results import atomic_write
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 QUANTISATION_TAGS = ("int4", "int8", "nf4")
-MULTIPLE_CHOICE = ("mmlu", "ceval", "cmmlu")
 PLOTS_DIR = "report-plots"
 PPL_BOOTSTRAP_ROUNDS = 2_000
 
@@ -94,14 +93,16 @@ def choose_run(runs: list[Run], table: published.Table, row: published.Row) -> R
 
 # ---- measured numbers and their intervals ----------------------------------------------------------------
 def measure(run: Run, row: published.Row) -> Measured:
-    if row.task in MULTIPLE_CHOICE:
-        return multiple_choice(run, row)
-    if row.task == "long_ppl":
-        return perplexity(run, row)
+    task = get_task(row.task)
+    spec = task.paired_scores(run.mode)
+    if isinstance(spec, PerplexityScores):
+        return perplexity(run, row, spec)
+    if isinstance(spec, AccuracyScores) and spec.groups:  # a table of groups and subjects
+        return grouped(run, row, spec)
     value = run.results["metrics"].get(row.metric)
     if value is None:
         return Measured(None, note=f"no metric {row.metric}")
-    if row.task == "profile":
+    if task.timed:
         return Measured(value, note="one timing on the run's own hardware")
     return Measured(value, wilson(value, run.results["n_done"]))
 
@@ -116,7 +117,7 @@ def wilson(percent: float, n: int) -> tuple[float, float] | None:
     return 100 * (centre - half), 100 * (centre + half)
 
 
-def multiple_choice(run: Run, row: published.Row) -> Measured:
+def grouped(run: Run, row: published.Row, spec: AccuracyScores) -> Measured:
     """The average or a category row of the run's table; Wilson intervals (macro: see macro_interval)."""
     table = run.results["table"]
     rows = table["rows"]
@@ -127,8 +128,7 @@ def multiple_choice(run: Run, row: published.Row) -> Measured:
     details = run.results["details"]
     if details.get("averaging") != "macro":
         return Measured(value, wilson(value, n))
-    task = get_task(row.task)
-    members = {**task.categories, **task.extra_groups}.get(row.part) if row.part else None
+    members = spec.groups.get(row.part) if row.part else None
     per_subject = details["per_subject"]
     subjects = [s for s in per_subject if members is None or s in members]
     return Measured(value, macro_interval(value, [per_subject[s]["n"] for s in subjects]))
@@ -140,14 +140,14 @@ def macro_interval(value: float, sizes: list[int]) -> tuple[float, float]:
     return wilson(value, len(sizes) ** 2 / sum(1 / n for n in sizes))
 
 
-def perplexity(run: Run, row: published.Row) -> Measured:
+def perplexity(run: Run, row: published.Row, spec: PerplexityScores) -> Measured:
     """Token-weighted perplexity of one (switch row, length) cell; percentile bootstrap over its samples."""
     switches, length = row.part
     value = run.results["details"]["ppl"].get(switches, {}).get(str(length))
     if value is None:
         return Measured(None, note=f"length {length} not run")
-    columns = np.array([[r["rows"][switches]["nll"], r["rows"][switches]["n_tokens"]]
-                        for r in read_records(run.dir / "samples.jsonl") if r["length"] == length], dtype=float)
+    columns = np.array([spec.cell(r, switches) for r in read_records(run.dir / "samples.jsonl")
+                        if spec.length(r) == length], dtype=float)
     if not len(columns):
         return Measured(value, note="no samples.jsonl: no interval")
     sums = bootstrap_sums(columns, PPL_BOOTSTRAP_ROUNDS)

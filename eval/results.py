@@ -41,6 +41,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+SHARD_GLOB = "samples.rank*.jsonl"  # a torchrun job's rank k appends to samples.rank<k>.jsonl
+
+
+def shard_path(run_dir: Path, rank: int) -> Path:
+    return run_dir / f"samples.rank{rank}.jsonl"
+
+
+def drop_shards(run_dir: Path) -> None:
+    for path in run_dir.glob(SHARD_GLOB):
+        path.unlink(missing_ok=True)
+
+
+def open_run(run_dir: Path, identity: dict, overwrite: bool) -> tuple["RunStore", dict]:
+    """Claim the run directory; saved records by doc_id, those an earlier torchrun job left in shards included."""
+    fresh = overwrite or not (run_dir / "run.json").exists()  # shards of unknown or discarded runs never count
+    store = RunStore(run_dir, identity, overwrite)
+    if fresh:
+        drop_shards(run_dir)
+    saved = store.load()
+    for path in sorted(run_dir.glob(SHARD_GLOB)):
+        for doc_id, record in RunStore.reader(path).load().items():
+            saved.setdefault(doc_id, record)
+    return store, saved
+
+
 class RunStore:
     def __init__(self, run_dir: Path, identity: dict, overwrite: bool = False):
         self.dir = run_dir

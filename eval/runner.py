@@ -1,7 +1,8 @@
-"""Command line: python eval/runner.py --task gsm8k [--task mmlu ...] [options]
+"""Command line: `qwen-eval run --task gsm8k [...]`, or `python eval/runner.py --task gsm8k [...]` (the same).
 
-Also: `--rescore RUN_DIR` (re-score saved records, no model), `--list-tasks`, `--dry-run`, and the
-subcommands `report [RESULTS_DIR]` (reported vs measured) and `compare BASE_RUN NEW_RUN` (regression gate).
+Subcommands: run (the default), rescore RUN_DIR (re-score saved records, no model), report [RESULTS_DIR]
+(reported vs measured), compare BASE_RUN NEW_RUN (regression gate), list (the tasks). The flags
+`--rescore RUN_DIR` and `--list-tasks` of `run` do the same as rescore and list.
 User errors print one line and exit with code 2; Ctrl-C writes the partial table and exits 130.
 """
 from __future__ import annotations
@@ -15,24 +16,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import from the repository, never from eval/ itself
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__" and not __package__:  # `python eval/runner.py`: run as the module, from the repository
+    repo = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-m", "eval.runner", *sys.argv[1:]], {**os.environ, "PYTHONPATH": path})
 
-from eval import distributed  # noqa: E402
-from eval.api import Table, UserError, stable_hash  # noqa: E402
-from eval.cli_checks import check_flags, check_same_configuration  # noqa: E402
-from eval.data import DataSource  # noqa: E402
-from eval.metrics import with_stderr  # noqa: E402
-from eval.pipeline import execute, plan_task, rescore, write_dry_run  # noqa: E402
-from eval.registry import get_task, task_names  # noqa: E402
-from eval.run_layout import dtype_name, model_folder, run_folder  # noqa: E402
-from eval.suites import SUITES, expand  # noqa: E402
+from eval import distributed
+from eval.api import Table, UserError, stable_hash
+from eval.cli_checks import check_flags, check_same_configuration
+from eval.data import DataSource
+from eval.metrics import with_stderr
+from eval.pipeline import execute, plan_task, rescore, write_dry_run
+from eval.registry import get_task, task_names
+from eval.run_layout import dtype_name, model_folder, run_folder
+from eval.suites import SUITES, expand
 
 DEFAULT_MODELS = {"fewshot": "Qwen/Qwen-7B", "chat": "Qwen/Qwen-7B-Chat"}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python eval/runner.py", description=__doc__,
+def parse_args(argv=None, prog="python eval/runner.py") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", action="append", default=[], help="task name (repeat, or comma-separate, for several)")
     p.add_argument("--model", help="checkpoint directory or hub id (default Qwen/Qwen-7B; Qwen/Qwen-7B-Chat in chat mode)")
@@ -78,23 +81,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-SUBCOMMANDS = {"report": "eval.report", "compare": "eval.compare"}
+def _rescore_command(argv) -> int:
+    p = argparse.ArgumentParser(prog="qwen-eval rescore", description="recompute metrics and tables from saved samples")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--allow-code-execution", action="store_true", help="needed to re-score tasks that run code")
+    args = p.parse_args(argv)
+    return run(parse_args(["--rescore", args.run_dir] + ["--allow-code-execution"] * args.allow_code_execution))
+
+
+def _list_command(argv) -> int:
+    argparse.ArgumentParser(prog="qwen-eval list", description="the tasks and their modes").parse_args(argv)
+    return run(parse_args(["--list-tasks"]))
+
+
+def _module_command(name: str):
+    def command(argv) -> int:
+        import importlib
+
+        return importlib.import_module(name).main(argv)
+    return command
+
+
+COMMANDS = {
+    "run": lambda argv: run(parse_args(argv, prog="qwen-eval run")),
+    "rescore": _rescore_command,
+    "list": _list_command,
+    "report": _module_command("eval.report"),
+    "compare": _module_command("eval.compare"),
+}
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        import importlib
-
-        command = importlib.import_module(SUBCOMMANDS[argv[0]])
-        try:
-            return command.main(argv[1:])
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        return run(args)
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        return run(parse_args(argv))  # no subcommand: `run`, as `python eval/runner.py --task ...` always was
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -113,15 +135,16 @@ def run(args) -> int:
         print(f"suites: {', '.join(SUITES)} (see --help)")
         return 0
     if args.rescore:
-        if _run_task(Path(args.rescore)) == "humaneval":
-            _require_code_execution(args)  # re-scoring HumanEval runs the saved completions again
+        task = _run_task(Path(args.rescore))
+        if task in task_names() and get_task(task).executes_code:
+            _require_code_execution(args)  # re-scoring runs the saved completions again
         rescore(Path(args.rescore), get_task)
         return 0
     if not args.task:
         raise UserError("no task given: pass --task NAME (see --list-tasks)")
     check_flags(args)  # from here on, whatever can fail on user input fails before any weight loads
     entries = expand(args.task, args.mode)
-    if any(get_task(e.task).name == "humaneval" for e in entries) and not args.dry_run:
+    if any(get_task(e.task).executes_code for e in entries) and not args.dry_run:
         _require_code_execution(args)  # before any generation is spent
     groups = _plan_all(args, entries)
     if args.dry_run:
@@ -131,7 +154,7 @@ def run(args) -> int:
                 print(f"{job.plan.task.name} ({job.plan.mode}): {sum(map(len, job.plan.requests))} requests -> {path}")
         return 0
     _seed(args.seed)
-    ranks = distributed.setup(args, [job.plan for group in groups.values() for job in group.jobs])  # None: 1 process
+    ranks = distributed.setup(args, [job.plan for group in groups.values() for job in group.jobs])  # SINGLE: 1 process
     load_args = distributed.backend_args(args, ranks)
     for model_id, group in groups.items():  # every model described, every run directory checked, then loads
         group.ckpt, model_identity = _describe(load_args, model_id)
@@ -145,11 +168,8 @@ def run(args) -> int:
         backend = _load(load_args, model_id, group.ckpt, group.tok)
         for job in group.jobs:
             backend.label = f"{job.plan.task.name} ({job.plan.mode})"
-            if ranks:
-                results = distributed.execute(job.plan, backend, ranks, overwrite=args.overwrite, config=job.config)
-            else:
-                results = execute(job.plan, backend, overwrite=args.overwrite, config=job.config)
-            if not ranks or ranks.rank == 0:
+            results = execute(job.plan, backend, ranks, overwrite=args.overwrite, config=job.config)
+            if results is not None:  # rank 0
                 _plot(job.plan.run_dir)
                 print(summary_line(job.plan, results))
                 finished.append(job)
@@ -186,7 +206,7 @@ def _plan_all(args, entries) -> dict[str | None, ModelGroup]:
         if model_id not in groups:
             groups[model_id] = ModelGroup(_tokenizer(args.tokenizer or model_id, explicit=bool(args.tokenizer)))
         group = groups[model_id]
-        folder = run_folder(task.name, entry.mode, args, window_in_name=task.name != "long_ppl",
+        folder = run_folder(task.name, entry.mode, args, window_in_name=not task.sets_switches,
                             dtype=None if args.dry_run else dtype_name(_dtype(args)))
         run_dir = Path(args.output_dir) / model_folder(model_id, args.tokenizer) / folder
         subjects = args.subjects.split(",") if args.subjects else None

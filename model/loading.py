@@ -3,19 +3,23 @@ A GPTQ Int4 checkpoint (quantize_config.json beside the weights) goes through th
 
 Every tensor name, shape and file is checked before any weight is read, so a bad checkpoint fails
 with one message and nothing half-loaded. Weights stream one tensor at a time (safetensors mmap),
-straight into the target dtype and device: peak host memory stays near one tensor.
+straight into the target dtype and device: peak host memory stays near one tensor. Every byte loaded
+(config, quantisation config, each tensor's name, dtype, shape and data) is hashed on the way, in a thread
+beside the copy to the device: `model.weights_fingerprint` identifies the exact weights at no extra pass.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from . import gptq
-from .config import ModelArgs, read_config, with_switches
+from .config import read_config, with_switches
 from .qwen import Qwen
 from .tokenizer import QwenTokenizer
 
@@ -182,16 +186,29 @@ def load_model(path_or_id, *, dtype="auto", device="auto", dynamic_ntk=None, log
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     files = weight_files(ckpt)
     _check_tensors(files, expected)
-    for path in files:
-        for name, tensor in _stream_tensors(path):
-            if quantization is not None and gptq.is_quantized_tensor(name):
-                gptq.assign(model, name, tensor, device, path)  # codes and scales stay as stored
-            elif not _IGNORED.match(name):
-                _assign(model, name, tensor.to(device=device, dtype=dtype))
+    fingerprint = hashlib.blake2b(digest_size=16)
+    for config in ("config.json", "quantize_config.json"):
+        if (ckpt / config).exists():
+            fingerprint.update((ckpt / config).read_bytes())
+    with ThreadPoolExecutor(1) as hasher:  # hashing releases the GIL: it overlaps the copy to the device
+        for path in files:
+            for name, tensor in _stream_tensors(path):
+                hashed = hasher.submit(_hash_tensor, fingerprint, name, tensor)
+                if quantization is not None and gptq.is_quantized_tensor(name):
+                    gptq.assign(model, name, tensor, device, path)  # codes and scales stay as stored
+                elif not _IGNORED.match(name):
+                    _assign(model, name, tensor.to(device=device, dtype=dtype))
+                hashed.result()  # before the stream moves on (and may unmap this tensor's bytes)
     if quantization is not None:
         gptq.use_int4mm(model)  # on a GPU: repack for the fused int4 kernel; elsewhere the reference path
     model.checkpoint = str(ckpt)
+    model.weights_fingerprint = fingerprint.hexdigest()
     return model.eval().requires_grad_(False)
+
+
+def _hash_tensor(fingerprint, name: str, tensor: torch.Tensor) -> None:
+    fingerprint.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+    fingerprint.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -211,6 +228,3 @@ def load_tokenizer(path_or_id) -> QwenTokenizer:
         raise ModelLoadError(f"{ckpt}: no qwen.tiktoken vocabulary file")
     return QwenTokenizer(vocab)
 
-
-def model_args(path_or_id) -> ModelArgs:
-    return read_config(resolve_checkpoint(str(path_or_id)) / "config.json")

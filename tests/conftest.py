@@ -1,13 +1,10 @@
 """Shared fixtures: a tiny random checkpoint with the real vocabulary, and a data root."""
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, eval/
-
-from checkpoints import tiny_model, write_checkpoint  # noqa: E402
-from fixtures import fixture_root  # noqa: E402
+from checkpoints import tiny_model, write_checkpoint
+from fixtures import fixture_root
 
 
 @pytest.fixture(scope="session")

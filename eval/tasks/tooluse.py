@@ -15,18 +15,19 @@ import json
 import json5
 from rouge_score import rouge_scorer
 
-from ..api import Doc, GenerateRequest, Scores, Table, UserError
+from ..api import Doc, GenerateRequest, Scores, Table, Task, UserError, chat_request
 from ..data import DataSource
+from ..published import TOOLUSE
 
 SETS = ("positive", "negative")
 VERSIONS = ("v20231206", "v1")  # without options["tooluse_version"], the first one present is used
 FILE = "exam_plugin_{version}_react_{set}.jsonl"
 DOWNLOAD = "https://qianwen-res.oss-cn-beijing.aliyuncs.com/opensource_data/exam_plugin_{version}/"
 CALL = "\nAction: "  # how the original detects a tool call (since 2023-12-06)
-# (metric, row name, set, reported per data version); the first row is the headline.
-ROWS = (("tool_selection", "Tool Selection (%)", "positive", {"v20231206": 95.5, "v1": 99.0}),
-        ("tool_input_rouge_l", "Tool Input Rouge-L F1", "positive", {"v20231206": 0.900, "v1": 0.89}),
-        ("false_positive", "False Positive (%)", "negative", {"v20231206": 11.6, "v1": 9.7}))
+# (metric, row name, set); the first row is the headline. Reported numbers: eval/published.py.
+ROWS = (("tool_selection", "Tool Selection (%)", "positive"),
+        ("tool_input_rouge_l", "Tool Input Rouge-L F1", "positive"),
+        ("false_positive", "False Positive (%)", "negative"))
 
 
 class _Whitespace:
@@ -89,10 +90,10 @@ def find_files(data: DataSource, sets, version: str | None) -> tuple[str, dict]:
                     f"{DOWNLOAD.format(version='<version>')}; see EVALUATION.md, 'Tool use')")
 
 
-class ToolUse:
+class ToolUse(Task):
     """Tool use as a ReAct agent: positive jobs should call the gold tool, negative jobs no tool at all."""
 
-    name, version, modes, subjects = "tooluse", "qwen-2023-12", ("chat",), SETS
+    name, version, modes, subjects = "tooluse", "qwen-2023-12", ("chat",), list(SETS)
 
     def __init__(self, tok=None, data_version: str | None = None):
         # Rouge-L compares Qwen tokens of the *parsed* action inputs, so scoring needs the tokenizer; the task
@@ -117,9 +118,7 @@ class ToolUse:
         return docs
 
     def requests(self, doc: Doc, tok, mode: str, options: dict) -> list[GenerateRequest]:
-        raw, ids = tok.make_context(doc.data["prompt"])
-        return [GenerateRequest(raw, tuple(ids), 512, stop=(("Observation:",),), stop_ids=tok.chat_stop_ids,
-                                query=doc.data["prompt"])]
+        return [chat_request(tok, doc.data["prompt"], stop=(("Observation:",),))]
 
     def score(self, doc: Doc, responses: list, mode: str, options: dict) -> dict:
         text = responses[0].text.strip()  # model.chat strips its reply
@@ -145,10 +144,10 @@ class ToolUse:
                  "tool_input_rouge_l": lambda rs: sum(r["rouge_l"] for r in rs) / len(rs),  # over all positives
                  "false_positive": lambda rs: 100 * sum(r["called"] for r in rs) / len(rs)}
         table, metrics = Table(["name", "data", "n", "score", "reported"]), {}
-        for key, name, s, reported in ROWS:
+        for key, name, s in ROWS:
             if by_set[s]:
                 metrics[key] = value[key](by_set[s])
-                table.rows.append([name, f"{version} {s}", len(by_set[s]), metrics[key], reported[version]])
+                table.rows.append([name, f"{version} {s}", len(by_set[s]), metrics[key], TOOLUSE[version][key]])
         return Scores(metrics, table, {"data_version": version, "n": {s: len(rs) for s, rs in by_set.items()}})
 
 
