@@ -9,7 +9,7 @@ stdout. Nothing is written into a run directory (results/reference/ holds commit
 
 Which run feeds a published row: same task, same mode (any mode for speed), and the same
 quantisation tag in the model name (int4 / int8 / nf4, or none) as the published model. When several
-runs qualify, the first by: run directory named exactly <task>-<mode> (no switch overrides, native
+runs qualify, the first by: run directory named <task>-<mode>[-<dtype>] (no switch overrides, native
 backend), then model named as published (case-insensitive), then path order. --model restricts the
 runs considered to the named models.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,13 @@ def choose_run(runs: list[Run], table: published.Table, row: published.Row) -> R
     model = row.model or table.model
     candidates = [r for r in runs if r.task == row.task and table.mode in (None, r.mode)
                   and quantisation(r.model_name) == quantisation(model)]
-    return min(candidates, default=None, key=lambda r: (r.dir.name != f"{r.task}-{r.mode}",
-                                                        r.model_name.lower() != model.lower(), str(r.dir)))
+    return min(candidates, default=None, key=lambda r: (not plain_run(r), r.model_name.lower() != model.lower(),
+                                                        str(r.dir)))
+
+
+def plain_run(run: Run) -> bool:
+    """A run folder named <task>-<mode>, or <task>-<mode>-<dtype>: no switch overrides, the native backend."""
+    return re.fullmatch(rf"{re.escape(run.task)}-{re.escape(run.mode)}(-(fp32|bf16|fp16))?", run.dir.name) is not None
 
 
 # ---- measured numbers and their intervals ----------------------------------------------------------------

@@ -124,14 +124,14 @@ def test_a_subset_run_is_never_within_ci_and_the_models_are_named(tmp_path, caps
 def test_chat_and_int4_rows_match_by_mode_and_model_name(tmp_path, capsys):
     multiple_choice_run(tmp_path, "Qwen-7B-Chat", {"anatomy": 54}, mode="chat")
     multiple_choice_run(tmp_path, "Qwen-7B-Chat-Int4", {"anatomy": 52}, mode="chat")
-    multiple_choice_run(tmp_path, "Qwen-7B", {"anatomy": 10}, name="mmlu-fewshot-ntk_off")  # a switch variant
-    multiple_choice_run(tmp_path, "other-model", {"anatomy": 20})
+    multiple_choice_run(tmp_path, "Qwen-7B", {"anatomy": 10}, name="mmlu-fewshot-ntk_off-bf16")  # a switch variant
+    multiple_choice_run(tmp_path, "other-model", {"anatomy": 20}, name="mmlu-fewshot-bf16")
     text = report(tmp_path, capsys)
     assert table_row(text, "MMLU 0-shot")[3] == table_row(text, "BF16 MMLU")[3] == "54.00"
     assert table_row(text, "Int4 MMLU")[3] == "52.00"
-    assert table_row(text, "MMLU 5-shot")[7] == "`other-model/mmlu-fewshot`"  # the plain <task>-<mode> run wins
+    assert table_row(text, "MMLU 5-shot")[7] == "`other-model/mmlu-fewshot-bf16`"  # the plain <task>-<mode> run wins
     only = report(tmp_path, capsys, "--model", "Qwen-7B")
-    assert table_row(only, "MMLU 5-shot")[7] == "`Qwen-7B/mmlu-fewshot-ntk_off`"
+    assert table_row(only, "MMLU 5-shot")[7] == "`Qwen-7B/mmlu-fewshot-ntk_off-bf16`"
 
 
 def test_perplexity_cells_get_a_bootstrap_interval(tmp_path, capsys):

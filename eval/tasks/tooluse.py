@@ -2,6 +2,7 @@
 
 Qwen-7B-Chat (original) reported on the v1 data 99% / 0.89 / 8.5% (9.7% in the HF-version rerun of
 evaluate_plugin.py, which this task follows); on the v20231206 data 95.5% / 0.900 / 11.6% (spec 4.6, 8.2, 8.4).
+Every metric here is in percent, as the other tasks' (Rouge-L F1 0.89 is shown as 89.0).
 Each job's `prompt` (a full ReAct prompt with the tool descriptions) is one greedy ChatML user turn; the reply
 is parsed and scored as QwenLM/Qwen eval/evaluate_plugin.py does since 2023-12-06: a call is "\\nAction: ",
 action inputs are normalised through json5 ("" when unparseable). The v1 numbers were made with the earlier
@@ -26,7 +27,7 @@ DOWNLOAD = "https://qianwen-res.oss-cn-beijing.aliyuncs.com/opensource_data/exam
 CALL = "\nAction: "  # how the original detects a tool call (since 2023-12-06)
 # (metric, row name, set); the first row is the headline. Reported numbers: eval/published.py.
 ROWS = (("tool_selection", "Tool Selection (%)", "positive"),
-        ("tool_input_rouge_l", "Tool Input Rouge-L F1", "positive"),
+        ("tool_input_rouge_l", "Tool Input Rouge-L F1 (%)", "positive"),
         ("false_positive", "False Positive (%)", "negative"))
 
 
@@ -133,15 +134,15 @@ class ToolUse(Task):
 
     def rouge_l(self, generated: str, gold: str) -> float:
         if self.tok is None:
-            raise UserError("tooluse: Rouge-L needs the Qwen tokenizer, which only a planned run binds "
-                            "(--rescore cannot re-score this task)")
+            raise UserError("tooluse: Rouge-L needs the Qwen tokenizer: re-scoring loads the run's --tokenizer or "
+                            "--model, which could not be loaded")
         return SCORER.score(token_string(self.tok, gold), token_string(self.tok, generated))["rougeL"].fmeasure
 
     def aggregate(self, docs: list[Doc], records: list[dict], mode: str, options: dict) -> Scores:
         version = docs[0].data["version"] if docs else ""
         by_set = {s: [r for d, r in zip(docs, records) if d.subject == s] for s in SETS}
         value = {"tool_selection": lambda rs: 100 * sum(r["correct"] for r in rs) / len(rs),
-                 "tool_input_rouge_l": lambda rs: sum(r["rouge_l"] for r in rs) / len(rs),  # over all positives
+                 "tool_input_rouge_l": lambda rs: 100 * sum(r["rouge_l"] for r in rs) / len(rs),  # all positives
                  "false_positive": lambda rs: 100 * sum(r["called"] for r in rs) / len(rs)}
         table, metrics = Table(["name", "data", "n", "score", "reported"]), {}
         for key, name, s in ROWS:
