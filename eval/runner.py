@@ -34,14 +34,29 @@ from eval.suites import SUITES, expand
 DEFAULT_MODELS = {"fewshot": "Qwen/Qwen-7B", "chat": "Qwen/Qwen-7B-Chat"}
 
 
+USAGE = """%(prog)s --task NAME[,NAME] [--model PATH|HUB_ID] [--data-dir DIR] [options]
+       {prog} --dry-run --task NAME --tokenizer FILE | --rescore RUN_DIR | --list-tasks
+       qwen-eval run|rescore|report|compare|list ... (python eval/runner.py report|compare|rescore|list ...)"""
+
+
 def parse_args(argv=None, prog="python eval/runner.py") -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+    args = parser(prog).parse_args(argv)
+    args.task = [t for item in args.task for t in item.split(",") if t]
+    return args
+
+
+def parser(prog: str = "python eval/runner.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, usage=USAGE.format(prog=prog),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", action="append", default=[], help="task name (repeat, or comma-separate, for several)")
+    p.add_argument("--task", action="append", default=[], metavar="NAME",
+                   help=f"task or suite (repeat, or comma-separate, for several); suites: {', '.join(SUITES)} "
+                        f"(each task in its own run directory, the report printed at the end); see --list-tasks")
     p.add_argument("--model", help="checkpoint directory or hub id (default Qwen/Qwen-7B; Qwen/Qwen-7B-Chat in chat mode)")
     p.add_argument("--tokenizer", help="qwen.tiktoken file or checkpoint dir (default: the model's)")
-    p.add_argument("--mode", choices=["fewshot", "chat"], default="fewshot")
-    p.add_argument("--backend", choices=["native", "hf"], default="native")
+    p.add_argument("--mode", choices=["fewshot", "chat"], default="fewshot",
+                   help="fewshot: the base model's few-shot prompts; chat: zero-shot ChatML (default fewshot)")
+    p.add_argument("--backend", choices=["native", "hf"], default="native",
+                   help="native engine, or plain transformers at batch 1 (the benchmark baseline)")
     p.add_argument("--device-map", choices=["auto"],
                    help="with --backend hf: place one model's layers over all GPUs of the node (accelerate)")
     p.add_argument("--dynamic-ntk", action=argparse.BooleanOptionalAction, default=None,
@@ -54,12 +69,14 @@ def parse_args(argv=None, prog="python eval/runner.py") -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="first N documents of each subject (or of the task)")
     p.add_argument("--subjects", help="comma-separated subjects of a multiple-choice task")
     p.add_argument("--batch-size", type=int, help="most sequences per batch (default: sized from free memory)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--output-dir", default="results")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weights dtype; auto: bf16 where supported, else fp16 on a GPU, else fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: a GPU when there is one)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of python, numpy and torch (default 1234)")
+    p.add_argument("--output-dir", default="results",
+                   help="where runs go: OUTPUT_DIR/<model>-<hash>/<task>-<mode>[-<switches>]-<dtype>/ (default results)")
     p.add_argument("--overwrite", action="store_true", help="discard a previous run of another configuration")
-    p.add_argument("--list-tasks", action="store_true")
+    p.add_argument("--list-tasks", action="store_true", help="list the tasks, their modes and the suites, then exit")
     p.add_argument("--dry-run", action="store_true", help="write requests.jsonl without loading weights")
     p.add_argument("--rescore", metavar="RUN_DIR", help="recompute metrics and tables from saved samples")
     p.add_argument("--allow-code-execution", action="store_true",
@@ -75,10 +92,8 @@ def parse_args(argv=None, prog="python eval/runner.py") -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per HumanEval program")
     p.add_argument("--samples", type=int, default=1, help="HumanEval samples per task (pass@k for k <= samples)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    args.task = [t for item in args.task for t in item.split(",") if t]
-    return args
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+    return p
 
 
 def _rescore_command(argv) -> int:
@@ -348,7 +363,9 @@ def _load(args, model_id: str, ckpt: Path, tok):
 
     from eval.backends import HFBackend, NativeBackend
 
-    print(f"loading {model_id} ({dtype_name(_dtype(args))}, {_device(args)}) ...", flush=True)
+    from model.loading import resolve_device
+
+    print(f"loading {model_id} ({dtype_name(_dtype(args))}, {resolve_device(_device(args))}) ...", flush=True)
     started = time.time()
     try:
         native = qwen.load_model(ckpt, dtype=args.dtype, device=_device(args), dynamic_ntk=args.dynamic_ntk,

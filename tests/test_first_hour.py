@@ -136,3 +136,104 @@ def test_gsm8k_rescore_scores_non_ascii_digits_invalid(tiny_checkpoint, data_roo
     assert run_cli("--rescore", run_dir) == 0
     metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
     assert metrics["acc"] == 0.0 and metrics["invalid"] == 1
+
+
+def test_cuda_without_cuda_is_one_line(base, capsys, monkeypatch, no_weights):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = error_of(capsys, *base, "--device", "cuda")
+    assert err.startswith("--device cuda: no CUDA device available") and err.endswith("use --device cpu")
+
+
+# ---- what the terminal shows --------------------------------------------------------------------------------
+def test_loading_line_named_bars_summary_stderr_and_where_results_went(tiny_checkpoint, data_root, tmp_path, capsys):
+    assert run_cli("--task", "mmlu", "--model", tiny_checkpoint, "--data-dir", data_root, "--subjects", "anatomy",
+                   "--limit", 4, "--output-dir", tmp_path, "--device", "cpu") == 0  # progress bars on
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert f"loading {tiny_checkpoint} (fp32, cpu) ..." in lines and any(x.startswith("loaded ") for x in lines)
+    assert "mmlu (fewshot) choice" in err  # the bar says which task it is serving
+    run_dir = only_run_dir(tmp_path, "mmlu-fewshot")
+    summary = [x for x in lines if x.startswith("mmlu (fewshot): acc ")]
+    assert summary and summary[0].endswith(f"on 4 documents -> {run_dir}") and " ± " in summary[0]
+    assert lines[-1] == f"results written to {run_dir.parent}/ (mmlu-fewshot-fp32)"
+    table = (run_dir / "table.md").read_text()
+    assert "| name | n | acc | stderr | acc_parity |" in table and "| name | n | acc | stderr |" in out
+
+
+def test_skipped_rows_are_on_the_terminal_and_in_the_table(base, data_root, tmp_path, capsys):
+    data = shutil.copytree(data_root, tmp_path / "data")
+    path = data / "mmlu" / "test" / "anatomy_test.csv"
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2].rsplit(",", 1)[0] + ",E"
+    path.write_text("\n".join(lines) + "\n")
+    assert run_cli(*replaced(base, "--data-dir", data), "--skip-bad-rows") == 0
+    out = capsys.readouterr().out
+    assert "; 1 bad data rows skipped (listed in table.md)" in out
+    table = (only_run_dir(tmp_path / "out", "mmlu-fewshot") / "table.md").read_text()
+    assert f"1 bad data row(s) skipped (--skip-bad-rows):\n- line 3 of {path}: answer 'E'" in table
+
+
+# ---- run folders that do not collide ----------------------------------------------------------------------
+def test_run_folders_carry_dtype_switches_and_the_checkpoint_path(tiny_checkpoint, base, tmp_path):
+    for parent in ("a", "b"):
+        shutil.copytree(tiny_checkpoint, tmp_path / parent / "step-final")
+        assert run_cli(*replaced(base, "--model", tmp_path / parent / "step-final"), "--limit", 1) == 0
+    folders = sorted(p.parent.name for p in (tmp_path / "out").glob("step-final-*/mmlu-fewshot-fp32"))
+    assert len(folders) == 2  # /a/step-final and /b/step-final kept apart
+    for window in ("auto", "none"):
+        assert run_cli(*base, "--limit", 1, "--window-attn", window) == 0
+    assert only_run_dir(tmp_path / "out", "mmlu-fewshot-win_auto-fp32") != only_run_dir(tmp_path / "out",
+                                                                                        "mmlu-fewshot-win_none-fp32")
+    assert run_cli(*base, "--limit", 1, "--dtype", "bf16") == 0
+    assert only_run_dir(tmp_path / "out", "mmlu-fewshot-bf16").parent == only_run_dir(tmp_path / "out",
+                                                                                      "mmlu-fewshot-win_auto").parent
+
+
+def test_dry_run_with_only_a_tokenizer_is_filed_by_tokenizer_and_never_overwritten(tiny_checkpoint, data_root,
+                                                                                   tmp_path, capsys):
+    argv = ["--task", "gsm8k", "--tokenizer", tiny_checkpoint / "qwen.tiktoken", "--data-dir", data_root,
+            "--dry-run", "--output-dir", tmp_path]
+    assert run_cli(*argv, "--limit", 1) == 0
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["tokenizer"]  # not Qwen-7B/
+    requests = only_run_dir(tmp_path, "gsm8k-fewshot") / "requests.jsonl"
+    first = requests.read_text()
+    assert run_cli(*argv, "--limit", 1) == 0 and requests.read_text() == first  # the same dry run again
+    err = error_of(capsys, *argv, "--limit", 2)
+    assert err == f"{requests} holds the requests of another dry run; use another --output-dir, or --overwrite to replace it"
+    assert requests.read_text() == first
+    assert run_cli(*argv, "--limit", 2, "--overwrite") == 0 and requests.read_text() != first
+
+
+# ---- help ----------------------------------------------------------------------------------------------------
+def test_help_explains_every_flag_and_names_the_subcommands(capsys):
+    from eval.runner import parser
+
+    p = parser()
+    assert all(action.help for action in p._actions), [a.dest for a in p._actions if not a.help]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert all(command in usage for command in ("report", "compare", "rescore", "list"))
+
+
+# ---- one command for the published tables -----------------------------------------------------------------------
+def test_a_suite_runs_each_task_in_its_own_directory_and_ends_with_the_report(tiny_checkpoint, data_root, tmp_path,
+                                                                             capsys, monkeypatch):
+    from eval import suites
+
+    # the real suites need every subject's files; this one has the same shape on the fixture data
+    monkeypatch.setitem(suites.SUITES, "qwen-7b-chat", (suites.Entry("gsm8k", "fewshot"),
+                        suites.Entry("gsm8k", "chat", {"ceval_chat_rules": "2023-08-03"})))
+    argv = ["--task", "qwen-7b-chat", "--model", tiny_checkpoint, "--data-dir", data_root, "--limit", 1,
+            "--output-dir", tmp_path, "--no-progress"]
+    assert run_cli(*argv) == 0
+    out = capsys.readouterr().out
+    fewshot, chat = only_run_dir(tmp_path, "gsm8k-fewshot"), only_run_dir(tmp_path, "gsm8k-chat")
+    options = [json.loads((d / "results.json").read_text())["options"]["ceval_chat_rules"] for d in (fewshot, chat)]
+    assert options == ["2023-08-25", "2023-08-03"]  # a suite entry's own scoring flags
+    assert "# Reproduction report" in out and "| GSM8K 0-shot | acc | 41.1 |" in out
+    assert out.strip().splitlines()[-1].startswith("results written to ")
+    samples = (chat / "samples.jsonl").read_text()
+    assert run_cli(*argv) == 0 and (chat / "samples.jsonl").read_text() == samples  # resumable: nothing redone
