@@ -11,6 +11,7 @@ import pytest
 from eval.api import UserError
 from eval.results import RunStore
 from eval.runner import main
+from eval.run_layout import model_folder
 from fixtures import find_run, write_gsm8k, write_mmlu
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def reference(tiny_checkpoint, big_data, tmp_path_factory):
 @pytest.mark.parametrize("tear", [False, True])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(kill_after, tear, tiny_checkpoint, big_data, reference, tmp_path):
     args = cli_args(tiny_checkpoint, big_data, tmp_path)
-    samples = find_run(tmp_path, "mmlu-fewshot-fp32") / "samples.jsonl"
+    samples = tmp_path / model_folder(str(tiny_checkpoint)) / "mmlu-fewshot-fp32" / "samples.jsonl"
     proc = start(args)
     wait_for_lines(samples, kill_after, proc)
     proc.send_signal(signal.SIGKILL)
@@ -81,7 +82,7 @@ class _no_warning:
 
 def test_sigint_writes_a_partial_table_then_resume_completes(tiny_checkpoint, big_data, reference, tmp_path):
     args = cli_args(tiny_checkpoint, big_data, tmp_path)
-    run_dir = find_run(tmp_path, "mmlu-fewshot-fp32")
+    run_dir = tmp_path / model_folder(str(tiny_checkpoint)) / "mmlu-fewshot-fp32"
     proc = start(args)
     wait_for_lines(run_dir / "samples.jsonl", 30, proc)
     proc.send_signal(signal.SIGINT)
