@@ -8,11 +8,11 @@ User errors print one line and exit with code 2; Ctrl-C writes the partial table
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
 import sys
+import time
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # `python eval/runner.py`: run as the module, from the repository
@@ -21,9 +21,11 @@ if __name__ == "__main__" and not __package__:  # `python eval/runner.py`: run a
     os.execve(sys.executable, [sys.executable, "-m", "eval.runner", *sys.argv[1:]], {**os.environ, "PYTHONPATH": path})
 
 from eval import distributed
-from eval.api import UserError, stable_hash
+from eval.api import UserError
 from eval.data import DataSource
 from eval.pipeline import execute, plan_task, rescore, write_dry_run
+from eval.provenance import task_identity
+from eval.results import read_info
 from eval.registry import get_task, task_names
 
 DEFAULT_MODELS = {"fewshot": "Qwen/Qwen-7B", "chat": "Qwen/Qwen-7B-Chat"}
@@ -108,12 +110,19 @@ COMMANDS = {
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character never stops the run
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         if argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         return run(parse_args(argv))  # no subcommand: `run`, as `python eval/runner.py --task ...` always was
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the environment: a full disk, a read-only file, no temporary directory
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -148,18 +157,27 @@ def run(args) -> int:
     for task in tasks:
         run_dir = Path(args.output_dir) / model_name / _run_name(task, args)
         subjects = args.subjects.split(",") if args.subjects else None
+        started = time.time()
         plans.append(plan_task(task, args.mode, data, tok, subjects=subjects, limit=args.limit, options=options,
                                run_dir=run_dir))
+        plans[-1].timings["plan"] = time.time() - started
     if args.dry_run:
         for plan in plans:
             print(f"{plan.task.name}: {sum(map(len, plan.requests))} requests -> {write_dry_run(plan)}")
         return 0
     _seed(args.seed)
     ranks = distributed.setup(args, plans)  # SINGLE unless torchrun started several processes
+    started = time.time()
     backend, identity = _backend(distributed.backend_args(args, ranks), model_id, tok)
+    load = time.time() - started
     for plan in plans:
-        plan.identity = {**identity, "model_name": model_name, "task": plan.task.name, "task_version": plan.task.version,
-                         "mode": args.mode, "options": plan.options, "data": stable_hash(plan.data_manifest["files"])}
+        plan.identity = {**identity, "model_name": model_name,
+                         **task_identity(plan.task, args.mode, plan.options, plan.data_manifest["files"], tok)}
+        plan.timings.update(load=load, warmup=getattr(backend, "timings", {}).get("warmup", 0.0))
+        if plan.task.executes_code:  # how model-written code was confined on this machine
+            from eval.sandbox import isolation_summary
+
+            plan.environment["sandbox"] = isolation_summary()
         if execute(plan, backend, ranks, overwrite=args.overwrite, config=vars(args)) is not None:
             _plot(plan.run_dir)  # rank 0
     distributed.close(ranks)
@@ -167,10 +185,7 @@ def run(args) -> int:
 
 
 def _run_task(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "run.json").read_text())["identity"]["task"]
-    except (OSError, ValueError, KeyError):
-        return None  # rescore itself reports what is wrong with the directory
+    return read_info(run_dir).identity.get("task")
 
 
 def _require_code_execution(args) -> None:
@@ -272,23 +287,10 @@ def _backend(args, model_id: str, tok):
     else:
         backend = NativeBackend(model, tok, **kw)
     a = model.args
-    identity = {"model": _fingerprint(ckpt), "backend": args.backend, "dtype": str(next(model.parameters()).dtype),
+    identity = {"model": model.weights_fingerprint, "backend": args.backend,
+                "dtype": str(next(model.parameters()).dtype), "engine": getattr(backend, "mode", "default"),
                 "switches": {"dynamic_ntk": a.use_dynamic_ntk, "logn": a.use_logn_attn, "windows": a.windows}}
     return backend, identity
-
-
-def _fingerprint(ckpt: Path) -> str:
-    """Config content, and each weight file's name, size and first and last MiB: cheap to read, and it
-    changes when the weights do (two checkpoints of one shape differ in their bytes everywhere)."""
-    parts = [(ckpt / "config.json").read_text()]
-    for path in sorted(p for p in ckpt.iterdir() if p.suffix in (".safetensors", ".bin", ".json")):
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(2**20)
-            f.seek(max(0, size - 2**20))
-            tail = f.read()
-        parts.append((path.name, size, stable_hash(head + tail)))
-    return stable_hash(parts)
 
 
 if __name__ == "__main__":
