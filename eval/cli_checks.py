@@ -5,12 +5,12 @@ found after a Qwen-7B load has cost minutes.
 from __future__ import annotations
 
 import difflib
-import json
 import re
 import tempfile
 from pathlib import Path
 
 from .api import UserError
+from .results import merged_identity, read_info
 
 DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")
 WINDOW_PART = re.compile(r"(?:(\d+)x)?(\d+)")
@@ -81,19 +81,13 @@ def check_writable(flag: str, folder: Path) -> None:
         raise UserError(f"{flag} {folder}: cannot write in {existing} ({err.strerror})") from None
 
 
-def check_same_configuration(run_dir: Path, identity: dict, overwrite: bool) -> None:
-    """A run directory holds one configuration: refuse to mix a new one into it (--overwrite discards)."""
-    run_file = run_dir / "run.json"
-    if overwrite or not run_file.exists():
+def check_same_configuration(run_dir: Path, known: dict, overwrite: bool) -> None:
+    """Before the weights load: the parts of the run's identity known without them (`known`: all but the
+    weights' fingerprint and the engine) must match the saved run's; run.json's full check follows the load."""
+    if overwrite or not (run_dir / "run.json").exists():
         return
-    try:
-        old = json.loads(run_file.read_text())["identity"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{run_file} is unreadable; remove it or pass --overwrite") from None
-    if old != identity:
-        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-        raise UserError(f"{run_dir} holds a run with a different configuration ({', '.join(diff)} differ). "
-                        f"Use another --output-dir, or --overwrite to discard it.")
+    saved = read_info(run_dir).identity
+    merged_identity({key: saved[key] for key in known if key in saved}, known, run_dir)
 
 
 def check_flags(args) -> None:

@@ -11,7 +11,6 @@ with --alpha, only when the paired test also gives p < alpha. Runs whose prompts
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import textwrap
 from dataclasses import dataclass, field
@@ -19,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import AccuracyScores, PerplexityScores, UserError
+from .api import AccuracyScores, PerplexityScores, Table, UserError
 from .metrics import average
 from .registry import get_task
+from .results import read_info, read_results, read_run_records, render_markdown
 
 BOOTSTRAP_ROUNDS = 10_000
 
@@ -43,32 +43,11 @@ class Run:
         return self.identity.get("mode", "?")
 
 
-def read_records(path: Path) -> list[dict]:
-    """samples.jsonl records, read-only: a torn last line (a run killed mid-write) is left out."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise UserError(f"{path}:{number}: corrupt record in the middle of the file") from None
-    return records
-
-
 def load_run(run_dir: Path) -> Run:
-    try:
-        identity = json.loads((run_dir / "run.json").read_text())["identity"]
-    except (OSError, json.JSONDecodeError, KeyError):
-        raise UserError(f"{run_dir} is not a run directory (no readable run.json)") from None
-    try:
-        finished = not json.loads((run_dir / "results.json").read_text()).get("partial", True)
-    except (OSError, json.JSONDecodeError):
-        finished = False
-    records = {r["doc_id"]: r for r in read_records(run_dir / "samples.jsonl")}
-    return Run(run_dir, identity, records, finished)
+    identity = read_info(run_dir).identity
+    results = read_results(run_dir)
+    records = {doc_id: r.flat() for doc_id, r in read_run_records(run_dir).records.items()}
+    return Run(run_dir, identity, records, results is not None and not results.partial)
 
 
 def run_dirs(path: Path) -> dict[str, Path]:
@@ -109,8 +88,10 @@ def comparable(base: Run, new: Run, shared: list[str], allow_different: bool) ->
         raise UserError(f"cannot compare {base.task} ({base.mode}) in {base.dir} "
                         f"with {new.task} ({new.mode}) in {new.dir}")
     reasons = []
-    if base.identity.get("data") != new.identity.get("data"):
-        reasons.append("the data files differ (identity.data)")
+    base_files, new_files = base.identity.get("data", {}), new.identity.get("data", {})
+    changed = sorted(f for f in set(base_files) & set(new_files) if base_files[f] != new_files[f])
+    if changed or not isinstance(base_files, dict):
+        reasons.append(f"the data files differ (identity.data: {changed[0] if changed else 'another format'})")
     # Per-document prompt hashes (prompt text and token ids) are stricter than provenance.prompts_hash, and
     # still allow comparing runs of different --limit on the documents they share.
     changed = [d for d in shared if base.records[d].get("prompt_hash") != new.records[d].get("prompt_hash")]
@@ -257,13 +238,13 @@ def render_pair(base: Run, new: Run, units: list[Comparison], warnings: list[str
              f"only in new: {len(new.records) - shared})"]
     lines += [f"- WARNING: {w}" for w in warnings]
     perplexity = units[0].unit == "%"
-    lines += ["", "| score | n | base | new | delta | drop | test | p | right->wrong | wrong->right | gate |",
-              "|" + "---|" * 11]
+    table = Table(["score", "n", "base", "new", "delta", "drop", "test", "p", "right->wrong", "wrong->right", "gate"])
     for u in units:
         gate = ("REGRESSION" if u.regression(max_drop, alpha) else "ok") if u.gated else ""
         flips = ["-", "-"] if perplexity else [str(len(u.worse)), str(len(u.better))]
-        lines.append(f"| {u.name} | {u.n} | {u.base:.2f} | {u.new:.2f} | {u.new - u.base:+.2f} | {u.drop:.2f}{u.unit} "
-                     f"| {u.test} | {u.p:.3g} | {flips[0]} | {flips[1]} | {gate} |")
+        table.rows.append([u.name, u.n, u.base, u.new, f"{u.new - u.base:+.2f}", f"{u.drop:.2f}{u.unit}", u.test,
+                           f"{u.p:.3g}", *flips, gate])
+    lines += ["", render_markdown(table).rstrip("\n")]
     headline = units[0]
     if not perplexity:
         binary = headline.test == "McNemar"

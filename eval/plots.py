@@ -7,8 +7,8 @@ fixed size (FIGSIZE x DPI pixels).
 """
 from __future__ import annotations
 
-import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +16,20 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from .registry import get_task
+from .results import Results, read_results
 
 FIGSIZE, DPI = (8.0, 4.5), 100  # 800 x 450 pixels: no tight bounding box, so the size never varies
 
 
-def plot_run(run_dir: Path, results: dict | None = None) -> list[Path]:
+def plot_run(run_dir: Path, results: Results | None = None) -> list[Path]:
     """The run's plots (none for tasks without categories or lengths), written into run_dir."""
-    if results is None:
-        results = json.loads((run_dir / "results.json").read_text())
-    return get_task(results["task"]).plot(results, run_dir)
+    results = results or read_results(run_dir)
+    return get_task(results.task).plot(results, run_dir)
 
 
-def plot_perplexity(results: dict, path: Path) -> Path:
+def plot_perplexity(results: Results, path: Path) -> Path:
     """One line per switch row; both axes logarithmic (lengths double, perplexity explodes past training)."""
-    details = results["details"]
+    details = results.details
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     ax = fig.subplots()
     lengths: set[int] = set()
@@ -52,11 +52,10 @@ def plot_perplexity(results: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_categories(results: dict, groups: list[str], path: Path) -> Path:
+def plot_categories(results: Results, groups: list[str], path: Path) -> Path:
     """Grouped bars: the average and each category, one bar per accuracy column of the run's table."""
-    table = results["table"]
-    metrics = table["columns"][2:]  # after "name" and "n"
-    rows = [table["rows"][0]] + [r for r in table["rows"] if r[0] in groups]
+    metrics = results.table.columns[2:]  # after "name" and "n"
+    rows = [results.table.rows[0]] + [r for r in results.table.rows if r[0] in groups]
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     ax = fig.subplots()
     x, width = np.arange(len(rows)), 0.8 / len(metrics)
@@ -71,15 +70,20 @@ def plot_categories(results: dict, groups: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _title(results: dict) -> str:
-    model = results.get("identity", {}).get("model_name", "?")
-    partial = f" (PARTIAL: {results['n_done']} of {results['n_docs']})" if results.get("partial") else ""
-    return f"{results['task']} ({results['mode']}) - {model}{partial}"
+def _title(results: Results) -> str:
+    model = results.identity.get("model_name", "?")
+    partial = f" (PARTIAL: {results.n_done} of {results.n_docs})" if results.partial else ""
+    return f"{results.task} ({results.mode}) - {model}{partial}"
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    """Render to a temporary file and rename, so a reader never sees half an image."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    """Render to a uniquely named temporary file and rename, so a reader never sees half an image."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with open(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path

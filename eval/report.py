@@ -16,7 +16,6 @@ runs considered to the named models.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import warnings
@@ -26,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from . import published
-from .api import AccuracyScores, PerplexityScores, UserError
-from .compare import bootstrap_sums, read_records
+from .api import AccuracyScores, PerplexityScores, Table, UserError
+from .compare import bootstrap_sums
 from .plots import plot_run
 from .registry import get_task
-from .results import atomic_write
+from .results import Results, atomic_write, read_results, read_run_records, render_markdown
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 QUANTISATION_TAGS = ("int4", "int8", "nf4")
@@ -41,19 +40,19 @@ PPL_BOOTSTRAP_ROUNDS = 2_000
 @dataclass
 class Run:
     dir: Path
-    results: dict
+    results: Results
 
     @property
     def task(self) -> str:
-        return self.results["task"]
+        return self.results.task
 
     @property
     def mode(self) -> str:
-        return self.results["mode"]
+        return self.results.mode
 
     @property
     def model_name(self) -> str:
-        return self.results.get("identity", {}).get("model_name") or self.dir.parent.name
+        return self.results.identity.get("model_name") or self.dir.parent.name
 
 
 @dataclass
@@ -68,12 +67,9 @@ def find_runs(root: Path, models: list[str] | None = None) -> list[Run]:
     runs = []
     for path in sorted(root.rglob("results.json")):
         try:
-            results = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            runs.append(Run(path.parent, read_results(path.parent)))
+        except UserError as err:
             warnings.warn(f"{path}: skipped ({err})")
-            continue
-        if isinstance(results, dict) and "task" in results:
-            runs.append(Run(path.parent, results))
     if models:
         wanted = {m.lower() for m in models}
         runs = [r for r in runs if r.model_name.lower() in wanted]
@@ -105,12 +101,12 @@ def measure(run: Run, row: published.Row) -> Measured:
         return perplexity(run, row, spec)
     if isinstance(spec, AccuracyScores) and spec.groups:  # a table of groups and subjects
         return grouped(run, row, spec)
-    value = run.results["metrics"].get(row.metric)
+    value = run.results.metrics.get(row.metric)
     if value is None:
         return Measured(None, note=f"no metric {row.metric}")
     if task.timed:
         return Measured(value, note="one timing on the run's own hardware")
-    return Measured(value, wilson(value, run.results["n_done"]))
+    return Measured(value, wilson(value, run.results.n_done))
 
 
 def wilson(percent: float, n: int) -> tuple[float, float] | None:
@@ -125,13 +121,13 @@ def wilson(percent: float, n: int) -> tuple[float, float] | None:
 
 def grouped(run: Run, row: published.Row, spec: AccuracyScores) -> Measured:
     """The average or a category row of the run's table; Wilson intervals (macro: see macro_interval)."""
-    table = run.results["table"]
-    rows = table["rows"]
+    table = run.results.table
+    rows = table.rows
     line = rows[0] if row.part is None else next((r for r in rows if r[0] == row.part), None)
     if line is None:
         return Measured(None, note=f"no {row.part} subjects in the run")
-    value, n = line[table["columns"].index(row.metric)], line[1]
-    details = run.results["details"]
+    value, n = line[table.columns.index(row.metric)], line[1]
+    details = run.results.details
     if details.get("averaging") != "macro":
         return Measured(value, wilson(value, n))
     members = spec.groups.get(row.part) if row.part else None
@@ -149,11 +145,11 @@ def macro_interval(value: float, sizes: list[int]) -> tuple[float, float]:
 def perplexity(run: Run, row: published.Row, spec: PerplexityScores) -> Measured:
     """Token-weighted perplexity of one (switch row, length) cell; percentile bootstrap over its samples."""
     switches, length = row.part
-    value = run.results["details"]["ppl"].get(switches, {}).get(str(length))
+    value = run.results.details["ppl"].get(switches, {}).get(str(length))
     if value is None:
         return Measured(None, note=f"length {length} not run")
-    columns = np.array([spec.cell(r, switches) for r in read_records(run.dir / "samples.jsonl")
-                        if spec.length(r) == length], dtype=float)
+    records = [r.flat() for r in read_run_records(run.dir).records.values()]
+    columns = np.array([spec.cell(r, switches) for r in records if spec.length(r) == length], dtype=float)
     if not len(columns):
         return Measured(value, note="no samples.jsonl: no interval")
     sums = bootstrap_sums(columns, PPL_BOOTSTRAP_ROUNDS)
@@ -165,7 +161,7 @@ def perplexity(run: Run, row: published.Row, spec: PerplexityScores) -> Measured
 COLUMNS = ("benchmark", "metric", "reported", "measured", "difference", "95% CI", "within CI", "run", "notes")
 
 
-def render_row(row: published.Row, run: Run | None, root: Path, table_model: str) -> str:
+def row_cells(row: published.Row, run: Run | None, root: Path, table_model: str) -> list[str]:
     if row.task is None:
         cells = [row.label, "-", f"{row.reported:g}", "n/a", "", "", "", "", row.note]
     elif run is None:
@@ -181,7 +177,7 @@ def render_row(row: published.Row, run: Run | None, root: Path, table_model: str
         within = _within(m.interval, row.reported) if not run_notes(run) else "n/a: not the whole benchmark"
         cells = [row.label, row.metric, f"{row.reported:g}", measured, difference, interval, within,
                  f"`{run.dir.relative_to(root)}`", notes]
-    return "| " + " | ".join(cells) + " |"
+    return cells
 
 
 def _within(interval: tuple[float, float] | None, reported: float) -> str:
@@ -190,8 +186,8 @@ def _within(interval: tuple[float, float] | None, reported: float) -> str:
 
 def run_notes(run: Run) -> str:
     """What makes a run not the full published setting: unfinished, or limited to a subset."""
-    results, config = run.results, run.results.get("config", {})
-    notes = [f"PARTIAL: {results['n_done']} of {results['n_docs']} documents"] if results.get("partial") else []
+    results, config = run.results, run.results.config
+    notes = [f"PARTIAL: {results.n_done} of {results.n_docs} documents"] if results.partial else []
     if config.get("limit"):
         notes.append(f"--limit {config['limit']}")
     subjects = (config.get("subjects") or "").split(",")
@@ -203,10 +199,10 @@ def run_notes(run: Run) -> str:
 def render_table(table: published.Table, picks: list[Run | None], root: Path, plots: dict | None) -> str:
     """The published table with measurements from `picks` (one run or None per row); plots linked below."""
     measured = sorted({run.model_name for run in picks if run is not None})
+    cells = [row_cells(row, run, root, table.model) for row, run in zip(table.rows, picks)]
     lines = [f"## {table.title}", "", f"Source: {table.source}.", "",
              f"Published numbers of {table.model}; measured: {', '.join(measured) or 'no run'}.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += [render_row(row, run, root, table.model) for row, run in zip(table.rows, picks)]
+             render_markdown(Table(list(COLUMNS), cells)).rstrip("\n")]
     if plots is not None:
         for run in {r.dir: r for r in picks if r is not None}.values():  # each run once, in table order
             if run.dir not in plots:
@@ -219,12 +215,9 @@ def render_table(table: published.Table, picks: list[Run | None], root: Path, pl
 
 
 def render_runs(runs: list[Run], root: Path, used: set[Path]) -> str:
-    lines = ["## Runs found", "", "| run | task | mode | model | documents | used |", "|---|---|---|---|---|---|"]
-    for run in runs:
-        r = run.results
-        lines.append(f"| `{run.dir.relative_to(root)}` | {run.task} | {run.mode} | {run.model_name} "
-                     f"| {r.get('n_done')} of {r.get('n_docs')} | {'yes' if run.dir in used else 'no'} |")
-    return "\n".join(lines) + "\n"
+    rows = [[f"`{run.dir.relative_to(root)}`", run.task, run.mode, run.model_name,
+             f"{run.results.n_done} of {run.results.n_docs}", "yes" if run.dir in used else "no"] for run in runs]
+    return "## Runs found\n\n" + render_markdown(Table(["run", "task", "mode", "model", "documents", "used"], rows))
 
 
 def render_report(root: Path, runs: list[Run], with_plots: bool = True) -> str:

@@ -8,7 +8,6 @@ User errors print one line and exit with code 2; Ctrl-C writes the partial table
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -22,12 +21,14 @@ if __name__ == "__main__" and not __package__:  # `python eval/runner.py`: run a
     os.execve(sys.executable, [sys.executable, "-m", "eval.runner", *sys.argv[1:]], {**os.environ, "PYTHONPATH": path})
 
 from eval import distributed
-from eval.api import Table, UserError, stable_hash
+from eval.api import UserError
 from eval.cli_checks import check_flags, check_same_configuration
 from eval.data import DataSource
 from eval.metrics import with_stderr
 from eval.pipeline import execute, plan_task, rescore, write_dry_run
+from eval.provenance import task_identity
 from eval.registry import get_task, task_names
+from eval.results import read_info
 from eval.run_layout import dtype_name, model_folder, run_folder
 from eval.suites import SUITES, expand
 
@@ -172,21 +173,30 @@ def run(args) -> int:
     ranks = distributed.setup(args, [job.plan for group in groups.values() for job in group.jobs])  # SINGLE: 1 process
     load_args = distributed.backend_args(args, ranks)
     for model_id, group in groups.items():  # every model described, every run directory checked, then loads
-        group.ckpt, model_identity = _describe(load_args, model_id)
+        group.ckpt, known = _describe(load_args, model_id)
         for job in group.jobs:
-            job.plan.identity = {**model_identity, "model_name": job.model_name, "task": job.plan.task.name,
-                                 "task_version": job.plan.task.version, "mode": job.plan.mode,
-                                 "options": job.plan.options, "data": stable_hash(job.plan.data_manifest["files"])}
-            check_same_configuration(job.plan.run_dir, job.plan.identity, args.overwrite)
+            plan = job.plan
+            job.known = {**known, "model_name": job.model_name,
+                         **task_identity(plan.task, plan.mode, plan.options, plan.data_manifest["files"], group.tok)}
+            check_same_configuration(plan.run_dir, job.known, args.overwrite)
     finished = []
     for model_id, group in groups.items():
-        backend = _load(load_args, model_id, group.ckpt, group.tok)
+        started = time.time()
+        backend, loaded = _load(load_args, model_id, group.ckpt, group.tok)
+        load = time.time() - started
         for job in group.jobs:
-            backend.label = f"{job.plan.task.name} ({job.plan.mode})"
-            results = execute(job.plan, backend, ranks, overwrite=args.overwrite, config=job.config)
+            plan = job.plan
+            plan.identity = {**loaded, **job.known}  # run.json checks the weights themselves once they are read
+            plan.timings.update(load=load, warmup=getattr(backend, "timings", {}).get("warmup", 0.0))
+            if plan.task.executes_code:  # how model-written code was confined on this machine
+                from eval.sandbox import isolation_summary
+
+                plan.environment["sandbox"] = isolation_summary()
+            backend.label = f"{plan.task.name} ({plan.mode})"
+            results = execute(plan, backend, ranks, overwrite=args.overwrite, config=job.config)
             if results is not None:  # rank 0
-                _plot(job.plan.run_dir)
-                print(summary_line(job.plan, results))
+                _plot(plan.run_dir)
+                print(summary_line(plan, results))
                 finished.append(job)
     distributed.close(ranks)
     if finished:
@@ -199,6 +209,7 @@ class Job:
     plan: object  # eval.pipeline.Plan
     config: dict  # the flags this run was made with (a suite sets some per task)
     model_name: str
+    known: dict = field(default_factory=dict)  # the identity known before the weights load
 
 
 @dataclass
@@ -225,25 +236,27 @@ def _plan_all(args, entries) -> dict[str | None, ModelGroup]:
                             dtype=None if args.dry_run else dtype_name(_dtype(args)))
         run_dir = Path(args.output_dir) / model_folder(model_id, args.tokenizer) / folder
         subjects = args.subjects.split(",") if args.subjects else None
+        started = time.time()
         plan = plan_task(task, entry.mode, _data_source(args), group.tok, subjects=subjects, limit=args.limit,
                          options=_options(entry_args), run_dir=run_dir)
+        plan.timings["plan"] = time.time() - started
         group.jobs.append(Job(plan, vars(entry_args), _model_name(model_id or args.tokenizer)))
     return groups
 
 
-def summary_line(plan, results: dict) -> str:
+def summary_line(plan, results) -> str:
     """One line per finished run: its headline number (± standard error where it is a percentage of
     documents), documents, skipped data rows and directory."""
-    table = with_stderr(Table(**results["table"]))
+    table = with_stderr(results.table)
     if "stderr" in table.columns and table.rows:
         row = table.rows[0]
         headline = f"{table.columns[2]} {row[2]:.2f}" + (f" ± {row[3]:.2f}" if row[3] != "" else "")
     else:
-        name, value = next(iter(results["metrics"].items()), ("-", "-"))
+        name, value = next(iter(results.metrics.items()), ("-", "-"))
         headline = f"{name} {value:.2f}" if isinstance(value, float) else f"{name} {value}"
     skipped = plan.data_manifest.get("skipped_rows") or []
     skips = f"; {len(skipped)} bad data rows skipped (listed in table.md)" if skipped else ""
-    return f"{plan.task.name} ({plan.mode}): {headline} on {results['n_done']} documents{skips} -> {plan.run_dir}"
+    return f"{plan.task.name} ({plan.mode}): {headline} on {results.n_done} documents{skips} -> {plan.run_dir}"
 
 
 def _last_words(args, jobs: list[Job]) -> None:
@@ -259,10 +272,7 @@ def _last_words(args, jobs: list[Job]) -> None:
 
 
 def _run_task(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "run.json").read_text())["identity"]["task"]
-    except (OSError, ValueError, KeyError):
-        return None  # rescore itself reports what is wrong with the directory
+    return read_info(run_dir).identity.get("task")
 
 
 def _require_code_execution(args) -> None:
@@ -342,8 +352,8 @@ def _dtype(args):
 
 
 def _describe(args, model_id: str) -> tuple[Path, dict]:
-    """The checkpoint and the model part of each run's identity, from its config and file fingerprints:
-    everything run.json compares, without reading a weight."""
+    """The checkpoint, and the part of the model's identity known from its config without reading a weight
+    (the weights' own fingerprint comes with the load)."""
     from model import ConfigError, ModelLoadError
     from model.config import read_config, with_switches
     from model.loading import resolve_checkpoint
@@ -353,12 +363,12 @@ def _describe(args, model_id: str) -> tuple[Path, dict]:
         a = with_switches(read_config(ckpt / "config.json"), args.dynamic_ntk, args.logn, args.window_attn)
     except (ModelLoadError, ConfigError) as err:
         raise UserError(str(err)) from None
-    return ckpt, {"model": _fingerprint(ckpt), "backend": args.backend, "dtype": str(_dtype(args)),
+    return ckpt, {"backend": args.backend, "dtype": str(_dtype(args)),
                   "switches": {"dynamic_ntk": a.use_dynamic_ntk, "logn": a.use_logn_attn, "windows": a.windows}}
 
 
-def _load(args, model_id: str, ckpt: Path, tok):
-    """Load the model (the only slow step), saying so, and wrap it in the chosen backend."""
+def _load(args, model_id: str, ckpt: Path, tok) -> tuple[object, dict]:
+    """Load the model (the only slow step), saying so; the backend, and the identity only the load gives."""
     import model as qwen
 
     from eval.backends import HFBackend, NativeBackend
@@ -375,22 +385,10 @@ def _load(args, model_id: str, ckpt: Path, tok):
     print(f"loaded {model_id} in {time.time() - started:.1f} s", flush=True)
     kw = dict(batch_size=args.batch_size, progress=not args.no_progress)
     if args.backend == "hf":
-        return HFBackend.from_native(native, tok, device_map=args.device_map, **kw)
-    return NativeBackend(native, tok, **kw)
-
-
-def _fingerprint(ckpt: Path) -> str:
-    """Config content, and each weight file's name, size and first and last MiB: cheap to read, and it
-    changes when the weights do (two checkpoints of one shape differ in their bytes everywhere)."""
-    parts = [(ckpt / "config.json").read_text()]
-    for path in sorted(p for p in ckpt.iterdir() if p.suffix in (".safetensors", ".bin", ".json")):
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(2**20)
-            f.seek(max(0, size - 2**20))
-            tail = f.read()
-        parts.append((path.name, size, stable_hash(head + tail)))
-    return stable_hash(parts)
+        backend = HFBackend.from_native(native, tok, device_map=args.device_map, **kw)
+    else:
+        backend = NativeBackend(native, tok, **kw)
+    return backend, {"model": native.weights_fingerprint, "engine": getattr(backend, "mode", "default")}
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """`compare`: the paired regression gate on hand-made run directories (no model)."""
-import json
-
 import pytest
 
+import fixtures
 from eval.compare import mcnemar_exact
 from eval.runner import main
 
@@ -10,14 +9,9 @@ SUBJECTS = ("anatomy", "philosophy")
 
 
 def write_run(run_dir, records, *, data="d1", task="mmlu", mode="fewshot", partial=False):
-    """run.json, samples.jsonl and results.json as the pipeline leaves them (only the fields compare reads)."""
-    run_dir.mkdir(parents=True)
-    identity = {"model_name": run_dir.parent.name, "task": task, "mode": mode, "data": data}
-    (run_dir / "run.json").write_text(json.dumps({"identity": identity}))
-    (run_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (run_dir / "results.json").write_text(json.dumps({"task": task, "mode": mode, "partial": partial,
-                                                      "identity": identity}))
-    return run_dir
+    """A run as the pipeline leaves it (compare reads run.json, samples.jsonl and results.json's `partial`)."""
+    return fixtures.write_run(run_dir, task, mode, records, identity={"data": {"test.csv": data}},
+                              n_docs=len(records) + partial, aggregate=False)
 
 
 def mc_records(n=200, correct=0.7, wrong=()):

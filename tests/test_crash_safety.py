@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from eval.api import UserError
-from eval.results import RunStore
+from eval.results import Record, append_lines, read_samples
 from eval.runner import main
 from eval.run_layout import model_folder
 from fixtures import find_run, write_gsm8k, write_mmlu
@@ -97,22 +97,26 @@ def test_sigint_writes_a_partial_table_then_resume_completes(tiny_checkpoint, bi
     assert ((run_dir / "table.md").read_text(), (run_dir / "samples.jsonl").read_text()) == reference
 
 
+def record(doc_id: str) -> Record:
+    return Record(doc_id, "", "", 0, False, {}, [], {})
+
+
 def test_torn_last_line_is_dropped_with_a_warning(tmp_path):
-    store = RunStore(tmp_path / "run", {"task": "x"})
-    store.append([{"doc_id": "a"}, {"doc_id": "b"}])
-    with open(store.samples, "ab") as f:
+    samples = tmp_path / "samples.jsonl"
+    append_lines(samples, [record("a"), record("b")])
+    with open(samples, "ab") as f:
         f.write(b'{"doc_id": "c", "tru')
     with pytest.warns(UserWarning, match="dropped a torn last line"):
-        assert list(store.load()) == ["a", "b"]
-    store.append([{"doc_id": "c"}])
-    assert list(store.load()) == ["a", "b", "c"]
+        assert list(read_samples(samples, repair=True).records) == ["a", "b"]
+    append_lines(samples, [record("c")])
+    assert list(read_samples(samples).records) == ["a", "b", "c"]
 
 
 def test_corrupt_middle_line_is_an_error(tmp_path):
-    store = RunStore(tmp_path / "run", {"task": "x"})
-    store.samples.write_text('{"doc_id": "a"}\nnot json\n{"doc_id": "b"}\n')
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(record("a").line() + "not json\n" + record("b").line())
     with pytest.raises(UserError, match="samples.jsonl:2: corrupt record"):
-        store.load()
+        read_samples(samples)
 
 
 def test_batch_sizes_give_identical_samples(tiny_checkpoint, data_root, tmp_path):

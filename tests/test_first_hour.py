@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 import model
+from eval.api import stable_hash
 from eval.runner import main
 
 
@@ -131,8 +132,9 @@ def test_gsm8k_rescore_scores_non_ascii_digits_invalid(tiny_checkpoint, data_roo
                    "--output-dir", tmp_path, "--no-progress") == 0
     run_dir = only_run_dir(tmp_path, "gsm8k-fewshot")
     record = json.loads((run_dir / "samples.jsonl").read_text())
+    record.pop("checksum")
     record["responses"][0]["text"] = "The answer is \uff17"  # fullwidth 7: the gold, but eval() rejects it
-    (run_dir / "samples.jsonl").write_text(json.dumps(record) + "\n")
+    (run_dir / "samples.jsonl").write_text(json.dumps({**record, "checksum": stable_hash(record)}) + "\n")
     assert run_cli("--rescore", run_dir) == 0
     metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
     assert metrics["acc"] == 0.0 and metrics["invalid"] == 1

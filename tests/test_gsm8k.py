@@ -193,7 +193,7 @@ def test_pipeline_writes_the_records(root, tok, tmp_path):
     results = execute(plan, OracleBackend(lambda r: "The answer is 1\n\nQuestion: more"), config={})
     lines = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["completion"] == "The answer is 1"
-    assert results["table"]["rows"][0][0] == "parity (last integer)"
+    assert results.table.rows[0][0] == "parity (last integer)"
 
 
 # ---- data errors ----------------------------------------------------------------------------------

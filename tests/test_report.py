@@ -1,10 +1,10 @@
 """`report`: published vs measured tables from hand-made run directories (no model), and the plots."""
-import json
 import math
 
 import pytest
 from PIL import Image
 
+import fixtures
 from eval.api import Doc
 from eval.plots import DPI, FIGSIZE, plot_run
 from eval.report import wilson
@@ -16,17 +16,8 @@ PNG_SIZE = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
 
 def write_run(root, model, name, task, mode, docs, records, *, n_docs=None, config=None):
     """A run directory as the pipeline writes it, scored by the task's own aggregate()."""
-    scores = task.aggregate(docs, records, mode, {})
-    run_dir = root / model / name
-    run_dir.mkdir(parents=True)
-    results = {"task": task.name, "mode": mode, "metrics": scores.metrics, "n_docs": n_docs or len(docs),
-               "n_done": len(docs), "partial": (n_docs or len(docs)) > len(docs),
-               "table": {"columns": scores.table.columns, "rows": scores.table.rows}, "details": scores.extra,
-               "identity": {"model_name": model, "task": task.name, "mode": mode}, "config": config or {}}
-    (run_dir / "results.json").write_text(json.dumps(results))
-    (run_dir / "samples.jsonl").write_text("".join(json.dumps({"doc_id": d.doc_id, **r}) + "\n"
-                                                   for d, r in zip(docs, records)))
-    return run_dir
+    flat = [{"doc_id": d.doc_id, "subject": d.subject, "doc": d.data, **r} for d, r in zip(docs, records)]
+    return fixtures.write_run(root / model / name, task.name, mode, flat, n_docs=n_docs, config=config)
 
 
 def multiple_choice_run(root, model, correct_per_subject, *, task=mmlu.TASK, mode="fewshot", name=None, n=100):

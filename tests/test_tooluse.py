@@ -221,10 +221,10 @@ def test_pipeline_run_and_resume(root, tok, tmp_path):
     oracle = OracleBackend(lambda r: answers.get(r.query, "Thought: no tool\nFinal Answer: hi"))
     plan = plan_task(tooluse.TASK, "chat", DataSource(root), tok, run_dir=tmp_path / "run")
     results = execute(plan, oracle, config={}, log=lambda *_: None)
-    assert results["metrics"] == {"tool_selection": 100.0, "tool_input_rouge_l": 100.0, "false_positive": 0.0}
+    assert results.metrics == {"tool_selection": 100.0, "tool_input_rouge_l": 100.0, "false_positive": 0.0}
     records = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 5 and all(r["correct"] for r in records)
     assert records[0]["gold_action"] == "web_search" and records[0]["subject"] == "positive"
     again = OracleBackend(oracle.answer_for)
     plan = plan_task(tooluse.TASK, "chat", DataSource(root), tok, run_dir=tmp_path / "run")
-    assert execute(plan, again, config={}, log=lambda *_: None)["metrics"] == results["metrics"] and again.served == 0
+    assert execute(plan, again, config={}, log=lambda *_: None).metrics == results.metrics and again.served == 0
