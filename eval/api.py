@@ -174,6 +174,7 @@ class Task:
     executes_code = False  # runs model-written code: needs the opt-in; its runs record the sandbox's isolation
     timed = False  # each request served alone and timed (profile): never batched, never under torchrun
     sets_switches = False  # sets the model switches per request (long_ppl): --window-attn is an option, not a run
+    option_names: tuple[str, ...] = ()  # the run options it reads: only these are part of its runs' identity
 
     def bind(self, data: Any, tok: Any, options: dict) -> "Task":
         """This task over one data directory and tokenizer, for tasks whose documents depend on them."""

@@ -27,6 +27,7 @@ class MultipleChoiceTask(Task):
     max_prompt_tokens: int | None = None  # MMLU: longer prompts keep their last max-1 tokens
     modes = ("fewshot", "chat")
     n_shots = 5
+    option_names = ("verbatim_csv",)
 
     @property
     def subjects(self) -> list[str]:
@@ -248,6 +249,7 @@ class ChineseMultipleChoice(MultipleChoiceTask):
     """C-Eval and CMMLU share the 问题/答案 prompt, the letter ids and the chat extraction."""
 
     averaging = "macro"
+    option_names = ("verbatim_csv", "ceval_chat_rules")
     choice_strings = ("A", "B", "C", "D")  # the prompt ends in "答案：" (its own token); shots answer "A"
 
     def fewshot_prefix(self, subject: str, shots: list[dict]) -> str:

@@ -45,7 +45,7 @@ class Plan:
 def plan_task(task, mode: str, data, tok, *, subjects=None, limit=None, options=None, run_dir: Path) -> Plan:
     if mode not in task.modes:
         raise UserError(f"task {task.name} has no {mode!r} mode (modes: {', '.join(task.modes)})")
-    options = dict(options or {})
+    options = {k: v for k, v in (options or {}).items() if k in task.option_names}  # only what this task reads
     data = dataclasses.replace(data, files={}, skipped=[])  # this task's own files and skipped rows
     task = task.bind(data, tok, options)  # tasks whose documents depend on the data dir and tokenizer (long_ppl)
     if subjects:

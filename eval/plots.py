@@ -1,7 +1,7 @@
 """PNG plots of a run, written next to its table.md: per-category accuracy bars for the multiple-choice
 suites (categories.png) and perplexity against length per switch combination for long_ppl (perplexity.png).
 
-`plot_run(run_dir)` is what `report` calls; the runner can call it after a run. Figures are drawn with
+A task's `plot` method draws its run with these (`report.plot_run` asks the task). Figures are drawn with
 matplotlib's object API (no pyplot, no global backend state) and rendered by Agg into PNG files of a
 fixed size (FIGSIZE x DPI pixels).
 """
@@ -15,16 +15,9 @@ import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from .registry import get_task
-from .results import Results, read_results
+from .results import Results
 
 FIGSIZE, DPI = (8.0, 4.5), 100  # 800 x 450 pixels: no tight bounding box, so the size never varies
-
-
-def plot_run(run_dir: Path, results: Results | None = None) -> list[Path]:
-    """The run's plots (none for tasks without categories or lengths), written into run_dir."""
-    results = results or read_results(run_dir)
-    return get_task(results.task).plot(results, run_dir)
 
 
 def plot_perplexity(results: Results, path: Path) -> Path:

@@ -1,6 +1,7 @@
 """What a run's numbers depend on (its identity) and where they came from (its provenance)."""
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as md
 import inspect
 import platform
@@ -20,7 +21,7 @@ def scorer_fingerprint(task) -> str:
     task's module, the modules it inherits from, and the shared metrics (the vocabulary in api.py excepted)."""
     modules = {cls.__module__ for cls in type(task).__mro__ if cls.__module__.startswith("eval.")} | {"eval.metrics"}
     modules.discard("eval.api")
-    return stable_hash([inspect.getsource(sys.modules[name]) for name in sorted(modules)])
+    return stable_hash([inspect.getsource(importlib.import_module(name)) for name in sorted(modules)])
 
 
 def tokenizer_fingerprint(tok) -> str:

@@ -27,7 +27,6 @@ import numpy as np
 from . import published
 from .api import AccuracyScores, PerplexityScores, Table, UserError
 from .compare import bootstrap_sums
-from .plots import plot_run
 from .registry import get_task
 from .results import Results, atomic_write, read_results, read_run_records, render_markdown
 
@@ -60,6 +59,12 @@ class Measured:
     value: float | None
     interval: tuple[float, float] | None = None
     note: str = ""
+
+
+def plot_run(run_dir: Path, results: Results | None = None) -> list[Path]:
+    """The run's plots, drawn by its task (none for tasks without categories or lengths), in run_dir."""
+    results = results or read_results(run_dir)
+    return get_task(results.task).plot(results, run_dir)
 
 
 # ---- finding and matching runs -----------------------------------------------------------------------

@@ -286,7 +286,7 @@ def _require_code_execution(args) -> None:
 
 def _plot(run_dir: Path) -> None:
     """PNG plots next to the tables where a task has one (categories, perplexity against length)."""
-    from eval.plots import plot_run
+    from eval.report import plot_run
 
     plot_run(run_dir)
 

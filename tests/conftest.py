@@ -18,3 +18,13 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def data_root(tmp_path_factory) -> Path:
     """Small benchmark files in the release layouts (tests never depend on ../shared being there)."""
     return fixture_root(tmp_path_factory.mktemp("data"))
+
+
+SLOW_FIXTURES = {"tiny_checkpoint"}  # a checkpoint on disk means the CLI end to end (model loads, runs, resumes)
+
+
+def pytest_collection_modifyitems(items):
+    """`-m "not slow"`: the quick subset. End-to-end runs are marked here, by the fixtures they use."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -14,8 +14,6 @@ from eval.runner import main
 from eval.run_layout import model_folder
 from fixtures import find_run, write_gsm8k, write_mmlu
 
-pytestmark = pytest.mark.slow  # real runs and subprocesses: left out by -m "not slow"
-
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -6,8 +6,6 @@ import pytest
 from eval.runner import main
 from fixtures import SHARED_DATA, find_run
 
-pytestmark = pytest.mark.slow  # real runs and subprocesses: left out by -m "not slow"
-
 MC_TASKS = [("mmlu", "anatomy,astronomy"), ("ceval", "computer_network,logic"), ("cmmlu", "agronomy,arts")]
 
 

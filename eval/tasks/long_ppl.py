@@ -55,6 +55,7 @@ class LongPPL(Task):
     name, version = "long_ppl", "arxiv-2023-08"
     modes = ("fewshot",)  # a base-model measurement; "fewshot" is the runner's base-model mode
     sets_switches = True  # each row sets all three switches per request
+    option_names = ("lengths", "window_attn")
 
     def __init__(self, documents: dict[str, Path] | None = None, tok=None, lengths=DEFAULT_LENGTHS):
         self.documents, self.tok, self.lengths = documents, tok, tuple(lengths)

@@ -95,6 +95,7 @@ class ToolUse(Task):
     """Tool use as a ReAct agent: positive jobs should call the gold tool, negative jobs no tool at all."""
 
     name, version, modes, subjects = "tooluse", "qwen-2023-12", ("chat",), list(SETS)
+    option_names = ("tooluse_version",)
 
     def __init__(self, tok=None, data_version: str | None = None):
         # Rouge-L compares Qwen tokens of the *parsed* action inputs, so scoring needs the tokenizer; the task
