@@ -233,8 +233,8 @@ def test_a_suite_runs_each_task_in_its_own_directory_and_ends_with_the_report(ti
     assert run_cli(*argv) == 0
     out = capsys.readouterr().out
     fewshot, chat = only_run_dir(tmp_path, "gsm8k-fewshot"), only_run_dir(tmp_path, "gsm8k-chat")
-    options = [json.loads((d / "results.json").read_text())["options"]["ceval_chat_rules"] for d in (fewshot, chat)]
-    assert options == ["2023-08-25", "2023-08-03"]  # a suite entry's own scoring flags
+    flags = [json.loads((d / "results.json").read_text())["config"]["ceval_chat_rules"] for d in (fewshot, chat)]
+    assert flags == ["2023-08-25", "2023-08-03"]  # a suite entry's own scoring flags
     assert "# Reproduction report" in out and "| GSM8K 0-shot | acc | 41.1 |" in out
     assert out.strip().splitlines()[-1].startswith("results written to ")
     samples = (chat / "samples.jsonl").read_text()

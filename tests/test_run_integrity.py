@@ -17,9 +17,10 @@ import pytest
 from eval.api import LoglikelihoodResponse, stable_hash
 from eval.data import DataSource
 from eval.pipeline import execute, plan_task
+from eval.run_layout import model_folder
 from eval.runner import main
 from eval.tasks import long_ppl, mmlu
-from fixtures import write_mmlu
+from fixtures import find_run, write_mmlu
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -31,7 +32,8 @@ def mmlu_args(checkpoint, data, out, *extra):
 
 
 def run_dir(out: Path) -> Path:
-    return out / "tiny" / "mmlu-fewshot"
+    """The MMLU run (its model folder's name carries a hash of the checkpoint's path)."""
+    return find_run(out, "mmlu-fewshot-fp32")
 
 
 def lines(out: Path) -> list[dict]:
@@ -77,19 +79,19 @@ def test_changed_decoder_layer_weights_are_another_model(tiny_checkpoint, data_r
     tensors = {}
     for path in tiny_checkpoint.glob("*.safetensors"):
         tensors.update(load_file(path))
-    checkpoints = []
-    for name, delta in (("base", 0.0), ("tuned", 0.01)):
-        ckpt = tmp_path / name / "tiny"
-        ckpt.mkdir(parents=True)
-        for path in ("config.json", "qwen.tiktoken"):
-            (ckpt / path).write_bytes((tiny_checkpoint / path).read_bytes())
+    ckpt = tmp_path / "tiny"  # tuned in place: the same path, so the same run directory
+    ckpt.mkdir(parents=True)
+    for path in ("config.json", "qwen.tiktoken"):
+        (ckpt / path).write_bytes((tiny_checkpoint / path).read_bytes())
+    out = tmp_path / "out"
+    for delta, limit in ((0.0, 1), (0.01, 2)):
         save_file({n: t + delta if ".h.0." in n else t for n, t in tensors.items()}, ckpt / "model.safetensors",
                   metadata={"format": "pt"})
-        checkpoints.append(ckpt)
-    out = tmp_path / "out"
-    assert main(mmlu_args(checkpoints[0], data_root, out, "--limit", 1)) == 0
-    capsys.readouterr()
-    assert main(mmlu_args(checkpoints[1], data_root, out, "--limit", 2)) == 2
+        code = main(mmlu_args(ckpt, data_root, out, "--limit", limit))
+        if not delta:
+            assert code == 0
+            capsys.readouterr()
+    assert code == 2
     one_line_error(capsys, "(model differ)")
 
 
@@ -105,12 +107,12 @@ def test_each_task_carries_only_its_own_data_and_subjects_are_a_selection(tiny_c
     args = ["--model", str(tiny_checkpoint), "--data-dir", str(data_root), "--output-dir", str(tmp_path),
             "--no-progress", "--limit", "1"]
     assert main(["--task", "long_ppl,gsm8k", "--lengths", "32,64", *args]) == 0
-    gsm8k = json.loads((tmp_path / "tiny" / "gsm8k-fewshot" / "run.json").read_text())["identity"]
+    gsm8k = json.loads((find_run(tmp_path, "gsm8k-fewshot-fp32") / "run.json").read_text())["identity"]
     assert gsm8k["data"] and all(name.startswith("gsm8k") for name in gsm8k["data"]), gsm8k["data"]
     assert main(["--task", "gsm8k", *args]) == 0
     assert main(["--task", "mmlu", "--subjects", "anatomy", *args]) == 0
     assert main(["--task", "mmlu", "--subjects", "astronomy", *args]) == 0  # another selection, not other data
-    saved = [json.loads(x)["doc_id"] for x in (tmp_path / "tiny" / "mmlu-fewshot" / "samples.jsonl").open()]
+    saved = [json.loads(x)["doc_id"] for x in (run_dir(tmp_path) / "samples.jsonl").open()]
     assert sorted(saved) == ["mmlu/anatomy/0", "mmlu/astronomy/0"]
 
 
@@ -185,13 +187,13 @@ def test_two_racing_writers_leave_one_run(tiny_checkpoint, tmp_path_factory, tmp
     args = mmlu_args(tiny_checkpoint, data, tmp_path, "--batch-size", 1)
     first = subprocess.Popen([sys.executable, str(REPO / "eval" / "runner.py"), *args], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    samples = run_dir(tmp_path) / "samples.jsonl"
+    samples = tmp_path / model_folder(str(tiny_checkpoint)) / "mmlu-fewshot-fp32" / "samples.jsonl"
     deadline = time.time() + 120
     while not (samples.exists() and samples.read_bytes().count(b"\n")) and time.time() < deadline:
         assert first.poll() is None, first.communicate()
         time.sleep(0.01)
-    second = subprocess.run([sys.executable, str(REPO / "eval" / "runner.py"), *args, "--dtype", "bf16",
-                             "--overwrite"], cwd=REPO, capture_output=True, text=True)
+    second = subprocess.run([sys.executable, str(REPO / "eval" / "runner.py"), *args, "--verbatim-csv",
+                             "--overwrite"], cwd=REPO, capture_output=True, text=True)  # same directory, other options
     assert second.returncode == 2 and "is being written by another process" in second.stderr, second.stderr
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
@@ -304,7 +306,7 @@ def test_a_terminal_that_cannot_show_the_table_never_stops_the_next_task(tiny_ch
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="ascii"))
     assert main(["--task", "gsm8k,long_ppl", "--lengths", "32,64", "--model", str(tiny_checkpoint), "--data-dir",
                  str(data_root), "--limit", 1, "--output-dir", str(tmp_path), "--no-progress"]) == 0  # "—" in a title
-    assert (tmp_path / "tiny" / "long_ppl-fewshot" / "results.json").exists()
+    assert (find_run(tmp_path, "long_ppl-fewshot-fp32") / "results.json").exists()
 
 
 def test_seconds_accumulate_and_timings_say_where_they_went(tiny_checkpoint, data_root, tmp_path):
