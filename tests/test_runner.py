@@ -104,6 +104,7 @@ def test_generation_and_perplexity_tasks_end_to_end(task, mode, tiny_checkpoint,
     records = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(records) == results["n_docs"] and all(r["responses"] for r in records)
     assert (run_dir / "table.md").exists() and (run_dir / "table.csv").exists()
+    assert ("sandbox" in results["provenance"]) == (task == "humaneval")  # how model-written code was confined
 
 
 def test_hf_backend_with_an_accelerate_device_map(tiny_checkpoint, data_root, tmp_path):
