@@ -73,8 +73,9 @@ def test_rerun_resumes_and_extends(tiny_checkpoint, data_root, tmp_path, capsys)
     assert [json.loads(x)["doc_id"] for x in lines] == [f"mmlu/anatomy/{i}" for i in range(5)]
 
 
-def test_list_tasks(capsys):
-    assert run_cli("--list-tasks") == 0
+@pytest.mark.parametrize("argv", [["--list-tasks"], ["list"]])
+def test_list_tasks(argv, capsys):
+    assert run_cli(*argv) == 0
     out = capsys.readouterr().out
     for name in ("mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "long_ppl"):
         assert name in out
