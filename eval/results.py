@@ -73,7 +73,10 @@ class Record:
     @classmethod
     def parse(cls, obj: dict, where: str) -> "Record":
         body = {k: v for k, v in obj.items() if k != "checksum"}
-        if obj.get("checksum") != stable_hash(body):
+        if "checksum" not in obj:
+            raise UserError(f"{where}: a record without a checksum (written before records had one): run into "
+                            f"another --output-dir, or pass --overwrite")
+        if obj["checksum"] != stable_hash(body):
             raise UserError(f"{where}: the record of {obj.get('doc_id')} was changed after it was written (checksum "
                             f"mismatch); delete that line to recompute the document, or pass --overwrite")
         missing = [name for name in RECORD_FIELDS if name not in body]

@@ -21,10 +21,14 @@ def data_root(tmp_path_factory) -> Path:
 
 
 SLOW_FIXTURES = {"tiny_checkpoint"}  # a checkpoint on disk means the CLI end to end (model loads, runs, resumes)
+# Several seconds each on 2 CPU cores (whole-benchmark sandbox runs, a model converted twice).
+SLOW_TESTS = {"test_all_canonical_solutions_pass", "test_parallel_results_equal_sequential_ones",
+              "test_logits_equal_the_dequantized_fp32_model",
+              "test_tiny_model_end_to_end_ntk_matters_only_past_the_training_length"}
 
 
 def pytest_collection_modifyitems(items):
-    """`-m "not slow"`: the quick subset. End-to-end runs are marked here, by the fixtures they use."""
+    """`-m "not slow"`: the quick subset. End-to-end runs are marked here, by the fixtures they use or by name."""
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.originalname in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)

@@ -172,8 +172,8 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tiny_checkpoint, data_r
     try:
         assert holder.stdout.readline() == "held\n"
         capsys.readouterr()
-        for extra in ([], ["--overwrite"]):  # --overwrite never races a live writer either
-            assert main(args + extra) == 2
+        for argv in (args, args + ["--overwrite"], ["rescore", str(run_dir(tmp_path))]):  # none races a live writer
+            assert main(argv) == 2
             one_line_error(capsys, "is being written by another process (pid 4242)")
     finally:
         holder.kill()

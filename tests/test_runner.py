@@ -73,8 +73,9 @@ def test_rerun_resumes_and_extends(tiny_checkpoint, data_root, tmp_path, capsys)
     assert [json.loads(x)["doc_id"] for x in lines] == [f"mmlu/anatomy/{i}" for i in range(5)]
 
 
-def test_list_tasks(capsys):
-    assert run_cli("--list-tasks") == 0
+@pytest.mark.parametrize("argv", [["--list-tasks"], ["list"]])
+def test_list_tasks(argv, capsys):
+    assert run_cli(*argv) == 0
     out = capsys.readouterr().out
     for name in ("mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "long_ppl"):
         assert name in out
@@ -104,6 +105,7 @@ def test_generation_and_perplexity_tasks_end_to_end(task, mode, tiny_checkpoint,
     records = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(records) == results["n_docs"] and all(r["responses"] for r in records)
     assert (run_dir / "table.md").exists() and (run_dir / "table.csv").exists()
+    assert ("sandbox" in results["provenance"]) == (task == "humaneval")  # how model-written code was confined
 
 
 def test_hf_backend_with_an_accelerate_device_map(tiny_checkpoint, data_root, tmp_path):
