@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 
 class UserError(Exception):
@@ -141,18 +141,85 @@ class Scores:
     extra: dict[str, Any] = field(default_factory=dict)  # per-subject / per-category / counts
 
 
-class Task(Protocol):
+@dataclass(frozen=True)
+class AccuracyScores:
+    """How `compare` pairs two runs of an accuracy task: the headline metric and each document's score."""
+
+    metric: str  # the results.json metric it gates on, e.g. "acc"
+    score: Callable[[dict], float]  # a record -> its score in [0, 1] (a pass rate for several samples)
+    averaging: str = "micro"  # or "macro": the mean of per-subject means
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # reported per group, not gated
+
+
+@dataclass(frozen=True)
+class PerplexityScores:
+    """How `compare` pairs two runs of a perplexity task: per row, each document's summed NLL and tokens."""
+
+    rows: Callable[[dict], tuple[str, ...]]  # the rows a record holds, in table order
+    cell: Callable[[dict, str], tuple[float, int]]  # (record, row) -> (summed NLL, predicted tokens)
+    length: Callable[[dict], int]  # a record's sample length (cells are reported per length)
+
+
+class Task:
+    """Everything the harness asks of a benchmark; runner, pipeline, compare, report and plots name no task.
+
+    A task sets name, modes and version and implements load, requests, score and aggregate; the rest
+    has defaults that a task overrides where it differs.
+    """
+
     name: str
     modes: tuple[str, ...]
     version: str  # bumped whenever prompts or scoring change; part of the run's identity
+    subjects: list[str] | None = None  # what --subjects selects from; None: the task has no subjects
+    executes_code = False  # runs model-written code: needs the opt-in; its runs record the sandbox's isolation
+    timed = False  # each request served alone and timed (profile): never batched, never under torchrun
+    sets_switches = False  # sets the model switches per request (long_ppl): --window-attn is an option, not a run
+    option_names: tuple[str, ...] = ()  # the run options it reads: only these are part of its runs' identity
 
-    def load(self, data: Any, mode: str, subjects: list[str] | None = None) -> list[Doc]: ...
+    def bind(self, data: Any, tok: Any, options: dict) -> "Task":
+        """This task over one data directory and tokenizer, for tasks whose documents depend on them."""
+        return self
 
-    def requests(self, doc: Doc, tok: Any, mode: str, options: dict) -> list[Request]: ...
+    def load(self, data: Any, mode: str, subjects: list[str] | None = None) -> list[Doc]:
+        raise NotImplementedError
 
-    def score(self, doc: Doc, responses: list[Response], mode: str, options: dict) -> dict: ...
+    def requests(self, doc: Doc, tok: Any, mode: str, options: dict) -> list[Request]:
+        raise NotImplementedError
 
-    def aggregate(self, docs: list[Doc], records: list[dict], mode: str, options: dict) -> Scores: ...
+    def score(self, doc: Doc, responses: list[Response], mode: str, options: dict) -> dict:
+        raise NotImplementedError
+
+    def aggregate(self, docs: list[Doc], records: list[dict], mode: str, options: dict) -> Scores:
+        raise NotImplementedError
+
+    def paired_scores(self, mode: str) -> AccuracyScores | PerplexityScores | None:
+        """Per-document scores for `compare`; None: nothing to compare document by document."""
+        return None
+
+    def plot(self, results: dict, run_dir: Any) -> list:
+        """PNG plots of a finished run, written into run_dir (eval/plots.py draws them); none by default."""
+        return []
+
+
+# ---- what several tasks build the same way ----------------------------------------------------------
+def chat_request(tok: Any, query: str, **fields) -> GenerateRequest:
+    """One ChatML user turn (default system prompt), stopping at <|im_end|>/<|im_start|>; greedy, 512 new tokens
+    unless `fields` say otherwise."""
+    raw, ids = tok.make_context(query)
+    return GenerateRequest(raw, tuple(ids), **{"max_new_tokens": 512, "stop_ids": tok.chat_stop_ids, "query": query,
+                                               **fields})
+
+
+def shared_prefix_length(ids: list[int], prefix: list[int]) -> int:
+    """Leading tokens a prompt shares with its tokenized few-shot prefix (fewer when the seam merges tokens)."""
+    return next((i for i, (a, b) in enumerate(zip(ids, prefix)) if a != b), min(len(ids), len(prefix)))
+
+
+def cut_at_each(text: str, cuts: tuple[str, ...]) -> str:
+    """The original scripts' truncation: keep what precedes each cut string in turn."""
+    for cut in cuts:
+        text = text.split(cut)[0]
+    return text
 
 
 def stable_hash(obj: Any) -> str:

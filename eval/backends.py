@@ -43,11 +43,12 @@ class NativeBackend:
 
     @property
     def label(self) -> str:
+        """Shown first on the progress bars: the pipeline sets the task being served."""
         return self.engine.label
 
     @label.setter
-    def label(self, name: str) -> None:  # names the progress bars (the task)
-        self.engine.label = name
+    def label(self, text: str) -> None:
+        self.engine.label = text
 
     def choice(self, requests: list[ChoiceRequest], on_done: OnDone = None) -> list[ChoiceResponse]:
         def convert(i, r):
@@ -162,6 +163,7 @@ class HFBackend:
     MAX_BATCH = 64  # lm-evaluation-harness's default ceiling for --batch_size auto
     CPU_BUDGET = 2 * 2**30  # bytes of activations per batch on a CPU: a simple fixed budget
     LOGIT_ROWS = 1024  # positions per lm_head call in rolling loglikelihood: never [B, T, vocab] at once
+    label = ""  # shown first on the progress bar (the task being served)
 
     def __init__(self, model, tokenizer, *, batch_size: int | None = None, progress: bool = True):
         self.model, self.tokenizer = model, tokenizer
@@ -215,7 +217,7 @@ class HFBackend:
 
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         budget = self._budget() if self.batch_size is None else 0
-        bar = tqdm(total=len(order), disable=not self.progress, leave=False, desc="hf")
+        bar = tqdm(total=len(order), disable=not self.progress, leave=False, desc=f"{self.label} hf".strip())
         start = 0
         while start < len(order):
             size = self.batch_size or max(1, min(self.MAX_BATCH, budget // row_bytes(lengths[order[start]])))

@@ -5,13 +5,12 @@ results/base/Qwen-7B): run directories are then paired by name (mmlu-fewshot, gs
 Per task, on the documents both runs hold: the headline score of each run, the delta, a paired
 test (exact McNemar for right/wrong scores, paired bootstrap otherwise) and the documents that
 flipped; the same per category (MMLU, C-Eval, CMMLU) and per long_ppl length, for information.
-The gate looks at headline scores only: a drop of at least --max-drop points with p < --alpha is a
-regression (exit 1). Runs whose prompts or data differ are refused unless --allow-different-prompts.
+The gate looks at headline scores only: a drop of at least --max-drop points is a regression (exit 1);
+with --alpha, only when the paired test also gives p < alpha. Runs whose prompts or data differ are refused unless --allow-different-prompts.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import textwrap
 from dataclasses import dataclass, field
@@ -19,20 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import UserError
+from .api import AccuracyScores, PerplexityScores, Table, UserError
+from .metrics import average
 from .registry import get_task
-from .tasks.long_ppl import ROWS
+from .results import read_info, read_results, read_run_records, render_markdown
 
 BOOTSTRAP_ROUNDS = 10_000
-# (task, mode) -> (headline metric, path to its per-document value in a samples.jsonl record).
-HEADLINE = {
-    **{(task, mode): ("acc", ("correct",)) for task in ("mmlu", "ceval", "cmmlu") for mode in ("fewshot", "chat")},
-    ("gsm8k", "fewshot"): ("acc", ("parity", "correct")),
-    ("gsm8k", "chat"): ("acc", ("zero_shot", "v0", "correct")),
-    ("humaneval", "fewshot"): ("pass@1", ("parity",)),
-    ("humaneval", "chat"): ("pass@1", ("v0",)),
-}
-PERPLEXITY_TASK = "long_ppl"
 
 
 # ---- runs ---------------------------------------------------------------------------------------
@@ -52,32 +43,11 @@ class Run:
         return self.identity.get("mode", "?")
 
 
-def read_records(path: Path) -> list[dict]:
-    """samples.jsonl records, read-only: a torn last line (a run killed mid-write) is left out."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise UserError(f"{path}:{number}: corrupt record in the middle of the file") from None
-    return records
-
-
 def load_run(run_dir: Path) -> Run:
-    try:
-        identity = json.loads((run_dir / "run.json").read_text())["identity"]
-    except (OSError, json.JSONDecodeError, KeyError):
-        raise UserError(f"{run_dir} is not a run directory (no readable run.json)") from None
-    try:
-        finished = not json.loads((run_dir / "results.json").read_text()).get("partial", True)
-    except (OSError, json.JSONDecodeError):
-        finished = False
-    records = {r["doc_id"]: r for r in read_records(run_dir / "samples.jsonl")}
-    return Run(run_dir, identity, records, finished)
+    identity = read_info(run_dir).identity
+    results = read_results(run_dir)
+    records = {doc_id: r.flat() for doc_id, r in read_run_records(run_dir).records.items()}
+    return Run(run_dir, identity, records, results is not None and not results.partial)
 
 
 def run_dirs(path: Path) -> dict[str, Path]:
@@ -118,8 +88,10 @@ def comparable(base: Run, new: Run, shared: list[str], allow_different: bool) ->
         raise UserError(f"cannot compare {base.task} ({base.mode}) in {base.dir} "
                         f"with {new.task} ({new.mode}) in {new.dir}")
     reasons = []
-    if base.identity.get("data") != new.identity.get("data"):
-        reasons.append("the data files differ (identity.data)")
+    base_files, new_files = base.identity.get("data", {}), new.identity.get("data", {})
+    changed = sorted(f for f in set(base_files) & set(new_files) if base_files[f] != new_files[f])
+    if changed or not isinstance(base_files, dict):
+        reasons.append(f"the data files differ (identity.data: {changed[0] if changed else 'another format'})")
     # Per-document prompt hashes (prompt text and token ids) are stricter than provenance.prompts_hash, and
     # still allow comparing runs of different --limit on the documents they share.
     changed = [d for d in shared if base.records[d].get("prompt_hash") != new.records[d].get("prompt_hash")]
@@ -177,31 +149,19 @@ class Comparison:
     better: list[str] = field(default_factory=list)
     unit: str = ""  # of `drop`: "" accuracy points, "%" perplexity
 
-    def regression(self, max_drop: float, alpha: float) -> bool:
-        return self.gated and self.drop >= max_drop and self.p < alpha
+    def regression(self, max_drop: float, alpha: float | None) -> bool:
+        return self.gated and self.drop >= max_drop and (alpha is None or self.p < alpha)
 
 
-def document_score(record: dict, path: tuple[str, ...]) -> float:
-    value = record
-    for key in path:
-        value = value[key]
-    if isinstance(value, list):  # HumanEval: a task's samples; their pass rate is its unbiased pass@1
-        return sum(s["status"] == "passed" for s in value) / len(value)
-    return float(value)
-
-
-def compare_accuracy(base: Run, new: Run, shared: list[str]) -> list[Comparison]:
-    metric, path = HEADLINE[(base.task, base.mode)]
+def compare_accuracy(base: Run, new: Run, shared: list[str], spec: AccuracyScores) -> list[Comparison]:
     try:
-        scores = {d: (document_score(base.records[d], path), document_score(new.records[d], path)) for d in shared}
+        scores = {d: (spec.score(base.records[d]), spec.score(new.records[d])) for d in shared}
     except (KeyError, TypeError):
-        raise UserError(f"{base.task} ({base.mode}): a record lacks {'.'.join(path)}") from None
+        raise UserError(f"{base.task} ({base.mode}): a record lacks the per-document {spec.metric} score") from None
     subjects = {d: base.records[d].get("subject", "") for d in shared}
-    task = get_task(base.task)
-    averaging = getattr(task, "averaging", "micro")
-    groups = {**getattr(task, "categories", {}), **getattr(task, "extra_groups", {})}
-    units = [accuracy_comparison(f"{metric} ({averaging})", shared, scores, subjects, averaging, gated=True)]
-    for group, members in groups.items():
+    averaging = spec.averaging
+    units = [accuracy_comparison(f"{spec.metric} ({averaging})", shared, scores, subjects, averaging, gated=True)]
+    for group, members in spec.groups.items():
         docs = [d for d in shared if subjects[d] in members]
         if docs:
             units.append(accuracy_comparison(group, docs, scores, subjects, averaging, gated=False))
@@ -209,8 +169,8 @@ def compare_accuracy(base: Run, new: Run, shared: list[str]) -> list[Comparison]
 
 
 def accuracy_comparison(name, docs, scores, subjects, averaging, gated) -> Comparison:
-    base = average([scores[d][0] for d in docs], [subjects[d] for d in docs], averaging)
-    new = average([scores[d][1] for d in docs], [subjects[d] for d in docs], averaging)
+    base = average(by_subject(docs, subjects, {d: scores[d][0] for d in docs}), averaging)
+    new = average(by_subject(docs, subjects, {d: scores[d][1] for d in docs}), averaging)
     worse = [d for d in docs if scores[d][1] < scores[d][0]]
     better = [d for d in docs if scores[d][1] > scores[d][0]]
     if all(v in (0.0, 1.0) for d in docs for v in scores[d]):
@@ -222,30 +182,29 @@ def accuracy_comparison(name, docs, scores, subjects, averaging, gated) -> Compa
     return Comparison(name, len(docs), base, new, test, p, base - new, gated, worse, better)
 
 
-def average(values: list[float], subjects: list[str], averaging: str) -> float:
-    """In percent. Micro: over documents; macro: the mean of per-subject means (C-Eval, CMMLU)."""
-    if averaging == "micro":
-        return 100 * sum(values) / len(values)
-    by_subject: dict[str, list[float]] = {}
-    for value, subject in zip(values, subjects):
-        by_subject.setdefault(subject, []).append(value)
-    return 100 * sum(sum(v) / len(v) for v in by_subject.values()) / len(by_subject)
+def by_subject(docs: list[str], subjects: dict[str, str], scores: dict[str, float]) -> dict[str, tuple[float, int]]:
+    """(summed score, documents) per subject, for metrics.average."""
+    out: dict[str, tuple[float, int]] = {}
+    for d in docs:
+        total, n = out.get(subjects[d], (0.0, 0))
+        out[subjects[d]] = (total + scores[d], n + 1)
+    return out
 
 
-def compare_perplexity(base: Run, new: Run, shared: list[str]) -> list[Comparison]:
-    """One gated score per switch row (all lengths, token-weighted), then each (row, length) cell."""
-    rows = [row for row in ROWS if row in base.records[shared[0]]["rows"]]  # records store them sorted by name
-    lengths = sorted({base.records[d]["length"] for d in shared})
-    gated = [perplexity_comparison(f"ppl {row} (all lengths)", shared, base, new, row, True) for row in rows]
-    cells = [perplexity_comparison(f"ppl {row} @ {length}", [d for d in shared if base.records[d]["length"] == length],
-                                   base, new, row, False) for row in rows for length in lengths]
+def compare_perplexity(base: Run, new: Run, shared: list[str], spec: PerplexityScores) -> list[Comparison]:
+    """One gated score per row (all lengths, token-weighted), then each (row, length) cell."""
+    lengths = sorted({spec.length(base.records[d]) for d in shared})
+    rows = spec.rows(base.records[shared[0]])
+    gated = [perplexity_comparison(f"ppl {row} (all lengths)", shared, base, new, spec, row, True) for row in rows]
+    cells = [perplexity_comparison(f"ppl {row} @ {length}",
+                                   [d for d in shared if spec.length(base.records[d]) == length],
+                                   base, new, spec, row, False) for row in rows for length in lengths]
     return gated + cells
 
 
-def perplexity_comparison(name, docs, base: Run, new: Run, row: str, gated: bool) -> Comparison:
+def perplexity_comparison(name, docs, base: Run, new: Run, spec: PerplexityScores, row: str, gated: bool) -> Comparison:
     """exp(summed NLL / summed tokens), as the task aggregates; paired bootstrap of the log-perplexity change."""
-    columns = np.array([[run.records[d]["rows"][row][key] for run in (base, new) for key in ("nll", "n_tokens")]
-                        for d in docs], dtype=float)
+    columns = np.array([[x for run in (base, new) for x in spec.cell(run.records[d], row)] for d in docs], dtype=float)
     total = columns.sum(axis=0)
     observed = total[2] / total[3] - total[0] / total[1]
     sums = bootstrap_sums(columns)
@@ -260,14 +219,15 @@ def compare_runs(base: Run, new: Run, allow_different: bool) -> tuple[list[Compa
     if not shared:
         raise UserError(f"{base.dir} and {new.dir} share no documents")
     warnings = comparable(base, new, shared, allow_different)
-    if base.task == PERPLEXITY_TASK:
-        return compare_perplexity(base, new, shared), warnings
-    return compare_accuracy(base, new, shared), warnings
+    spec = get_task(base.task).paired_scores(base.mode)
+    if isinstance(spec, PerplexityScores):
+        return compare_perplexity(base, new, shared, spec), warnings
+    return compare_accuracy(base, new, shared, spec), warnings
 
 
 # ---- output ------------------------------------------------------------------------------------------
 def render_pair(base: Run, new: Run, units: list[Comparison], warnings: list[str], max_drop: float,
-                alpha: float) -> str:
+                alpha: float | None) -> str:
     shared = units[0].n  # the headline score covers every shared document
     differs = sorted(k for k in set(base.identity) | set(new.identity) if base.identity.get(k) != new.identity.get(k))
     lines = [f"## {base.task} ({base.mode})", "",
@@ -277,14 +237,14 @@ def render_pair(base: Run, new: Run, units: list[Comparison], warnings: list[str
              f"- documents compared: {shared} (only in base: {len(base.records) - shared}, "
              f"only in new: {len(new.records) - shared})"]
     lines += [f"- WARNING: {w}" for w in warnings]
-    perplexity = base.task == PERPLEXITY_TASK
-    lines += ["", "| score | n | base | new | delta | drop | test | p | right->wrong | wrong->right | gate |",
-              "|" + "---|" * 11]
+    perplexity = units[0].unit == "%"
+    table = Table(["score", "n", "base", "new", "delta", "drop", "test", "p", "right->wrong", "wrong->right", "gate"])
     for u in units:
         gate = ("REGRESSION" if u.regression(max_drop, alpha) else "ok") if u.gated else ""
         flips = ["-", "-"] if perplexity else [str(len(u.worse)), str(len(u.better))]
-        lines.append(f"| {u.name} | {u.n} | {u.base:.2f} | {u.new:.2f} | {u.new - u.base:+.2f} | {u.drop:.2f}{u.unit} "
-                     f"| {u.test} | {u.p:.3g} | {flips[0]} | {flips[1]} | {gate} |")
+        table.rows.append([u.name, u.n, u.base, u.new, f"{u.new - u.base:+.2f}", f"{u.drop:.2f}{u.unit}", u.test,
+                           f"{u.p:.3g}", *flips, gate])
+    lines += ["", render_markdown(table).rstrip("\n")]
     headline = units[0]
     if not perplexity:
         binary = headline.test == "McNemar"
@@ -302,13 +262,13 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("new", type=Path, metavar="NEW_RUN")
     p.add_argument("--max-drop", type=float, default=1.0, metavar="POINTS",
                    help="fail when a headline score drops by at least this much (accuracy points; percent "
-                        "perplexity rise for long_ppl) and the drop is significant (default 1)")
-    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the paired test (default 0.05; "
-                                                             "1 gates on the drop alone)")
+                        "perplexity rise for long_ppl; default 1)")
+    p.add_argument("--alpha", type=float, help="fail only when the paired test also gives p below this "
+                                               "(e.g. 0.05; default: the drop alone decides)")
     p.add_argument("--allow-different-prompts", action="store_true",
                    help="compare runs whose prompts or data files differ")
     args = p.parse_args(argv)
-    if not 0 < args.alpha <= 1 or args.max_drop < 0:
+    if (args.alpha is not None and not 0 < args.alpha <= 1) or args.max_drop < 0:
         raise UserError("--alpha must be in (0, 1] and --max-drop at least 0")
     return args
 
@@ -319,7 +279,7 @@ def main(argv) -> int:
     regressions, sections = [], []
     for base_dir, new_dir in pairs:
         base, new = load_run(base_dir), load_run(new_dir)
-        if (base.task, base.mode) not in HEADLINE and base.task != PERPLEXITY_TASK:
+        if get_task(base.task).paired_scores(base.mode) is None:
             notes.append(f"{base_dir.name}: {base.task} has no per-document scores to compare")
             continue
         units, warnings = compare_runs(base, new, args.allow_different_prompts)
@@ -329,7 +289,7 @@ def main(argv) -> int:
     print("\n".join(sections))
     for note in notes:
         print(f"not compared: {note}")
-    rule = f"drop >= {args.max_drop:g} and p < {args.alpha:g}"
+    rule = f"drop >= {args.max_drop:g}" + (f" and p < {args.alpha:g}" if args.alpha is not None else "")
     if regressions:
         print(f"REGRESSION ({rule}):\n" + "\n".join(f"  {r}" for r in regressions))
         return 1

@@ -68,9 +68,9 @@ class DataSource:
 
     def _check_field_counts(self, path: Path, expected: int) -> None:
         with open(path, newline="", encoding="utf-8") as f:
-            for row, fields in enumerate(csv.reader(f)):
+            for line, fields in zip(csv_record_lines(path), filter(None, csv.reader(f))):
                 if len(fields) > expected:
-                    raise UserError(f"{path}: malformed CSV: row {row} has {len(fields)} fields, expected {expected}")
+                    raise UserError(f"line {line} of {path}: malformed CSV: {len(fields)} fields, expected {expected}")
 
     def read_jsonl(self, path: Path) -> list[tuple[int, dict]]:
         """(0-based line, object) for every non-empty line; bad JSON names the line."""
@@ -124,3 +124,16 @@ class DataSource:
     def manifest(self) -> dict:
         return {"root": str(self.root) if self.root else "huggingface-hub", "files": self.files,
                 "skipped_rows": self.skipped}
+
+
+def csv_record_lines(path: Path) -> list[int]:
+    """The 1-based line on which each non-blank CSV record starts, a header included (a quoted cell may
+    span lines, so record i is not always line i + 1); pandas skips blank lines the same way."""
+    lines, start = [], 1
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        for fields in reader:
+            if fields:
+                lines.append(start)
+            start = reader.line_num + 1
+    return lines

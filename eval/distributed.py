@@ -26,45 +26,88 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from . import pipeline
-from .api import UserError, stable_hash
-from .results import RunStore
+from .api import UserError
 
 TIMEOUT_ENV = "QWEN_EVAL_DIST_TIMEOUT"  # minutes a rank waits for the others at a collective (default 60)
-SHARD_GLOB = "samples.rank*.jsonl"
 
 
 @dataclass(frozen=True)
 class Ranks:
-    rank: int
-    world: int
-    local_rank: int
-    device: str
-    timeout: timedelta
-    terminal: int  # a duplicate of the launching terminal's stderr: rank k's own stderr goes to its log
+    """This process's place in the job, and the collectives the pipeline uses; each is trivial for one process."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = ""
+    timeout: timedelta = timedelta(0)
+    terminal: int = 2  # a duplicate of the launching terminal's stderr: rank k's own stderr goes to its log
+
+    def same_everywhere(self, task: str, digest: str) -> None:
+        """Every rank planned the same documents, prompts and model (compared by digest), or the job stops."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        digests = [None] * self.world
+        dist.all_gather_object(digests, digest)
+        odd = [r for r, d in enumerate(digests) if d != digests[0]]
+        if odd:
+            self.fail(f"{task}: rank(s) {', '.join(map(str, odd))} planned other documents, prompts or model than "
+                      f"rank 0 (different data, checkpoint, tokenizer or code on that node?)")
+
+    def share(self, obj):
+        """Rank 0's `obj`, on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        parts = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(obj, parts, dst=0)
+        return parts
+
+    def wait_for_all(self, task: str) -> None:
+        """All ranks meet here once their share is served; rank 0 names the ranks that do not arrive in time."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        try:
+            dist.monitored_barrier(timeout=self.timeout, wait_all_ranks=True)
+        except RuntimeError as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+            who = "waiting for the other ranks" if self.rank == 0 else "waiting for rank 0"
+            self.fail(f"{task}: {who} failed: {reason}. Nothing was reported as complete; finished records are "
+                      f"saved: re-run the same command (any number of ranks) to resume. Raise {TIMEOUT_ENV} "
+                      f"(minutes, now {self.timeout.total_seconds() / 60:g}) if ranks only finish far apart.")
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def say(self, message: str) -> None:
+        """A line on this rank's stderr and, for rank k whose stderr is its log, on the launching terminal too."""
+        print(message, file=sys.stderr, flush=True)
+        if self.rank:
+            os.write(self.terminal, (message + "\n").encode())
+
+    def fail(self, message: str):
+        self.say(f"error: rank {self.rank} of {self.world}: {message}")
+        raise SystemExit(1)
 
 
-# ---- run directory: rank shards (used by the single-process path too) --------------------------------
-def shard_path(run_dir: Path, rank: int) -> Path:
-    return run_dir / f"samples.rank{rank}.jsonl"
-
-
-def open_store(run_dir: Path, identity: dict, overwrite: bool) -> tuple[RunStore, dict]:
-    """Claim the run directory; saved records by doc_id, those an earlier torchrun job left in shards included."""
-    fresh = overwrite or not (run_dir / "run.json").exists()  # shards of unknown or discarded runs never count
-    store = RunStore(run_dir, identity, overwrite)
-    if fresh:
-        drop_shards(run_dir)
-    saved = store.load()
-    for path in sorted(run_dir.glob(SHARD_GLOB)):
-        for doc_id, record in RunStore.reader(path).load().items():
-            saved.setdefault(doc_id, record)
-    return store, saved
-
-
-def drop_shards(run_dir: Path) -> None:
-    for path in run_dir.glob(SHARD_GLOB):
-        path.unlink(missing_ok=True)
+SINGLE = Ranks()  # one process: every collective is trivial
 
 
 # ---- sharding -------------------------------------------------------------------------------------------
@@ -96,11 +139,11 @@ def check_launch(args) -> None:
         raise UserError("--dry-run and --rescore run in one process: start them with python, not torchrun")
 
 
-def setup(args, plans) -> Ranks | None:
-    """Join torchrun's process group; None in a single process (WORLD_SIZE unset or 1)."""
+def setup(args, plans) -> Ranks:
+    """Join torchrun's process group; SINGLE in a single process (WORLD_SIZE unset or 1)."""
     if world_size() <= 1:
-        return None
-    timed = [p.task.name for p in plans if getattr(p.task, "measures", False)]
+        return SINGLE
+    timed = [p.task.name for p in plans if p.task.timed]
     if timed:
         raise UserError(f"task {timed[0]} times requests one at a time: run it in one process, not under torchrun")
     import torch
@@ -120,26 +163,26 @@ def setup(args, plans) -> Ranks | None:
     dist.init_process_group("gloo", timeout=timeout)
     ranks = Ranks(rank, dist.get_world_size(), local, device, timeout, os.dup(2))
     if rank:
-        _log_to(plans[0].run_dir, ranks)
+        log_to(plans[0].run_dir, ranks)
     return ranks
 
 
-def backend_args(args, ranks: Ranks | None):
+def backend_args(args, ranks: Ranks):
     """The arguments `_backend` loads the model with: this rank's device, a progress bar on rank 0 only."""
-    if ranks is None:
+    if ranks.world == 1:
         return args
     quiet = args.no_progress or ranks.rank > 0
     return argparse.Namespace(**{**vars(args), "device": ranks.device, "no_progress": quiet})
 
 
-def close(ranks: Ranks | None) -> None:
-    if ranks is not None:
+def close(ranks: Ranks) -> None:
+    if ranks.world > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
 
 
-def _log_to(run_dir: Path, ranks: Ranks) -> None:
+def log_to(run_dir: Path, ranks: Ranks) -> None:
     """Point this process's stdout and stderr (file descriptors, so C++ warnings too) at <run_dir>/rank<k>.log."""
     path = run_dir / f"rank{ranks.rank}.log"
     if path.exists() and os.path.samestat(os.fstat(1), path.stat()):
@@ -156,126 +199,3 @@ def _log_to(run_dir: Path, ranks: Ranks) -> None:
     os.close(fd)
     print(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} rank {ranks.rank} of {ranks.world}, pid {os.getpid()}, "
           f"device {ranks.device}", flush=True)
-
-
-def _say(ranks: Ranks, message: str) -> None:
-    """A line on this rank's stderr and, for rank k whose stderr is its log, on the launching terminal too."""
-    print(message, file=sys.stderr, flush=True)
-    if ranks.rank:
-        os.write(ranks.terminal, (message + "\n").encode())
-
-
-def _fail(ranks: Ranks, message: str):
-    _say(ranks, f"error: rank {ranks.rank} of {ranks.world}: {message}")
-    raise SystemExit(1)
-
-
-# ---- one task ---------------------------------------------------------------------------------------------
-def execute(plan, backend, ranks: Ranks, *, overwrite: bool = False, config: dict | None = None, log=print):
-    """pipeline.execute across ranks: each rank serves its share; rank 0 gathers the records and writes the run."""
-    if ranks.rank:
-        _log_to(plan.run_dir, ranks)
-    hashes = {doc.doc_id: pipeline.prompt_hash(reqs) for doc, reqs in zip(plan.docs, plan.requests)}
-    _same_plan_everywhere(ranks, plan.task.name, stable_hash([hashes, plan.identity]))
-    store = saved = None
-    if ranks.rank == 0:
-        store, saved = open_store(plan.run_dir, plan.identity, overwrite)
-        pipeline._check_saved(saved, hashes, store)
-    mine = _share(plan, ranks, set(_broadcast(sorted(saved) if ranks.rank == 0 else None)), log)
-    started = time.time()
-    records = _serve_share(plan, backend, ranks, mine, hashes, store)
-    _wait_for_every_rank(ranks, plan.task.name)
-    gathered = _gather(records)
-    results = None
-    if ranks.rank == 0:
-        for part in gathered:
-            saved.update((r["doc_id"], r) for r in part)
-        config = {**(config or {}), "world_size": ranks.world}
-        results = pipeline.finish(plan, store, saved, partial=False, config=config, seconds=time.time() - started)
-        drop_shards(plan.run_dir)
-    _barrier()  # samples.jsonl is complete: shards on disks rank 0 cannot see may go too
-    shard_path(plan.run_dir, ranks.rank).unlink(missing_ok=True)
-    return results
-
-
-def _share(plan, ranks: Ranks, done: set, log) -> list[int]:
-    """This rank's documents (indices into plan.docs) among those not saved yet."""
-    todo = [k for k, doc in enumerate(plan.docs) if doc.doc_id not in done]
-    mine = [todo[i] for i in assign([doc_cost(plan.requests[k]) for k in todo], ranks.world)[ranks.rank]]
-    if done and todo and ranks.rank == 0:
-        log(f"{plan.task.name}: resuming, {len(plan.docs) - len(todo)} of {len(plan.docs)} documents already done")
-    log(f"{plan.task.name}: rank {ranks.rank} of {ranks.world} serves {len(mine)} of {len(todo)} documents "
-        f"({sum(doc_cost(plan.requests[k]) for k in mine)} tokens)")
-    return mine
-
-
-def _serve_share(plan, backend, ranks: Ranks, mine: list[int], hashes: dict, store) -> list[dict]:
-    """Serve this rank's documents, appending each batch's records (rank 0: samples.jsonl, rank k: its shard)."""
-    sink = store if ranks.rank == 0 else RunStore.reader(shard_path(plan.run_dir, ranks.rank))
-    if ranks.rank:
-        sink.load()  # cut a torn last line an earlier job left, before appending after it
-    records: list[dict] = []
-
-    def on_records(batch):
-        sink.append(batch)
-        records.extend(batch)
-
-    try:
-        pipeline.serve_docs(plan, backend, mine, hashes, on_records)
-    except KeyboardInterrupt:
-        print(f"{plan.task.name}: rank {ranks.rank} interrupted; its finished records are saved (under torchrun no "
-              f"partial table is written): re-run the same command to resume", file=sys.stderr)
-        raise
-    except Exception as err:  # the traceback follows on stderr (rank k: its log)
-        where = f" (traceback in {plan.run_dir / f'rank{ranks.rank}.log'})" if ranks.rank else ""
-        _say(ranks, f"error: rank {ranks.rank} of {ranks.world} failed serving its share of {plan.task.name}: "
-                    f"{type(err).__name__}: {err}{where}")
-        raise
-    return records
-
-
-def _same_plan_everywhere(ranks: Ranks, task: str, digest: str) -> None:
-    import torch.distributed as dist
-
-    digests = [None] * ranks.world
-    dist.all_gather_object(digests, digest)
-    odd = [r for r, d in enumerate(digests) if d != digests[0]]
-    if odd:
-        _fail(ranks, f"{task}: rank(s) {', '.join(map(str, odd))} planned other documents, prompts or model than "
-                     f"rank 0 (different data, checkpoint, tokenizer or code on that node?)")
-
-
-def _broadcast(obj):
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _wait_for_every_rank(ranks: Ranks, task: str) -> None:
-    """All ranks meet here once their shard is served; rank 0 names the ranks that do not arrive in time."""
-    import torch.distributed as dist
-
-    try:
-        dist.monitored_barrier(timeout=ranks.timeout, wait_all_ranks=True)
-    except RuntimeError as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-        who = "waiting for the other ranks" if ranks.rank == 0 else "waiting for rank 0"
-        _fail(ranks, f"{task}: {who} failed: {reason}. Nothing was reported as complete; finished records are "
-                     f"saved: re-run the same command (any number of ranks) to resume. Raise {TIMEOUT_ENV} "
-                     f"(minutes, now {ranks.timeout.total_seconds() / 60:g}) if ranks only finish far apart.")
-
-
-def _gather(records: list[dict]) -> list[list[dict]] | None:
-    import torch.distributed as dist
-
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(records, parts, dst=0)
-    return parts
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    dist.barrier()

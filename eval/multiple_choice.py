@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 from thefuzz import process
 
-from .api import ChoiceRequest, Doc, GenerateRequest, Scores, Table, UserError
-from .data import DataSource
+from .api import AccuracyScores, ChoiceRequest, Doc, Scores, Table, Task, UserError, chat_request, shared_prefix_length
+from .data import DataSource, csv_record_lines
+from .metrics import average
 
 LETTERS = ("A", "B", "C", "D")
 
 
-class MultipleChoiceTask:
+class MultipleChoiceTask(Task):
     name: str
     split: str  # the evaluated split
     categories: dict[str, tuple[str, ...]]  # category -> subjects (a subject may sit in several)
@@ -26,10 +27,24 @@ class MultipleChoiceTask:
     max_prompt_tokens: int | None = None  # MMLU: longer prompts keep their last max-1 tokens
     modes = ("fewshot", "chat")
     n_shots = 5
+    option_names = ("verbatim_csv",)
 
     @property
     def subjects(self) -> list[str]:
         return sorted({s for members in self.categories.values() for s in members})
+
+    @property
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """The categories, then the extra groups: the rows between the average and the subjects."""
+        return {**self.categories, **self.extra_groups}
+
+    def paired_scores(self, mode: str) -> AccuracyScores:
+        return AccuracyScores("acc", lambda record: float(record["correct"]), self.averaging, self.groups)
+
+    def plot(self, results: dict, run_dir) -> list:
+        from .plots import plot_categories
+
+        return [plot_categories(results, list(self.groups), run_dir / "categories.png")]
 
     # ---- data -----------------------------------------------------------------------------------
     def rows(self, data: DataSource, subject: str, split: str) -> list[dict]:
@@ -41,16 +56,17 @@ class MultipleChoiceTask:
         for subject in subjects or self.subjects:
             shots = "" if mode == "chat" else self.fewshot_prefix(subject, self.rows(data, subject, "dev")[: self.n_shots])
             for index, row in enumerate(self.rows(data, subject, self.split)):
-                if self._valid(data, subject, index, row):
+                where = row.pop("where", None) or f"{self.name}/{self.split}/{subject} row {index}"  # hub rows
+                if self._valid(data, where, row):
                     docs.append(Doc(f"{self.name}/{subject}/{index}", {**row, "fewshot": shots}, subject))
         return docs
 
-    def _valid(self, data: DataSource, subject: str, index: int, row: dict) -> bool:
+    def _valid(self, data: DataSource, where: str, row: dict) -> bool:
         if row["answer"] in LETTERS:
             return True
         found = "missing answer (a row with missing columns?)" if _is_missing(row["answer"]) else \
             f"answer {row['answer']!r} is not one of A, B, C, D"
-        data.bad_row(f"{self.name}/{self.split}/{subject} row {index}", found)
+        data.bad_row(where, found)
         return False
 
     # ---- prompts --------------------------------------------------------------------------------
@@ -66,12 +82,10 @@ class MultipleChoiceTask:
 
     def requests(self, doc: Doc, tok, mode: str, options: dict) -> list:
         if mode == "chat":
-            query = self.chat_message(doc.data)
-            raw, ids = tok.make_context(query)
-            return [GenerateRequest(raw, tuple(ids), 512, stop_ids=tok.chat_stop_ids, query=query)]
+            return [chat_request(tok, self.chat_message(doc.data))]
         prompt = doc.data["fewshot"] + self.question(doc.data)
         ids = tok.encode(prompt, nfc=True)  # the original tokenized through the HF wrapper: NFC
-        shared = _shared_prefix(ids, self._prefix_ids(tok, doc.data["fewshot"]))
+        shared = shared_prefix_length(ids, self._prefix_ids(tok, doc.data["fewshot"]))
         truncated = self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens
         if truncated:  # parity: keep the last max-1 tokens (may cut the header and part of the first shot)
             ids, shared = ids[-(self.max_prompt_tokens - 1):], 0
@@ -111,7 +125,7 @@ class MultipleChoiceTask:
         columns = ["correct", "correct_word_bounded"] if mode == "chat" else ["correct", "correct_parity"]
         names = ["acc", "acc_word_bounded"] if mode == "chat" else ["acc", "acc_parity"]
         per_subject = _per_subject(docs, records, columns)
-        groups = {**self.categories, **self.extra_groups}
+        groups = self.groups
         table = Table(["name", "n"] + names)
         overall = [_average(per_subject, list(per_subject), c, self.averaging) for c in columns]
         table.rows.append([f"AVERAGE ({self.averaging})", sum(s["n"] for s in per_subject.values())] + overall)
@@ -136,16 +150,6 @@ class MultipleChoiceTask:
         return Scores(metrics, table, extra)
 
 
-def _shared_prefix(ids: list[int], prefix: list[int]) -> int:
-    """Tokens the prompt shares with the tokenized few-shot prefix (equal to it unless the seam merges)."""
-    n = 0
-    for a, b in zip(ids, prefix):
-        if a != b:
-            break
-        n += 1
-    return n
-
-
 def _per_subject(docs: list[Doc], records: list[dict], columns: list[str]) -> dict[str, dict]:
     stats: dict[str, dict] = {}
     for doc, rec in zip(docs, records):
@@ -158,10 +162,7 @@ def _per_subject(docs: list[Doc], records: list[dict], columns: list[str]) -> di
 
 
 def _average(per_subject: dict, subjects: list[str], column: str, averaging: str) -> float:
-    """Micro: correct over questions; macro: the mean of subject accuracies."""
-    if averaging == "micro":
-        return 100 * sum(per_subject[s][f"{column}_count"] for s in subjects) / sum(per_subject[s]["n"] for s in subjects)
-    return sum(per_subject[s][column] for s in subjects) / len(subjects)
+    return average({s: (per_subject[s][f"{column}_count"], per_subject[s]["n"]) for s in subjects}, averaging)
 
 
 # ---- chat answer extraction (shared pieces) --------------------------------------------------------
@@ -191,16 +192,19 @@ def extract_with_cascade(text: str, row: dict, patterns: list[str]) -> tuple[str
     return LETTERS[choices.index(best)], "fuzzy"
 
 
-def subject_rows(frame, columns: dict[str, str], path) -> list[dict]:
+def subject_rows(frame, columns: dict[str, str], path, header: bool = True) -> list[dict]:
     """Rows as {question, A, B, C, D, answer} dicts, cells printed as the original's f-strings print
-    them (pandas parsing: an option "None" reads as NaN and prints "nan"; see --verbatim-csv)."""
+    them (pandas parsing: an option "None" reads as NaN and prints "nan"; see --verbatim-csv), each
+    with "where": "line N of FILE" for error messages (load() takes it out again)."""
     missing = [c for c in columns.values() if c not in frame.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
+    lines = csv_record_lines(path)[1 if header else 0:]
     rows = []
-    for record in frame[list(columns.values())].itertuples(index=False):
+    for i, record in enumerate(frame[list(columns.values())].itertuples(index=False)):
         row = dict(zip(columns, record))
-        rows.append({k: v if isinstance(v, str) or k == "answer" else f"{v}" for k, v in row.items()})
+        row = {k: v if isinstance(v, str) or k == "answer" else f"{v}" for k, v in row.items()}
+        rows.append({**row, "where": f"line {lines[i]} of {path}" if i < len(lines) else f"row {i} of {path}"})
     return rows
 
 
@@ -208,3 +212,54 @@ def _is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and value != value)
 
 
+# ---- C-Eval and CMMLU: one prompt format and chat extraction ---------------------------------------
+# The chat extraction cascade, current version (QwenLM/Qwen 4864f7b, 2023-08-25).
+RULES_2023_08_25 = [
+    r"(?:(?:选|选择|选定)[：:]?\s*|(?:(?:答案|选项)(?![^ABCD]{0,10}?(?:不|非)[^ABCD]{0,10}?(?:是|选|为|：|:|】))[^ABCD]{0,10}?(?:是|选|为|：|:|】))[^ABCD]{0,10}?)(A|B|C|D)(?:选项)?(?:\)|。|\.|，|,|．|、|A|B|C|D|$|：|:|\)|）)",
+    r"(A|B|C|D)(?:选?项)?(?![^ABCD]{0,4}?(?:不|非)[^ABCD]{0,4}?(?:正确|对[的，。：]|符合))[^ABCD]{0,4}?(?:正确|对[的，。：]|符合)",
+    r"^[\(（]?(A|B|C|D)(?:。|\)|）|\.|，|,|．|：|:|$)",
+    r"(?<![a-zA-Z])(A|B|C|D)(?![a-zA-Z=])",
+]
+# The version that produced the reported 54.2 (1134e08, 2023-08-03), rebuilt from the spec's list of differences.
+RULES_2023_08_03 = [
+    r"(?:(?:选|选择|选定)|(?:(?:答案|选项)(?![^ABCD]{0,10}?(?:不|非)[^ABCD]{0,10}?(?:是|为|：|:|】))[^ABCD]{0,10}?(?:是|为|：|:|】))[^ABCD]{0,10}?)(A|B|C|D)(?:选项)?(?:\)|。|\.|，|,|．|、|A|B|C|D|$)",
+    r"(A|B|C|D)(?:选?项)?(?![^ABCD]{0,4}?(?:不|非)[^ABCD]{0,4}?(?:正确|对|符合))[^ABCD]{0,4}?(?:正确|对|符合)",
+    r"^(A|B|C|D)(?:。|\.|，|,|．|$)",
+    r"(?<![a-zA-Z])(A|B|C|D)(?![a-zA-Z=])",
+]
+CHAT_RULES = {"2023-08-25": RULES_2023_08_25, "2023-08-03": RULES_2023_08_03}
+
+
+def chinese_question(row: dict) -> str:
+    return f"问题：{row['question']}" + "".join(f"\n{x}. {row[x]}" for x in LETTERS) + "\n答案："
+
+
+def extract_chinese(response: str, row: dict, options: dict) -> tuple[str, str]:
+    """Spec 4.3: restate-the-question cleanup, option text -> letter, then the cascade."""
+    parts = row["question"].rstrip("。").split("。")[-1].split("_")  # the last sentence, split on the blank
+    if len(parts[0].strip()) > 4:
+        response = response.replace(parts[0], "答案是")
+    if len(parts[-1].strip()) > 4:
+        response = response.replace(parts[-1], "")
+    text = replace_options(response, row, strip="。", ignore_case=False, word_bounded=options.get("word_bounded", False))
+    return extract_with_cascade(text, row, CHAT_RULES[options.get("ceval_chat_rules", "2023-08-25")])
+
+
+class ChineseMultipleChoice(MultipleChoiceTask):
+    """C-Eval and CMMLU share the 问题/答案 prompt, the letter ids and the chat extraction."""
+
+    averaging = "macro"
+    option_names = ("verbatim_csv", "ceval_chat_rules")
+    choice_strings = ("A", "B", "C", "D")  # the prompt ends in "答案：" (its own token); shots answer "A"
+
+    def fewshot_prefix(self, subject: str, shots: list[dict]) -> str:
+        return "".join(f"{self.question(s)}{s['answer']}\n\n" for s in shots)
+
+    def question(self, row: dict) -> str:
+        return chinese_question(row)
+
+    def chat_message(self, row: dict) -> str:
+        return f"{row['question']}\n\n" + "".join(f"{x}. {row[x]}\n" for x in LETTERS)
+
+    def extract(self, response: str, row: dict, options: dict) -> tuple[str, str]:
+        return extract_chinese(response, row, options)

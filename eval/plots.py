@@ -1,39 +1,28 @@
 """PNG plots of a run, written next to its table.md: per-category accuracy bars for the multiple-choice
 suites (categories.png) and perplexity against length per switch combination for long_ppl (perplexity.png).
 
-`plot_run(run_dir)` is what `report` calls; the runner can call it after a run. Figures are drawn with
+A task's `plot` method draws its run with these (`report.plot_run` asks the task). Figures are drawn with
 matplotlib's object API (no pyplot, no global backend state) and rendered by Agg into PNG files of a
 fixed size (FIGSIZE x DPI pixels).
 """
 from __future__ import annotations
 
-import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from .registry import get_task
+from .results import Results
 
 FIGSIZE, DPI = (8.0, 4.5), 100  # 800 x 450 pixels: no tight bounding box, so the size never varies
 
 
-def plot_run(run_dir: Path, results: dict | None = None) -> list[Path]:
-    """The run's plots (none for tasks without categories or lengths), written into run_dir."""
-    if results is None:
-        results = json.loads((run_dir / "results.json").read_text())
-    if results["task"] == "long_ppl":
-        return [plot_perplexity(results, run_dir / "perplexity.png")]
-    task = get_task(results["task"])
-    groups = {**getattr(task, "categories", {}), **getattr(task, "extra_groups", {})}
-    return [plot_categories(results, list(groups), run_dir / "categories.png")] if groups else []
-
-
-def plot_perplexity(results: dict, path: Path) -> Path:
+def plot_perplexity(results: Results, path: Path) -> Path:
     """One line per switch row; both axes logarithmic (lengths double, perplexity explodes past training)."""
-    details = results["details"]
+    details = results.details
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     ax = fig.subplots()
     lengths: set[int] = set()
@@ -56,11 +45,10 @@ def plot_perplexity(results: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_categories(results: dict, groups: list[str], path: Path) -> Path:
+def plot_categories(results: Results, groups: list[str], path: Path) -> Path:
     """Grouped bars: the average and each category, one bar per accuracy column of the run's table."""
-    table = results["table"]
-    metrics = table["columns"][2:]  # after "name" and "n"
-    rows = [table["rows"][0]] + [r for r in table["rows"] if r[0] in groups]
+    metrics = results.table.columns[2:]  # after "name" and "n"
+    rows = [results.table.rows[0]] + [r for r in results.table.rows if r[0] in groups]
     fig = Figure(figsize=FIGSIZE, dpi=DPI)
     ax = fig.subplots()
     x, width = np.arange(len(rows)), 0.8 / len(metrics)
@@ -75,15 +63,20 @@ def plot_categories(results: dict, groups: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _title(results: dict) -> str:
-    model = results.get("identity", {}).get("model_name", "?")
-    partial = f" (PARTIAL: {results['n_done']} of {results['n_docs']})" if results.get("partial") else ""
-    return f"{results['task']} ({results['mode']}) - {model}{partial}"
+def _title(results: Results) -> str:
+    model = results.identity.get("model_name", "?")
+    partial = f" (PARTIAL: {results.n_done} of {results.n_docs})" if results.partial else ""
+    return f"{results.task} ({results.mode}) - {model}{partial}"
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    """Render to a temporary file and rename, so a reader never sees half an image."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    """Render to a uniquely named temporary file and rename, so a reader never sees half an image."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with open(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path

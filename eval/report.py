@@ -2,20 +2,22 @@
 
 Finds every run (results.json) under RESULTS_DIR (default results/) and renders one Markdown table
 per published table (eval/published.py): reported number, measured number, difference, 95% confidence
-interval of the measured number and whether the reported number lies inside it. Plots are written
-next to each run's table and linked. The report goes to RESULTS_DIR/REPORT.md (atomically) and stdout.
+interval of the measured number and whether the reported number lies inside it (judged only for a run
+of the whole benchmark). Each table names the published model and the measured ones. Plots go to
+RESULTS_DIR/report-plots/ and are linked; the report goes to RESULTS_DIR/REPORT.md (atomically) and
+stdout. Nothing is written into a run directory (results/reference/ holds committed runs).
 
 Which run feeds a published row: same task, same mode (any mode for speed), and the same
 quantisation tag in the model name (int4 / int8 / nf4, or none) as the published model. When several
-runs qualify, the first by: run directory named exactly <task>-<mode> (no switch overrides, native
+runs qualify, the first by: run directory named <task>-<mode>[-<dtype>] (no switch overrides, native
 backend), then model named as published (case-insensitive), then path order. --model restricts the
 runs considered to the named models.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,35 +25,33 @@ from pathlib import Path
 import numpy as np
 
 from . import published
-from .api import UserError
-from .compare import bootstrap_sums, read_records
-from .plots import plot_run
+from .api import AccuracyScores, PerplexityScores, Table, UserError
+from .compare import bootstrap_sums
 from .registry import get_task
-from .results import atomic_write
+from .results import Results, atomic_write, read_results, read_run_records, render_markdown
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 QUANTISATION_TAGS = ("int4", "int8", "nf4")
-MULTIPLE_CHOICE = ("mmlu", "ceval", "cmmlu")
-PER_SUBJECT_COLUMN = {"acc": "correct", "acc_parity": "correct_parity", "acc_word_bounded": "correct_word_bounded"}
+PLOTS_DIR = "report-plots"
 PPL_BOOTSTRAP_ROUNDS = 2_000
 
 
 @dataclass
 class Run:
     dir: Path
-    results: dict
+    results: Results
 
     @property
     def task(self) -> str:
-        return self.results["task"]
+        return self.results.task
 
     @property
     def mode(self) -> str:
-        return self.results["mode"]
+        return self.results.mode
 
     @property
     def model_name(self) -> str:
-        return self.results.get("identity", {}).get("model_name") or self.dir.parent.name
+        return self.results.identity.get("model_name") or self.dir.parent.name
 
 
 @dataclass
@@ -61,17 +61,20 @@ class Measured:
     note: str = ""
 
 
+def plot_run(run_dir: Path, results: Results | None = None) -> list[Path]:
+    """The run's plots, drawn by its task (none for tasks without categories or lengths), in run_dir."""
+    results = results or read_results(run_dir)
+    return get_task(results.task).plot(results, run_dir)
+
+
 # ---- finding and matching runs -----------------------------------------------------------------------
 def find_runs(root: Path, models: list[str] | None = None) -> list[Run]:
     runs = []
     for path in sorted(root.rglob("results.json")):
         try:
-            results = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            runs.append(Run(path.parent, read_results(path.parent)))
+        except UserError as err:
             warnings.warn(f"{path}: skipped ({err})")
-            continue
-        if isinstance(results, dict) and "task" in results:
-            runs.append(Run(path.parent, results))
     if models:
         wanted = {m.lower() for m in models}
         runs = [r for r in runs if r.model_name.lower() in wanted]
@@ -86,22 +89,29 @@ def choose_run(runs: list[Run], table: published.Table, row: published.Row) -> R
     model = row.model or table.model
     candidates = [r for r in runs if r.task == row.task and table.mode in (None, r.mode)
                   and quantisation(r.model_name) == quantisation(model)]
-    return min(candidates, default=None, key=lambda r: (r.dir.name != f"{r.task}-{r.mode}",
-                                                        r.model_name.lower() != model.lower(), str(r.dir)))
+    return min(candidates, default=None, key=lambda r: (not plain_run(r), r.model_name.lower() != model.lower(),
+                                                        str(r.dir)))
+
+
+def plain_run(run: Run) -> bool:
+    """A run folder named <task>-<mode>, or <task>-<mode>-<dtype>: no switch overrides, the native backend."""
+    return re.fullmatch(rf"{re.escape(run.task)}-{re.escape(run.mode)}(-(fp32|bf16|fp16))?", run.dir.name) is not None
 
 
 # ---- measured numbers and their intervals ----------------------------------------------------------------
 def measure(run: Run, row: published.Row) -> Measured:
-    if row.task in MULTIPLE_CHOICE:
-        return multiple_choice(run, row)
-    if row.task == "long_ppl":
-        return perplexity(run, row)
-    value = run.results["metrics"].get(row.metric)
+    task = get_task(row.task)
+    spec = task.paired_scores(run.mode)
+    if isinstance(spec, PerplexityScores):
+        return perplexity(run, row, spec)
+    if isinstance(spec, AccuracyScores) and spec.groups:  # a table of groups and subjects
+        return grouped(run, row, spec)
+    value = run.results.metrics.get(row.metric)
     if value is None:
         return Measured(None, note=f"no metric {row.metric}")
-    if row.task == "profile":
+    if task.timed:
         return Measured(value, note="one timing on the run's own hardware")
-    return Measured(value, wilson(value, run.results["n_done"]))
+    return Measured(value, wilson(value, run.results.n_done))
 
 
 def wilson(percent: float, n: int) -> tuple[float, float] | None:
@@ -114,39 +124,37 @@ def wilson(percent: float, n: int) -> tuple[float, float] | None:
     return 100 * (centre - half), 100 * (centre + half)
 
 
-def multiple_choice(run: Run, row: published.Row) -> Measured:
-    """The average or a category row of the run's table; micro: Wilson, macro: normal, stratified by subject."""
-    table = run.results["table"]
-    rows = table["rows"]
+def grouped(run: Run, row: published.Row, spec: AccuracyScores) -> Measured:
+    """The average or a category row of the run's table; Wilson intervals (macro: see macro_interval)."""
+    table = run.results.table
+    rows = table.rows
     line = rows[0] if row.part is None else next((r for r in rows if r[0] == row.part), None)
     if line is None:
         return Measured(None, note=f"no {row.part} subjects in the run")
-    value, n = line[table["columns"].index(row.metric)], line[1]
-    details = run.results["details"]
+    value, n = line[table.columns.index(row.metric)], line[1]
+    details = run.results.details
     if details.get("averaging") != "macro":
         return Measured(value, wilson(value, n))
-    task = get_task(row.task)
-    members = {**task.categories, **task.extra_groups}.get(row.part) if row.part else None
+    members = spec.groups.get(row.part) if row.part else None
     per_subject = details["per_subject"]
     subjects = [s for s in per_subject if members is None or s in members]
-    return Measured(value, macro_interval(value, [per_subject[s] for s in subjects], PER_SUBJECT_COLUMN[row.metric]))
+    return Measured(value, macro_interval(value, [per_subject[s]["n"] for s in subjects]))
 
 
-def macro_interval(value: float, subjects: list[dict], column: str) -> tuple[float, float]:
-    """Mean of subject accuracies: variance = sum over subjects of p(1-p)/n, divided by (number of subjects)^2."""
-    variance = sum((s[column] / 100) * (1 - s[column] / 100) / s["n"] for s in subjects) / len(subjects) ** 2
-    half = 100 * Z95 * math.sqrt(variance)
-    return max(0.0, value - half), min(100.0, value + half)
+def macro_interval(value: float, sizes: list[int]) -> tuple[float, float]:
+    """A mean of S subject accuracies: Wilson at its effective size S^2 / sum(1/n_s) (the variance of the
+    mean is p(1-p)/n_eff at a common p), so a run where every subject scores 0 still gets an interval."""
+    return wilson(value, len(sizes) ** 2 / sum(1 / n for n in sizes))
 
 
-def perplexity(run: Run, row: published.Row) -> Measured:
+def perplexity(run: Run, row: published.Row, spec: PerplexityScores) -> Measured:
     """Token-weighted perplexity of one (switch row, length) cell; percentile bootstrap over its samples."""
     switches, length = row.part
-    value = run.results["details"]["ppl"].get(switches, {}).get(str(length))
+    value = run.results.details["ppl"].get(switches, {}).get(str(length))
     if value is None:
         return Measured(None, note=f"length {length} not run")
-    columns = np.array([[r["rows"][switches]["nll"], r["rows"][switches]["n_tokens"]]
-                        for r in read_records(run.dir / "samples.jsonl") if r["length"] == length], dtype=float)
+    records = [r.flat() for r in read_run_records(run.dir).records.values()]
+    columns = np.array([spec.cell(r, switches) for r in records if spec.length(r) == length], dtype=float)
     if not len(columns):
         return Measured(value, note="no samples.jsonl: no interval")
     sums = bootstrap_sums(columns, PPL_BOOTSTRAP_ROUNDS)
@@ -158,27 +166,33 @@ def perplexity(run: Run, row: published.Row) -> Measured:
 COLUMNS = ("benchmark", "metric", "reported", "measured", "difference", "95% CI", "within CI", "run", "notes")
 
 
-def render_row(row: published.Row, run: Run | None, root: Path) -> str:
+def row_cells(row: published.Row, run: Run | None, root: Path, table_model: str) -> list[str]:
     if row.task is None:
         cells = [row.label, "-", f"{row.reported:g}", "n/a", "", "", "", "", row.note]
     elif run is None:
         cells = [row.label, row.metric, f"{row.reported:g}", "not run", "", "", "", "", row.note]
     else:
         m = measure(run, row)
-        notes = "; ".join(x for x in (run_notes(run), m.note, row.note) if x)
+        other = run.model_name.lower() != (row.model or table_model).lower()
+        notes = "; ".join(x for x in (run_notes(run), f"measured model: {run.model_name}" if other else "",
+                                      m.note, row.note) if x)
         measured = "-" if m.value is None else f"{m.value:.2f}"
         difference = "" if m.value is None else f"{m.value - row.reported:+.2f}"
         interval = f"[{m.interval[0]:.2f}, {m.interval[1]:.2f}]" if m.interval else ""
-        within = ("yes" if m.interval[0] <= row.reported <= m.interval[1] else "no") if m.interval else ""
+        within = _within(m.interval, row.reported) if not run_notes(run) else "n/a: not the whole benchmark"
         cells = [row.label, row.metric, f"{row.reported:g}", measured, difference, interval, within,
                  f"`{run.dir.relative_to(root)}`", notes]
-    return "| " + " | ".join(cells) + " |"
+    return cells
+
+
+def _within(interval: tuple[float, float] | None, reported: float) -> str:
+    return ("yes" if interval[0] <= reported <= interval[1] else "no") if interval else ""
 
 
 def run_notes(run: Run) -> str:
     """What makes a run not the full published setting: unfinished, or limited to a subset."""
-    results, config = run.results, run.results.get("config", {})
-    notes = [f"PARTIAL: {results['n_done']} of {results['n_docs']} documents"] if results.get("partial") else []
+    results, config = run.results, run.results.config
+    notes = [f"PARTIAL: {results.n_done} of {results.n_docs} documents"] if results.partial else []
     if config.get("limit"):
         notes.append(f"--limit {config['limit']}")
     subjects = (config.get("subjects") or "").split(",")
@@ -189,25 +203,26 @@ def run_notes(run: Run) -> str:
 
 def render_table(table: published.Table, picks: list[Run | None], root: Path, plots: dict | None) -> str:
     """The published table with measurements from `picks` (one run or None per row); plots linked below."""
+    measured = sorted({run.model_name for run in picks if run is not None})
+    cells = [row_cells(row, run, root, table.model) for row, run in zip(table.rows, picks)]
     lines = [f"## {table.title}", "", f"Source: {table.source}.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += [render_row(row, run, root) for row, run in zip(table.rows, picks)]
+             f"Published numbers of {table.model}; measured: {', '.join(measured) or 'no run'}.", "",
+             render_markdown(Table(list(COLUMNS), cells)).rstrip("\n")]
     if plots is not None:
         for run in {r.dir: r for r in picks if r is not None}.values():  # each run once, in table order
             if run.dir not in plots:
-                plots[run.dir] = plot_run(run.dir, run.results)
+                out = root / PLOTS_DIR / run.dir.relative_to(root)  # never into the run directory itself
+                out.mkdir(parents=True, exist_ok=True)
+                plots[run.dir] = plot_run(out, run.results)
             lines += [f"\n![{run.task} ({run.mode}), {run.model_name}]({p.relative_to(root).as_posix()})"
                       for p in plots[run.dir]]
     return "\n".join(lines) + "\n"
 
 
 def render_runs(runs: list[Run], root: Path, used: set[Path]) -> str:
-    lines = ["## Runs found", "", "| run | task | mode | model | documents | used |", "|---|---|---|---|---|---|"]
-    for run in runs:
-        r = run.results
-        lines.append(f"| `{run.dir.relative_to(root)}` | {run.task} | {run.mode} | {run.model_name} "
-                     f"| {r.get('n_done')} of {r.get('n_docs')} | {'yes' if run.dir in used else 'no'} |")
-    return "\n".join(lines) + "\n"
+    rows = [[f"`{run.dir.relative_to(root)}`", run.task, run.mode, run.model_name,
+             f"{run.results.n_done} of {run.results.n_docs}", "yes" if run.dir in used else "no"] for run in runs]
+    return "## Runs found\n\n" + render_markdown(Table(["run", "task", "mode", "model", "documents", "used"], rows))
 
 
 def render_report(root: Path, runs: list[Run], with_plots: bool = True) -> str:
@@ -217,10 +232,11 @@ def render_report(root: Path, runs: list[Run], with_plots: bool = True) -> str:
     header = ("# Reproduction report: published Qwen-7B numbers vs measured\n\n"
               f"{len(runs)} run(s) found under `{root}`. The metric column names the results.json metric "
               "measured: the original scripts' scoring (parity). 95% CI of the measured number: Wilson for "
-              "micro-averaged accuracies (MMLU, GSM8K, HumanEval), normal approximation stratified by subject "
+              "micro-averaged accuracies (MMLU, GSM8K, HumanEval), Wilson at the effective number of documents "
               "for macro averages (C-Eval, CMMLU), percentile bootstrap over samples for perplexity. "
-              "\"within CI\": the reported number lies inside it. Matching rule: `python eval/runner.py "
-              "report --help`.\n")
+              "\"within CI\": the reported number lies inside it; judged only for a run of the whole benchmark "
+              "(not --limit, --subjects or partial). Each table compares with the published model it names. "
+              "Matching rule: `python eval/runner.py report --help`.\n")
     tables = [render_table(t, picks, root, plots) for t, picks in chosen]
     return "\n".join([header, *tables, render_runs(runs, root, used)])
 

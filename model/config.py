@@ -114,7 +114,8 @@ def parse_windows(spec, n_layer: int) -> tuple[int, ...] | None:
     else:
         windows = _parse_window_string(spec, n_layer)
     if len(windows) != n_layer or min(windows) < 1:
-        raise ConfigError(f"window schedule {spec!r} gives {len(windows)} positive sizes for {n_layer} layers")
+        raise ConfigError(f"window schedule {spec!r} gives sizes {list(windows)}; needs one size of at least 1 "
+                          f"for each of the {n_layer} layers")
     return windows
 
 

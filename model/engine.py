@@ -66,6 +66,7 @@ class Engine:
         self.cpu_batch_tokens = cpu_batch_tokens
         self.sync_every = sync_every
         self.progress = progress
+        self.label = ""  # what is being served (the runner sets the task's name), first on every progress bar
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.loss_chunk = loss_chunk
         self.pad_multiple = pad_multiple

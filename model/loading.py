@@ -3,25 +3,32 @@ A GPTQ Int4 checkpoint (quantize_config.json beside the weights) goes through th
 
 Every tensor name, shape and file is checked before any weight is read, so a bad checkpoint fails
 with one message and nothing half-loaded. Weights stream one tensor at a time (safetensors mmap),
-straight into the target dtype and device: peak host memory stays near one tensor.
+straight into the target dtype and device: peak host memory stays near one tensor. Every byte loaded
+(config, quantisation config, each tensor's name, dtype, shape and data) is hashed on the way, in threads
+beside the copy to the device: `model.weights_fingerprint` identifies the exact weights at no extra pass.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from . import gptq
-from .config import ModelArgs, read_config, with_switches
+from .config import read_config, with_switches
 from .qwen import Qwen
 from .tokenizer import QwenTokenizer
 
 CHECKPOINT_FILES = ["config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json",
                     "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "quantize_config.json"]
+LOCAL_CHECKPOINT_FILES = ("the folder needs config.json, qwen.tiktoken and the weights (model.safetensors, "
+                          "pytorch_model.bin, or shards with their .index.json)")
 # Buffers the original code stored or registered that carry no weights.
+HASH_THREADS, HASH_CHUNK = 4, 64 * 2**20  # blake2b runs at about 1 GB/s per core; chunks hash in parallel
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.attn\.masked_bias|\.attn\.bias|logn_tensor)$")
 
 
@@ -36,8 +43,8 @@ def resolve_checkpoint(path_or_id: str, patterns=CHECKPOINT_FILES) -> Path:
         if not path.is_dir():
             raise ModelLoadError(f"{path}: expected a checkpoint directory, found a file")
         return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_id)) or str(path_or_id).startswith("."):
-        raise ModelLoadError(f"model path {path_or_id!r} does not exist")
+    if not _looks_like_hub_id(str(path_or_id)):
+        raise ModelLoadError(f"model path {str(path_or_id)!r} does not exist")
     errors = []
     try:
         from huggingface_hub import snapshot_download
@@ -55,8 +62,17 @@ def resolve_checkpoint(path_or_id: str, patterns=CHECKPOINT_FILES) -> Path:
         errors.append(f"ModelScope: {type(err).__name__}: {err}")
     raise ModelLoadError(
         f"could not fetch {path_or_id!r} ({'; '.join(errors)}). Without network access, download the "
-        f"checkpoint elsewhere and pass its local directory instead (e.g. --model /path/to/Qwen-7B)."
+        f"checkpoint elsewhere and pass its local directory instead (e.g. --model /path/to/Qwen-7B): "
+        f"{LOCAL_CHECKPOINT_FILES}. For an offline trial run, unpack the small model "
+        f"../shared/models/tiny-qwen-256 as README.md, 'First hour', shows."
     )
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """'org/name', unless 'org' is a local folder: then scratch/nonexist is a mistyped path, not a hub id."""
+    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name):
+        return False
+    return not Path(name.split("/")[0]).is_dir()
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -88,6 +104,8 @@ def _safetensors_header(path: Path) -> dict:
         if len(raw) < 8:
             raise ModelLoadError(f"{path}: truncated safetensors file ({size} bytes)")
         n = struct.unpack("<Q", raw)[0]
+        if n > size - 8:
+            raise ModelLoadError(f"{path}: corrupt safetensors header length ({n} bytes, file has {size})")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -169,16 +187,31 @@ def load_model(path_or_id, *, dtype="auto", device="auto", dynamic_ntk=None, log
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     files = weight_files(ckpt)
     _check_tensors(files, expected)
-    for path in files:
-        for name, tensor in _stream_tensors(path):
-            if quantization is not None and gptq.is_quantized_tensor(name):
-                gptq.assign(model, name, tensor, device, path)  # codes and scales stay as stored
-            elif not _IGNORED.match(name):
-                _assign(model, name, tensor.to(device=device, dtype=dtype))
+    fingerprint = hashlib.blake2b(digest_size=16)
+    for config in ("config.json", "quantize_config.json"):
+        if (ckpt / config).exists():
+            fingerprint.update((ckpt / config).read_bytes())
+    with ThreadPoolExecutor(HASH_THREADS) as hasher:  # hashing releases the GIL: it overlaps the device copy
+        for path in files:
+            for name, tensor in _stream_tensors(path):
+                data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+                chunks = [hasher.submit(_digest, data[i: i + HASH_CHUNK]) for i in range(0, len(data), HASH_CHUNK)]
+                if quantization is not None and gptq.is_quantized_tensor(name):
+                    gptq.assign(model, name, tensor, device, path)  # codes and scales stay as stored
+                elif not _IGNORED.match(name):
+                    _assign(model, name, tensor.to(device=device, dtype=dtype))
+                fingerprint.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+                for chunk in chunks:  # before the stream moves on (and may unmap this tensor's bytes)
+                    fingerprint.update(chunk.result())
     if quantization is not None:
         gptq.use_int4mm(model)  # on a GPU: repack for the fused int4 kernel; elsewhere the reference path
     model.checkpoint = str(ckpt)
+    model.weights_fingerprint = fingerprint.hexdigest()
     return model.eval().requires_grad_(False)
+
+
+def _digest(data) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -198,6 +231,3 @@ def load_tokenizer(path_or_id) -> QwenTokenizer:
         raise ModelLoadError(f"{ckpt}: no qwen.tiktoken vocabulary file")
     return QwenTokenizer(vocab)
 
-
-def model_args(path_or_id) -> ModelArgs:
-    return read_config(resolve_checkpoint(str(path_or_id)) / "config.json")

@@ -102,9 +102,3 @@ class QwenTokenizer:
     @property
     def chat_stop_ids(self) -> tuple[int, ...]:
         return (self.im_end_id, self.im_start_id, self.eod_id)
-
-    def decode_response(self, ids, stop_ids) -> str:
-        """The text before the first stop token, stripped (the original's decode_tokens)."""
-        ids = list(ids)
-        cut = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
-        return self.decode(ids[:cut]).strip()

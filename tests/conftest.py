@@ -1,13 +1,10 @@
 """Shared fixtures: a tiny random checkpoint with the real vocabulary, and a data root."""
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: model/, eval/
-
-from checkpoints import tiny_model, write_checkpoint  # noqa: E402
-from fixtures import fixture_root  # noqa: E402
+from checkpoints import tiny_model, write_checkpoint
+from fixtures import fixture_root
 
 
 @pytest.fixture(scope="session")
@@ -23,5 +20,15 @@ def data_root(tmp_path_factory) -> Path:
     return fixture_root(tmp_path_factory.mktemp("data"))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: exhaustive runs (e.g. all 164 HumanEval solutions); -m 'not slow' skips them")
+SLOW_FIXTURES = {"tiny_checkpoint"}  # a checkpoint on disk means the CLI end to end (model loads, runs, resumes)
+# Several seconds each on 2 CPU cores (whole-benchmark sandbox runs, a model converted twice).
+SLOW_TESTS = {"test_all_canonical_solutions_pass", "test_parallel_results_equal_sequential_ones",
+              "test_logits_equal_the_dequantized_fp32_model",
+              "test_tiny_model_end_to_end_ntk_matters_only_past_the_training_length"}
+
+
+def pytest_collection_modifyitems(items):
+    """`-m "not slow"`: the quick subset. End-to-end runs are marked here, by the fixtures they use or by name."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

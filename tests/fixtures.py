@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 from checkpoints import SHARED
-from eval.api import GenerateResponse
+from eval.api import Doc, GenerateResponse, Table
+from eval.registry import get_task
+from eval.results import Record, Results, RunInfo, RunStore
 
 SHARED_DATA = SHARED / "data"
 
@@ -97,6 +99,31 @@ def fixture_root(tmp: Path) -> Path:
     return tmp
 
 
+def write_run(run_dir: Path, task: str, mode: str, records: list[dict], *, identity: dict | None = None,
+              n_docs: int | None = None, config: dict | None = None, aggregate: bool = True) -> Path:
+    """A run directory written through the harness's own schema and writer, from flat records (doc_id, subject,
+    prompt_hash, then the task's scores); its tables come from the task's aggregate() unless `aggregate` is off.
+    n_docs > len(records): a partial run, planned with documents that have no record."""
+    identity = {"model_name": run_dir.parent.name, "task": task, "mode": mode, "data": {}, **(identity or {})}
+    saved = [Record(r["doc_id"], r.get("subject", ""), r.get("prompt_hash", ""), 0, False, r.get("doc", {}), [],
+                    {k: v for k, v in r.items() if k not in ("doc_id", "subject", "prompt_hash", "doc")})
+             for r in records]
+    docs = [Doc(r.doc_id, r.doc, r.subject) for r in saved]
+    planned = [r.doc_id for r in saved] + [f"{task}/unserved/{i}" for i in range(len(saved), n_docs or len(saved))]
+    scores = get_task(task).aggregate(docs, [r.flat() for r in saved], mode, {}) if aggregate else None
+    results = Results(task, mode, scores.metrics if scores else {}, len(planned) > len(saved), len(planned),
+                      len(saved), scores.table if scores else Table([]), scores.extra if scores else {}, identity,
+                      config or {}, {}, {}, 0.0)
+    store = RunStore(run_dir)
+    try:
+        store.write_info(RunInfo(identity, planned))
+        store.rewrite(saved)
+        store.finish(results, f"{task} ({mode})")
+    finally:
+        store.close()
+    return run_dir
+
+
 class OracleBackend:
     """A generation backend that answers every request with answer_for(request), counting what it served."""
 
@@ -116,3 +143,10 @@ class OracleBackend:
         raise NotImplementedError
 
     loglikelihood = choice
+
+
+def find_run(out: Path, name: str) -> Path:
+    """out/<model folder>/<name>: the model folder's name carries a hash of the checkpoint's path."""
+    found = sorted(p for p in out.glob(f"*/{name}") if p.is_dir())
+    assert len(found) == 1, f"expected one run {name} under {out}, found {found}"
+    return found[0]

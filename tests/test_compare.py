@@ -1,8 +1,7 @@
 """`compare`: the paired regression gate on hand-made run directories (no model)."""
-import json
-
 import pytest
 
+import fixtures
 from eval.compare import mcnemar_exact
 from eval.runner import main
 
@@ -10,14 +9,9 @@ SUBJECTS = ("anatomy", "philosophy")
 
 
 def write_run(run_dir, records, *, data="d1", task="mmlu", mode="fewshot", partial=False):
-    """run.json, samples.jsonl and results.json as the pipeline leaves them (only the fields compare reads)."""
-    run_dir.mkdir(parents=True)
-    identity = {"model_name": run_dir.parent.name, "task": task, "mode": mode, "data": data}
-    (run_dir / "run.json").write_text(json.dumps({"identity": identity}))
-    (run_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (run_dir / "results.json").write_text(json.dumps({"task": task, "mode": mode, "partial": partial,
-                                                      "identity": identity}))
-    return run_dir
+    """A run as the pipeline leaves it (compare reads run.json, samples.jsonl and results.json's `partial`)."""
+    return fixtures.write_run(run_dir, task, mode, records, identity={"data": {"test.csv": data}},
+                              n_docs=len(records) + partial, aggregate=False)
 
 
 def mc_records(n=200, correct=0.7, wrong=()):
@@ -56,7 +50,7 @@ def test_ten_percent_flipped_to_wrong_fails_and_lists_them(tmp_path, capsys):
     assert sorted(listed.replace("\n", " ").replace(",", " ").split()) == sorted(flipped)
     assert "wrong -> right (0): -" in out
     assert "| STEM |" in out and "| Humanities |" in out  # per-category deltas, not gated
-    assert "REGRESSION (drop >= 1 and p < 0.05)" in out
+    assert "REGRESSION (drop >= 1)" in out
 
 
 def test_a_small_or_insignificant_drop_passes(tmp_path, capsys):
@@ -65,9 +59,19 @@ def test_a_small_or_insignificant_drop_passes(tmp_path, capsys):
     new_records = mc_records(wrong={"mmlu/anatomy/0", "mmlu/philosophy/0", "mmlu/anatomy/1"})
     new_records[-1]["correct"] = True  # one wrong -> right
     new = write_run(tmp_path / "new" / "mmlu-fewshot", new_records)
-    assert compare(base, new) == 0  # drop 1 point, but p = 0.625
-    assert compare(base, new, "--alpha", "1") == 1  # gate on the drop alone
-    assert compare(base, new, "--alpha", "1", "--max-drop", "2") == 0
+    assert compare(base, new, "--alpha", "0.05") == 0  # drop 1 point, but p = 0.625
+    assert compare(base, new) == 1  # the drop alone decides
+    assert compare(base, new, "--max-drop", "2") == 0
+
+
+def test_max_drop_gates_a_drop_with_p_1(tmp_path, capsys):
+    """--max-drop 0.1 fails a 0.96-point drop (1 of 104 documents flipped, exact McNemar p = 1), as its help says."""
+    base = write_run(tmp_path / "base" / "mmlu-fewshot", mc_records(n=104))
+    new = write_run(tmp_path / "new" / "mmlu-fewshot", mc_records(n=104, wrong={"mmlu/anatomy/0"}))
+    assert compare(base, new, "--max-drop", "0.1") == 1
+    out = capsys.readouterr().out
+    assert "| 0.96 | McNemar | 1 |" in out and "REGRESSION (drop >= 0.1)" in out
+    assert compare(base, new, "--max-drop", "0.1", "--alpha", "0.05") == 0
 
 
 def test_different_prompts_or_data_are_refused(tmp_path, capsys):

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from eval.api import UserError
-from eval.results import RunStore
+from eval.results import Record, append_lines, read_samples
 from eval.runner import main
-from fixtures import write_gsm8k, write_mmlu
+from eval.run_layout import model_folder
+from fixtures import find_run, write_gsm8k, write_mmlu
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def wait_for_lines(path: Path, n: int, proc, timeout=120.0) -> None:
 def reference(tiny_checkpoint, big_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     assert main(cli_args(tiny_checkpoint, big_data, out)) == 0
-    run_dir = out / "tiny" / "mmlu-fewshot"
+    run_dir = find_run(out, "mmlu-fewshot-fp32")
     return (run_dir / "table.md").read_text(), (run_dir / "samples.jsonl").read_text()
 
 
@@ -57,7 +58,7 @@ def reference(tiny_checkpoint, big_data, tmp_path_factory):
 @pytest.mark.parametrize("tear", [False, True])
 def test_sigkill_then_resume_equals_an_uninterrupted_run(kill_after, tear, tiny_checkpoint, big_data, reference, tmp_path):
     args = cli_args(tiny_checkpoint, big_data, tmp_path)
-    samples = tmp_path / "tiny" / "mmlu-fewshot" / "samples.jsonl"
+    samples = tmp_path / model_folder(str(tiny_checkpoint)) / "mmlu-fewshot-fp32" / "samples.jsonl"
     proc = start(args)
     wait_for_lines(samples, kill_after, proc)
     proc.send_signal(signal.SIGKILL)
@@ -67,7 +68,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(kill_after, tear, tiny_
         samples.write_bytes(data + data.splitlines(keepends=True)[-1][:37])
     with pytest.warns(UserWarning, match="torn last line") if tear else _no_warning():
         assert main(args) == 0
-    run_dir = tmp_path / "tiny" / "mmlu-fewshot"
+    run_dir = find_run(tmp_path, "mmlu-fewshot-fp32")
     assert ((run_dir / "table.md").read_text(), samples.read_text()) == reference
 
 
@@ -81,7 +82,7 @@ class _no_warning:
 
 def test_sigint_writes_a_partial_table_then_resume_completes(tiny_checkpoint, big_data, reference, tmp_path):
     args = cli_args(tiny_checkpoint, big_data, tmp_path)
-    run_dir = tmp_path / "tiny" / "mmlu-fewshot"
+    run_dir = tmp_path / model_folder(str(tiny_checkpoint)) / "mmlu-fewshot-fp32"
     proc = start(args)
     wait_for_lines(run_dir / "samples.jsonl", 30, proc)
     proc.send_signal(signal.SIGINT)
@@ -94,22 +95,26 @@ def test_sigint_writes_a_partial_table_then_resume_completes(tiny_checkpoint, bi
     assert ((run_dir / "table.md").read_text(), (run_dir / "samples.jsonl").read_text()) == reference
 
 
+def record(doc_id: str) -> Record:
+    return Record(doc_id, "", "", 0, False, {}, [], {})
+
+
 def test_torn_last_line_is_dropped_with_a_warning(tmp_path):
-    store = RunStore(tmp_path / "run", {"task": "x"})
-    store.append([{"doc_id": "a"}, {"doc_id": "b"}])
-    with open(store.samples, "ab") as f:
+    samples = tmp_path / "samples.jsonl"
+    append_lines(samples, [record("a"), record("b")])
+    with open(samples, "ab") as f:
         f.write(b'{"doc_id": "c", "tru')
     with pytest.warns(UserWarning, match="dropped a torn last line"):
-        assert list(store.load()) == ["a", "b"]
-    store.append([{"doc_id": "c"}])
-    assert list(store.load()) == ["a", "b", "c"]
+        assert list(read_samples(samples, repair=True).records) == ["a", "b"]
+    append_lines(samples, [record("c")])
+    assert list(read_samples(samples).records) == ["a", "b", "c"]
 
 
 def test_corrupt_middle_line_is_an_error(tmp_path):
-    store = RunStore(tmp_path / "run", {"task": "x"})
-    store.samples.write_text('{"doc_id": "a"}\nnot json\n{"doc_id": "b"}\n')
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(record("a").line() + "not json\n" + record("b").line())
     with pytest.raises(UserError, match="samples.jsonl:2: corrupt record"):
-        store.load()
+        read_samples(samples)
 
 
 def test_batch_sizes_give_identical_samples(tiny_checkpoint, data_root, tmp_path):
@@ -120,7 +125,7 @@ def test_batch_sizes_give_identical_samples(tiny_checkpoint, data_root, tmp_path
             assert main(["--task", "cmmlu", "--mode", mode, "--model", str(tiny_checkpoint), "--data-dir", str(data_root),
                          "--subjects", "agronomy,arts", "--limit", limit, "--output-dir", str(out), "--no-progress",
                          "--batch-size", str(batch)]) == 0
-        files.append([(out / "tiny" / f"cmmlu-{m}" / "samples.jsonl").read_text() for m in ("fewshot", "chat")])
+        files.append([(find_run(out, f"cmmlu-{m}-fp32") / "samples.jsonl").read_text() for m in ("fewshot", "chat")])
     assert files[0] == files[1] == files[2]
 
 
@@ -142,7 +147,13 @@ def test_same_shaped_checkpoint_with_other_weights_is_another_model(tiny_checkpo
     args = ["--task", "mmlu", "--data-dir", str(data_root), "--subjects", "anatomy", "--limit", "1",
             "--output-dir", str(tmp_path / "out"), "--no-progress"]
     assert main(args + ["--model", str(tiny_checkpoint)]) == 0
-    assert main(args + ["--model", str(other)]) == 2
+    assert main(args + ["--model", str(other)]) == 0  # .../tiny and .../b/tiny: two model folders, never mixed
+    assert len(list((tmp_path / "out").glob("tiny-*/mmlu-fewshot-fp32/samples.jsonl"))) == 2
+    retrained = shutil.copytree(tiny_checkpoint, tmp_path / "c" / "tiny")
+    assert main(args + ["--model", str(retrained)]) == 0
+    for shard in other.glob("*.safetensors"):  # new weights written over the same path
+        shutil.copy(shard, retrained / shard.name)
+    assert main(args + ["--model", str(retrained)]) == 2
     assert "(model differ)" in capsys.readouterr().err
     shutil.rmtree(other)
 
@@ -151,8 +162,8 @@ BAD_INPUT = [
     (["--task", "mmlux"], "unknown task 'mmlux'; did you mean 'mmlu'?"),
     (["--task", "mmlu", "--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
     (["--task", "mmlu", "--data-dir", "{empty}"], "mmlu/dev/anatomy_dev.csv not found"),
-    (["--task", "mmlu", "--output-dir", "{file}/sub"], "cannot write to output directory"),
-    (["--task", "mmlu", "--subjects", "anatomyy"], "unknown mmlu subject(s): anatomyy"),
+    (["--task", "mmlu", "--output-dir", "{file}/sub"], "is a file, not a folder"),
+    (["--task", "mmlu", "--subjects", "anatomyy"], "unknown mmlu subject 'anatomyy'; did you mean 'anatomy'?"),
     (["--task", "gsm8k", "--data-dir", "{badjson}"], "test.jsonl:2: not valid JSON"),
     (["--task", "mmlu", "--data-dir", "{badcsv}"], "anatomy_test.csv: malformed CSV (Error tokenizing data. C error: "
                                                    "Expected 6 fields in line 8, saw 8)"),

@@ -14,7 +14,8 @@ import pytest
 from eval.distributed import TIMEOUT_ENV, assign, doc_cost
 from eval.api import ChoiceRequest, GenerateRequest
 from eval.runner import main
-from fixtures import write_mmlu
+from eval.run_layout import model_folder
+from fixtures import find_run, write_mmlu
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ("samples.jsonl", "table.md", "table.csv")
@@ -94,7 +95,7 @@ def test_ranks_write_the_files_of_one_process(ranks, tiny_checkpoint, data_root,
     code, out = finished(torchrun(ranks, common + ["--output-dir", tmp_path / "many"]))
     assert code == 0, out
     task = CASES[ranks][1]
-    one, many = (tmp_path / d / "tiny" / f"{task}-fewshot" for d in ("one", "many"))
+    one, many = (find_run(tmp_path / d, f"{task}-fewshot-fp32") for d in ("one", "many"))
     assert files(many) == files(one)
     results = json.loads((many / "results.json").read_text())
     assert not results["partial"] and results["n_done"] == results["n_docs"]
@@ -124,7 +125,7 @@ def big_args(checkpoint, data, out):
 def reference(tiny_checkpoint, big_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     assert main([str(a) for a in big_args(tiny_checkpoint, big_data, out)]) == 0
-    return files(out / "tiny" / "mmlu-fewshot")
+    return files(find_run(out, "mmlu-fewshot-fp32"))
 
 
 def saved_doc_ids(run_dir: Path) -> set:
@@ -136,7 +137,7 @@ def saved_doc_ids(run_dir: Path) -> set:
 def test_killed_rank_fails_the_job_and_another_world_size_resumes(resume_ranks, tiny_checkpoint, big_data, reference,
                                                                   tmp_path, capsys):
     args = big_args(tiny_checkpoint, big_data, tmp_path)
-    run_dir = tmp_path / "tiny" / "mmlu-fewshot"
+    run_dir = tmp_path / model_folder(str(tiny_checkpoint)) / "mmlu-fewshot-fp32"
     proc = torchrun(2, args)
     wait_for_lines(run_dir / "samples.rank1.jsonl", 3, proc)
     os.kill(worker_pid(proc, 1), signal.SIGKILL)
@@ -161,7 +162,7 @@ def test_killed_rank_fails_the_job_and_another_world_size_resumes(resume_ranks, 
 def test_rank_that_never_arrives_is_named_by_rank_0(tiny_checkpoint, big_data, tmp_path):
     """A hung rank (here: stopped) is caught by the monitored barrier's timeout, not waited for forever."""
     args = big_args(tiny_checkpoint, big_data, tmp_path)
-    run_dir = tmp_path / "tiny" / "mmlu-fewshot"
+    run_dir = tmp_path / model_folder(str(tiny_checkpoint)) / "mmlu-fewshot-fp32"
     proc = torchrun(2, args, **{TIMEOUT_ENV: "0.2"})  # minutes: 12 s
     wait_for_lines(run_dir / "samples.rank1.jsonl", 3, proc)
     rank0, rank1 = worker_pid(proc, 0), worker_pid(proc, 1)

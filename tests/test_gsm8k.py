@@ -5,7 +5,7 @@ import json
 import pytest
 
 from checkpoints import vocab_file
-from eval.api import Doc, UserError
+from eval.api import Doc, GenerateResponse, UserError
 from eval.backends import stop_rules_met
 from eval.data import DataSource
 from eval.pipeline import execute, plan_task
@@ -128,6 +128,19 @@ def test_python_number_emulates_eval(literal, value):
     assert result == value and type(result) is type(value)
 
 
+@pytest.mark.parametrize("text,v1", [("The answer is \uff11\uff18", None), ("The answer is \u0661\u0668", None),
+                                     ("The answer is 1\uff18", None), ("18 or \uff11\uff18", 18)])
+def test_non_ascii_digits_are_invalid_as_the_originals_eval(text, v1):
+    # eval("１８") is a SyntaxError: the original scores such a last match invalid, never as 18
+    # (v1's pattern needs an ASCII first digit, so it skips "１８" and finds the 18 before it)
+    assert gsm8k.last_integer(text) is None
+    assert gsm8k.last_number_v1(text) == v1
+    chat = gsm8k.score_chat(text, "#### 18")
+    assert not chat["v0"]["correct"] and chat["v1"]["correct"] == (v1 == 18)
+    base = TASK.score(Doc("gsm8k/0", {"gold": 18}), [GenerateResponse((), text, "stop")], "fewshot", {})
+    assert base["parity"] == {"pred": None, "correct": False}
+
+
 @pytest.mark.parametrize("answer,gold", [
     ("3 + 4 = <<3+4=7>>7\n#### 7", 7), ("#### 1,000", 1000), ("#### -10", -10), ("#### 2.5", 2.5), ("7 apples", None),
 ])
@@ -180,7 +193,7 @@ def test_pipeline_writes_the_records(root, tok, tmp_path):
     results = execute(plan, OracleBackend(lambda r: "The answer is 1\n\nQuestion: more"), config={})
     lines = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["completion"] == "The answer is 1"
-    assert results["table"]["rows"][0][0] == "parity (last integer)"
+    assert results.table.rows[0][0] == "parity (last integer)"
 
 
 # ---- data errors ----------------------------------------------------------------------------------

@@ -60,6 +60,8 @@ def test_window_schedules():
     for bad in ("4x2048,x", "2048,4x4096", "9x10"):
         with pytest.raises(ConfigError, match="window schedule"):
             parse_windows(bad, 8)
+    with pytest.raises(ConfigError, match=r"'0' gives sizes \[0, 0\]; needs one size of at least 1 for each of the 2"):
+        parse_windows("0", 2)
 
 
 def _copy(src, tmp_path):
@@ -144,6 +146,14 @@ def test_truncated_files(checkpoints, tmp_path):
         load_model(path, device="cpu")
 
 
+def test_corrupt_header_length_names_the_file(checkpoints, tmp_path):
+    path = _copy(checkpoints["v1.1"], tmp_path)
+    shard = path / "model-00002-of-00002.safetensors"
+    shard.write_bytes(b"\xff" * 8 + shard.read_bytes()[8:])  # a length past any file (OverflowError on read)
+    with pytest.raises(ModelLoadError, match="model-00002-of-00002.safetensors: corrupt safetensors header length"):
+        load_model(path, device="cpu")
+
+
 def test_missing_vocab(checkpoints, tmp_path):
     path = _copy(checkpoints["original"], tmp_path)
     (path / "qwen.tiktoken").unlink()
@@ -156,8 +166,18 @@ def test_nonexistent_path_and_offline_hub_id(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(tmp_path / "nope", device="cpu")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match=r"could not fetch 'Qwen/Qwen-7B'.*--model /path/to/Qwen-7B"):
+    with pytest.raises(ModelLoadError, match=r"could not fetch 'Qwen/Qwen-7B'.*--model /path/to/Qwen-7B") as err:
         load_model("Qwen/Qwen-7B", device="cpu")
+    for needed in ("config.json", "qwen.tiktoken", "model.safetensors", "tiny-qwen-256"):
+        assert needed in str(err.value)
+
+
+def test_relative_path_under_a_local_folder_is_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scratch").mkdir()
+    with pytest.raises(ModelLoadError, match="^model path 'scratch/nonexist' does not exist"):
+        load_model("scratch/nonexist", device="cpu")
 
 
 def test_bad_dtype(checkpoints):

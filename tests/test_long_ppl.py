@@ -113,3 +113,10 @@ def test_without_a_data_dir_the_error_says_to_pass_one(tok, tmp_path):
         plan_task(TASK, "fewshot", DataSource(None), tok, options={}, run_dir=tmp_path)
     with pytest.raises(UserError, match="longctx_arxiv"):
         plan_task(TASK, "fewshot", DataSource(tmp_path), tok, options={}, run_dir=tmp_path)
+
+
+def test_lengths_past_every_document_name_the_flag(data, tok, tmp_path):
+    longest = len(tok.encode(TEXT * 2))  # b/other holds the text twice
+    with pytest.raises(UserError, match=rf"^--lengths 10000000: longer than every long_ppl document "
+                                        rf"\(the longest has {longest} tokens\)"):
+        plan_task(TASK, "fewshot", data, tok, options={"lengths": [100, 10000000]}, run_dir=tmp_path)

@@ -1,13 +1,13 @@
 """`report`: published vs measured tables from hand-made run directories (no model), and the plots."""
-import json
 import math
 
 import pytest
 from PIL import Image
 
+import fixtures
 from eval.api import Doc
-from eval.plots import DPI, FIGSIZE, plot_run
-from eval.report import wilson
+from eval.plots import DPI, FIGSIZE
+from eval.report import plot_run, wilson
 from eval.runner import main
 from eval.tasks import ceval, gsm8k, long_ppl, mmlu
 
@@ -16,17 +16,8 @@ PNG_SIZE = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
 
 def write_run(root, model, name, task, mode, docs, records, *, n_docs=None, config=None):
     """A run directory as the pipeline writes it, scored by the task's own aggregate()."""
-    scores = task.aggregate(docs, records, mode, {})
-    run_dir = root / model / name
-    run_dir.mkdir(parents=True)
-    results = {"task": task.name, "mode": mode, "metrics": scores.metrics, "n_docs": n_docs or len(docs),
-               "n_done": len(docs), "partial": (n_docs or len(docs)) > len(docs),
-               "table": {"columns": scores.table.columns, "rows": scores.table.rows}, "details": scores.extra,
-               "identity": {"model_name": model, "task": task.name, "mode": mode}, "config": config or {}}
-    (run_dir / "results.json").write_text(json.dumps(results))
-    (run_dir / "samples.jsonl").write_text("".join(json.dumps({"doc_id": d.doc_id, **r}) + "\n"
-                                                   for d, r in zip(docs, records)))
-    return run_dir
+    flat = [{"doc_id": d.doc_id, "subject": d.subject, "doc": d.data, **r} for d, r in zip(docs, records)]
+    return fixtures.write_run(root / model / name, task.name, mode, flat, n_docs=n_docs, config=config)
 
 
 def multiple_choice_run(root, model, correct_per_subject, *, task=mmlu.TASK, mode="fewshot", name=None, n=100):
@@ -95,26 +86,43 @@ def test_missing_task_is_not_run_and_partial_run_is_marked(tmp_path, capsys):
     assert "| `Qwen-7B/gsm8k-fewshot` | gsm8k | fewshot | Qwen-7B | 50 of 1319 | yes |" in text
 
 
-def test_macro_average_gets_a_stratified_interval(tmp_path, capsys):
+def test_macro_average_gets_a_wilson_interval_at_its_effective_size(tmp_path, capsys):
     multiple_choice_run(tmp_path, "Qwen-7B", {"logic": 30, "law": 45}, task=ceval.TASK, n=50)
     row = table_row(report(tmp_path, capsys), "C-Eval val 5-shot")
     assert row[3] == "75.00"  # the mean of the subjects' 60% and 90%
+    low, high = wilson(75.0, 2 ** 2 / (1 / 50 + 1 / 50))  # S^2 / sum(1/n): 100 documents
+    assert row[5] == f"[{low:.2f}, {high:.2f}]"
+
+
+def test_macro_interval_does_not_collapse_when_every_subject_is_zero(tmp_path, capsys):
+    multiple_choice_run(tmp_path, "Qwen-7B", {"logic": 0, "law": 0}, task=ceval.TASK, n=50)
+    row = table_row(report(tmp_path, capsys), "C-Eval val 5-shot")
     low, high = (float(x) for x in row[5].strip("[]").split(", "))
-    half = 100 * 1.959964 * math.sqrt(0.6 * 0.4 / 50 + 0.9 * 0.1 / 50) / 2  # sum of p(1-p)/n, over 2 subjects
-    assert math.isclose((high - low) / 2, half, abs_tol=0.01)
+    assert row[3] == "0.00" and low == 0.0 and 3.0 < high < 4.0 and row[6] == "no"  # Wilson, n = 100
+
+
+def test_a_subset_run_is_never_within_ci_and_the_models_are_named(tmp_path, capsys):
+    gsm8k_run(tmp_path, "tiny-qwen-256", n_correct=0, n_done=2, n_docs=2)  # 0.00: Wilson [0, 65.8] holds 51.6
+    results = tmp_path / "tiny-qwen-256" / "gsm8k-fewshot" / "results.json"
+    results.write_text(results.read_text().replace('"config": {}', '"config": {"limit": 2}'))
+    text = report(tmp_path, capsys)
+    row = table_row(text, "GSM8K 8-shot")
+    assert row[3] == "0.00" and row[6] == "n/a: not the whole benchmark"
+    assert "measured model: tiny-qwen-256" in row[8] and "--limit 2" in row[8]
+    assert "Published numbers of Qwen-7B; measured: tiny-qwen-256." in text
 
 
 def test_chat_and_int4_rows_match_by_mode_and_model_name(tmp_path, capsys):
     multiple_choice_run(tmp_path, "Qwen-7B-Chat", {"anatomy": 54}, mode="chat")
     multiple_choice_run(tmp_path, "Qwen-7B-Chat-Int4", {"anatomy": 52}, mode="chat")
-    multiple_choice_run(tmp_path, "Qwen-7B", {"anatomy": 10}, name="mmlu-fewshot-ntk_off")  # a switch variant
-    multiple_choice_run(tmp_path, "other-model", {"anatomy": 20})
+    multiple_choice_run(tmp_path, "Qwen-7B", {"anatomy": 10}, name="mmlu-fewshot-ntk_off-bf16")  # a switch variant
+    multiple_choice_run(tmp_path, "other-model", {"anatomy": 20}, name="mmlu-fewshot-bf16")
     text = report(tmp_path, capsys)
     assert table_row(text, "MMLU 0-shot")[3] == table_row(text, "BF16 MMLU")[3] == "54.00"
     assert table_row(text, "Int4 MMLU")[3] == "52.00"
-    assert table_row(text, "MMLU 5-shot")[7] == "`other-model/mmlu-fewshot`"  # the plain <task>-<mode> run wins
+    assert table_row(text, "MMLU 5-shot")[7] == "`other-model/mmlu-fewshot-bf16`"  # the plain <task>-<mode> run wins
     only = report(tmp_path, capsys, "--model", "Qwen-7B")
-    assert table_row(only, "MMLU 5-shot")[7] == "`Qwen-7B/mmlu-fewshot-ntk_off`"
+    assert table_row(only, "MMLU 5-shot")[7] == "`Qwen-7B/mmlu-fewshot-ntk_off-bf16`"
 
 
 def test_perplexity_cells_get_a_bootstrap_interval(tmp_path, capsys):
@@ -131,13 +139,23 @@ def test_plots_are_valid_pngs_of_the_expected_size_and_linked(tmp_path, capsys):
     mmlu_dir = multiple_choice_run(tmp_path, "Qwen-7B", {"anatomy": 57, "philosophy": 60})
     ppl_dir = long_ppl_run(tmp_path, "Qwen-7B")
     text = report(tmp_path, capsys)
-    for path in (mmlu_dir / "categories.png", ppl_dir / "perplexity.png"):
+    for run_dir, name in ((mmlu_dir, "categories.png"), (ppl_dir, "perplexity.png")):
+        path = tmp_path / "report-plots" / run_dir.relative_to(tmp_path) / name
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size == PNG_SIZE
             image.verify()
         assert f"]({path.relative_to(tmp_path).as_posix()})" in text
     assert not list(tmp_path.rglob(".*.tmp"))
     assert "categories.png" not in report(tmp_path, capsys, "--no-plots")
+
+
+def test_report_never_writes_into_a_run_directory(tmp_path, capsys):
+    """`report results/` must leave the committed runs under results/reference/ as they are."""
+    run_dir = long_ppl_run(tmp_path / "reference", "tiny-qwen-256")
+    before = sorted(p.name for p in run_dir.iterdir())
+    report(tmp_path, capsys)
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    assert (tmp_path / "report-plots" / "reference" / "tiny-qwen-256" / "long_ppl-fewshot" / "perplexity.png").exists()
 
 
 def test_plot_run_skips_tasks_without_categories_or_lengths(tmp_path):

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from eval.runner import main
-from fixtures import SHARED_DATA
+from fixtures import SHARED_DATA, find_run
 
 MC_TASKS = [("mmlu", "anatomy,astronomy"), ("ceval", "computer_network,logic"), ("cmmlu", "agronomy,arts")]
 
@@ -19,11 +19,11 @@ def test_multiple_choice_tasks_end_to_end(task, subjects, mode, tiny_checkpoint,
     out = tmp_path / "results"
     assert run_cli("--task", task, "--mode", mode, "--model", tiny_checkpoint, "--data-dir", data_root,
                    "--subjects", subjects, "--limit", 3, "--output-dir", out, "--no-progress") == 0
-    run_dir = out / "tiny" / f"{task}-{mode}"
+    run_dir = find_run(out, f"{task}-{mode}-fp32")
     results = json.loads((run_dir / "results.json").read_text())
     assert results["n_done"] == results["n_docs"] == 6 and not results["partial"]
-    assert 0.0 <= results["metrics"]["acc"] <= 100.0
     records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert results["metrics"]["acc"] == pytest.approx(100 * sum(r["correct"] for r in records) / len(records))
     assert [r["doc_id"] for r in records] == [f"{task}/{s}/{i}" for s in subjects.split(",") for i in range(3)]
     assert all(r["prompt_hash"] and r["responses"] for r in records)
     assert (run_dir / "table.md").read_text().startswith(f"### {task} ({mode})")
@@ -38,7 +38,7 @@ def test_multiple_choice_tasks_end_to_end(task, subjects, mode, tiny_checkpoint,
 def test_real_data_end_to_end(tiny_checkpoint, tmp_path):
     assert run_cli("--task", "mmlu", "--model", tiny_checkpoint, "--data-dir", SHARED_DATA, "--subjects",
                    "high_school_european_history", "--limit", 2, "--output-dir", tmp_path, "--no-progress") == 0
-    records = (tmp_path / "tiny" / "mmlu-fewshot" / "samples.jsonl").read_text().splitlines()
+    records = (find_run(tmp_path, "mmlu-fewshot-fp32") / "samples.jsonl").read_text().splitlines()
     assert len(records) == 2 and all(json.loads(r)["truncated"] for r in records)  # the spec's longest subject
 
 
@@ -46,7 +46,7 @@ def test_dry_run_writes_every_request_without_weights(tiny_checkpoint, data_root
     vocab = tiny_checkpoint / "qwen.tiktoken"
     assert run_cli("--task", "mmlu", "--mode", "chat", "--model", tmp_path / "no-weights-here", "--tokenizer", vocab,
                    "--data-dir", data_root, "--subjects", "anatomy", "--output-dir", tmp_path, "--dry-run") == 0
-    lines = [json.loads(x) for x in (tmp_path / "no-weights-here" / "mmlu-chat" / "requests.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (find_run(tmp_path, "mmlu-chat") / "requests.jsonl").read_text().splitlines()]
     assert len(lines) == 7 and lines[0]["doc_id"] == "mmlu/anatomy/0"
     assert set(lines[0]) == {"doc_id", "prompt", "n_tokens", "truncated", "query"}
     assert lines[0]["prompt"].startswith("<|im_start|>system\n") and lines[0]["query"] in lines[0]["prompt"]
@@ -55,7 +55,7 @@ def test_dry_run_writes_every_request_without_weights(tiny_checkpoint, data_root
 def test_rescore_reproduces_the_tables_without_a_model(tiny_checkpoint, data_root, tmp_path):
     assert run_cli("--task", "ceval", "--model", tiny_checkpoint, "--data-dir", data_root, "--subjects", "logic",
                    "--output-dir", tmp_path, "--no-progress") == 0
-    run_dir = tmp_path / "tiny" / "ceval-fewshot"
+    run_dir = find_run(tmp_path, "ceval-fewshot-fp32")
     before = (run_dir / "table.md").read_text(), json.loads((run_dir / "results.json").read_text())["metrics"]
     (run_dir / "table.md").unlink()
     assert run_cli("--rescore", run_dir) == 0
@@ -69,12 +69,13 @@ def test_rerun_resumes_and_extends(tiny_checkpoint, data_root, tmp_path, capsys)
     assert run_cli(*args, "--limit", 2) == 0
     assert run_cli(*args, "--limit", 5) == 0
     assert "resuming, 2 of 5 documents already done" in capsys.readouterr().out
-    lines = (tmp_path / "tiny" / "mmlu-fewshot" / "samples.jsonl").read_text().splitlines()
+    lines = (find_run(tmp_path, "mmlu-fewshot-fp32") / "samples.jsonl").read_text().splitlines()
     assert [json.loads(x)["doc_id"] for x in lines] == [f"mmlu/anatomy/{i}" for i in range(5)]
 
 
-def test_list_tasks(capsys):
-    assert run_cli("--list-tasks") == 0
+@pytest.mark.parametrize("argv", [["--list-tasks"], ["list"]])
+def test_list_tasks(argv, capsys):
+    assert run_cli(*argv) == 0
     out = capsys.readouterr().out
     for name in ("mmlu", "ceval", "cmmlu", "gsm8k", "humaneval", "long_ppl"):
         assert name in out
@@ -87,7 +88,7 @@ def test_profile_task_times_each_request(tiny_checkpoint, tmp_path, monkeypatch)
         profile.Doc("profile/generate/40", {"kind": "generate", "tokens": 40}),
         profile.Doc("profile/encode/64", {"kind": "encode", "tokens": 64})])
     assert run_cli("--task", "profile", "--model", tiny_checkpoint, "--output-dir", tmp_path, "--no-progress") == 0
-    records = [json.loads(x) for x in (tmp_path / "tiny" / "profile-fewshot" / "samples.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (find_run(tmp_path, "profile-fewshot-fp32") / "samples.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in records] == [40, 64]
     assert all(r["seconds"] > 0 and r["tokens_per_s"] > 0 and r["peak_memory_gb"] is None for r in records)
 
@@ -98,12 +99,13 @@ def test_generation_and_perplexity_tasks_end_to_end(task, mode, tiny_checkpoint,
     extra = {"humaneval": ["--allow-code-execution"], "long_ppl": ["--lengths", "32,64"]}.get(task, [])
     assert run_cli("--task", task, "--mode", mode, "--model", tiny_checkpoint, "--data-dir", data_root,
                    "--limit", 2, "--output-dir", tmp_path, "--no-progress", *extra) == 0
-    run_dir = tmp_path / "tiny" / f"{task}-{mode}"
+    run_dir = find_run(tmp_path, f"{task}-{mode}-fp32")
     results = json.loads((run_dir / "results.json").read_text())
     assert results["n_done"] == results["n_docs"] >= 2 and not results["partial"]
     records = [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(records) == results["n_docs"] and all(r["responses"] for r in records)
     assert (run_dir / "table.md").exists() and (run_dir / "table.csv").exists()
+    assert ("sandbox" in results["provenance"]) == (task == "humaneval")  # how model-written code was confined
 
 
 def test_hf_backend_with_an_accelerate_device_map(tiny_checkpoint, data_root, tmp_path):
@@ -113,9 +115,8 @@ def test_hf_backend_with_an_accelerate_device_map(tiny_checkpoint, data_root, tm
     assert run_cli(*args, "--backend", "hf", "--device-map", "auto") == 0
     assert run_cli(*args, "--device-map", "auto") == 2
     assert run_cli(*args) == 0
-    runs = tmp_path / "tiny"
-    placed = [x for line in (runs / "mmlu-fewshot-ntk_off-logn_off-hf" / "samples.jsonl").open()
+    placed = [x for line in (find_run(tmp_path, "mmlu-fewshot-ntk_off-logn_off-hf-fp32") / "samples.jsonl").open()
               for x in json.loads(line)["logits"]]
-    native = [x for line in (runs / "mmlu-fewshot-ntk_off-logn_off" / "samples.jsonl").open()
+    native = [x for line in (find_run(tmp_path, "mmlu-fewshot-ntk_off-logn_off-fp32") / "samples.jsonl").open()
               for x in json.loads(line)["logits"]]
     assert len(placed) == 12 and placed == pytest.approx(native, abs=1e-3)

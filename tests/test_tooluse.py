@@ -86,11 +86,11 @@ def test_requests_are_chatml_turns_stopping_at_observation(root, tok):
     assert (request.max_new_tokens, request.stop, request.stop_ids) == (512, (("Observation:",),), tok.chat_stop_ids)
 
 
-def test_oracle_scores_100_one_and_0(root, tok):
+def test_oracle_scores_100_and_0_every_metric_in_percent(root, tok):
     scores = run(root, tok, gold)
-    assert scores.metrics == {"tool_selection": 100.0, "tool_input_rouge_l": 1.0, "false_positive": 0.0}
+    assert scores.metrics == {"tool_selection": 100.0, "tool_input_rouge_l": 100.0, "false_positive": 0.0}
     assert scores.table.rows == [["Tool Selection (%)", "v20231206 positive", 3, 100.0, 95.5],
-                                 ["Tool Input Rouge-L F1", "v20231206 positive", 3, 1.0, 0.9],
+                                 ["Tool Input Rouge-L F1 (%)", "v20231206 positive", 3, 100.0, 90.0],
                                  ["False Positive (%)", "v20231206 negative", 2, 0.0, 11.6]]
 
 
@@ -98,7 +98,7 @@ def test_always_calling_a_tool_is_all_false_positives(root, tok):
     scores = run(root, tok, lambda doc, r: call("web_search", {"query": "anything"}))
     assert scores.metrics["false_positive"] == 100.0
     assert scores.metrics["tool_selection"] == pytest.approx(100 / 3)  # right only where web_search is the gold
-    assert 0 < scores.metrics["tool_input_rouge_l"] < 1
+    assert 0 < scores.metrics["tool_input_rouge_l"] < 100  # percent, as every other metric
 
 
 def test_rouge_is_over_qwen_tokens_and_ignores_key_order_and_quoting(root, tok):
@@ -221,10 +221,10 @@ def test_pipeline_run_and_resume(root, tok, tmp_path):
     oracle = OracleBackend(lambda r: answers.get(r.query, "Thought: no tool\nFinal Answer: hi"))
     plan = plan_task(tooluse.TASK, "chat", DataSource(root), tok, run_dir=tmp_path / "run")
     results = execute(plan, oracle, config={}, log=lambda *_: None)
-    assert results["metrics"] == {"tool_selection": 100.0, "tool_input_rouge_l": 1.0, "false_positive": 0.0}
+    assert results.metrics == {"tool_selection": 100.0, "tool_input_rouge_l": 100.0, "false_positive": 0.0}
     records = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 5 and all(r["correct"] for r in records)
     assert records[0]["gold_action"] == "web_search" and records[0]["subject"] == "positive"
     again = OracleBackend(oracle.answer_for)
     plan = plan_task(tooluse.TASK, "chat", DataSource(root), tok, run_dir=tmp_path / "run")
-    assert execute(plan, again, config={}, log=lambda *_: None)["metrics"] == results["metrics"] and again.served == 0
+    assert execute(plan, again, config={}, log=lambda *_: None).metrics == results.metrics and again.served == 0

@@ -5,8 +5,7 @@ the C-Eval prompt keyed on Question/Answer (spec 2.4). There is no original chat
 chat mode here uses the C-Eval chat message and extraction.
 """
 from ..data import DataSource
-from ..multiple_choice import LETTERS, subject_rows
-from .ceval import ChineseMultipleChoice
+from ..multiple_choice import LETTERS, ChineseMultipleChoice, subject_rows
 
 CATEGORIES = {  # a subject may sit in several categories; "China specific" overlaps the other four
     "STEM": ("anatomy", "astronomy", "college_actuarial_science", "college_engineering_hydrology",

@@ -15,8 +15,10 @@ import warnings
 import math
 import re
 
-from ..api import Doc, GenerateRequest, Scores, Table
+from ..api import (AccuracyScores, Doc, GenerateRequest, Scores, Table, Task, chat_request, cut_at_each,
+                   shared_prefix_length)
 from ..data import DataSource
+from ..published import reported
 
 PROMPT_URL = "https://raw.githubusercontent.com/QwenLM/Qwen/main/eval/gsm8k_prompt.txt"
 PROMPT_MD5 = "3bc72d9d58022e0682b87653e788ffdc"
@@ -100,19 +102,19 @@ CHAT_EXEMPLARS = (
 EXEMPLAR_TEMPLATE = "Question: {}\nLet's think step by step\n{}\nThe answer is {}\n\n"  # the base format
 CHAT_FEWSHOT = "".join(EXEMPLAR_TEMPLATE.format(*exemplar) for exemplar in CHAT_EXEMPLARS)
 CHAT_PROMPTS = ("zero_shot", "four_shot")
-# Table rows: (record keys, row name, reported score); the first row is the headline.
-FEWSHOT_ROWS = ((("parity",), "parity (last integer)", 51.6),
-                (("improved",), "improved (answer-first numeric)", None))
-CHAT_ROWS = ((("zero_shot", "v0"), "0-shot, v0 (last integer)", 41.1),
-             (("four_shot", "v0"), "4-shot, v0 (last integer)", 43.5),
-             (("zero_shot", "v1"), "0-shot, v1 (last number, isclose)", None),
-             (("four_shot", "v1"), "4-shot, v1 (last number, isclose)", None))
+# Table rows: (record keys, row name, metric); the first row is the headline.
+FEWSHOT_ROWS = ((("parity",), "parity (last integer)", "acc"),
+                (("improved",), "improved (answer-first numeric)", "acc_improved"))
+CHAT_ROWS = ((("zero_shot", "v0"), "0-shot, v0 (last integer)", "acc"),
+             (("four_shot", "v0"), "4-shot, v0 (last integer)", "acc_4shot"),
+             (("zero_shot", "v1"), "0-shot, v1 (last number, isclose)", "acc_v1"),
+             (("four_shot", "v1"), "4-shot, v1 (last number, isclose)", "acc_4shot_v1"))
 
 
 # ---- numbers as the original's `eval` reads them (never eval model output) ------------------------
 def python_number(literal: str) -> int | float | None:
     """The value Python's eval gives a signed decimal literal; None where eval raises ("050", "", ".")."""
-    match = re.fullmatch(r"(-?)(\d*)(\.?)(\d*)", literal.strip())
+    match = re.fullmatch(r"(-?)([0-9]*)(\.?)([0-9]*)", literal.strip())  # eval reads ASCII digits only
     if not match:
         return None
     sign, whole, dot, frac = match.groups()
@@ -152,16 +154,18 @@ def numbers_equal(pred, gold) -> bool:
 
 
 def parity_truncate(text: str) -> str:
-    for cut in PARITY_CUTS:
-        text = text.split(cut)[0]
-    return text
+    return cut_at_each(text, PARITY_CUTS)
 
 
 # ---- the task -------------------------------------------------------------------------------------
-class GSM8K:
+class GSM8K(Task):
     """GSM8K: grade-school math, chain of thought (base 8-shot; chat 0-shot and 4-shot)."""
 
     name, version, modes = "gsm8k", "qwen-2023-08", ("fewshot", "chat")
+
+    def paired_scores(self, mode: str) -> AccuracyScores:
+        keys = CHAT_ROWS[0][0] if mode == "chat" else FEWSHOT_ROWS[0][0]  # the headline row
+        return AccuracyScores("acc", lambda record: float(_lookup(record, keys)["correct"]))
 
     def load(self, data: DataSource, mode: str, subjects=None) -> list[Doc]:
         fewshot = self.prompt_file(data) if mode == "fewshot" else ""
@@ -198,7 +202,7 @@ class GSM8K:
         ids = tok.encode(prompt)  # raw tiktoken, no NFC, as the original
         # Stopping at "\n\n"/"Question:" is exact: the parity cut discards everything after either anyway.
         return [GenerateRequest(prompt, tuple(ids), 512, stop=(("\n\n", "Question:"),), stop_ids=(tok.eod_id,),
-                                shared_prefix=common_prefix(ids, tok.encode(fewshot)))]
+                                shared_prefix=shared_prefix_length(ids, tok.encode(fewshot)))]
 
     def score(self, doc: Doc, responses: list, mode: str, options: dict) -> dict:
         if mode == "chat":
@@ -212,12 +216,12 @@ class GSM8K:
 
     def aggregate(self, docs: list[Doc], records: list[dict], mode: str, options: dict) -> Scores:
         table = Table(["name", "n", "acc", "invalid", "reported"])
-        for keys, name, reported in CHAT_ROWS if mode == "chat" else FEWSHOT_ROWS:
+        metrics = {}
+        for keys, name, metric in CHAT_ROWS if mode == "chat" else FEWSHOT_ROWS:
             results = [_lookup(rec, keys) for rec in records]
-            acc = 100 * sum(r["correct"] for r in results) / max(1, len(results))
-            table.rows.append([name, len(results), acc, sum(r["pred"] is None for r in results), reported or ""])
-        names = ["acc", "acc_4shot", "acc_v1", "acc_4shot_v1"] if mode == "chat" else ["acc", "acc_improved"]
-        metrics = {name: row[2] for name, row in zip(names, table.rows)}
+            metrics[metric] = 100 * sum(r["correct"] for r in results) / max(1, len(results))
+            table.rows.append([name, len(results), metrics[metric], sum(r["pred"] is None for r in results),
+                               reported(self.name, mode, metric) or ""])
         metrics["invalid"] = table.rows[0][3]
         return Scores(metrics, table, {"n": len(records)})
 
@@ -225,11 +229,6 @@ class GSM8K:
 def chat_queries(question: str) -> tuple[str, str]:
     """Zero-shot: the raw question only; 4-shot: the exemplars, then the query without a final newline."""
     return question, f"{CHAT_FEWSHOT}Question: {question}\nLet's think step by step"
-
-
-def chat_request(tok, query: str) -> GenerateRequest:
-    raw, ids = tok.make_context(query)
-    return GenerateRequest(raw, tuple(ids), 512, stop_ids=tok.chat_stop_ids, query=query)
 
 
 def score_chat(response: str, answer: str) -> dict:
@@ -248,11 +247,6 @@ def _lookup(record: dict, keys: tuple[str, ...]) -> dict:
 
 def _has_text(row, key: str) -> bool:
     return isinstance(row, dict) and isinstance(row.get(key), str)
-
-
-def common_prefix(ids: list[int], prefix: list[int]) -> int:
-    """Leading tokens shared with the tokenized prompt file (fewer when the "\\n" + "\\n" seam merges)."""
-    return next((i for i, (a, b) in enumerate(zip(ids, prefix)) if a != b), min(len(ids), len(prefix)))
 
 
 TASK = GSM8K()

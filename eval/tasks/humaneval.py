@@ -15,9 +15,10 @@ import re
 import textwrap
 from pathlib import Path
 
-from ..api import Doc, GenerateRequest, Scores, Table, UserError
+from ..api import AccuracyScores, Doc, GenerateRequest, Scores, Table, Task, UserError, chat_request, cut_at_each
 from ..data import DataSource
 from ..metrics import pass_at_k
+from ..published import reported
 
 PARITY_CUTS = ("<|endoftext|>", "\n\n\n", "\n\n", "def ")
 CODEX_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -28,7 +29,6 @@ FIELDS = ("task_id", "prompt", "entry_point", "test")
 VARIANTS = {"fewshot": ("parity", "improved"), "chat": ("v0", "v1")}
 ROW_NAMES = {"parity": "parity (original cut: blank line, 'def ')", "improved": "improved (Codex stop sequences)",
              "v0": "v0 'Help me fill the following code.'", "v1": "v1 HumanEvalPack instruction"}
-REPORTED = {"parity": 24.4, "v0": 24.4}
 K_VALUES = (1, 10, 100)
 EXECUTIONS = ("separate", "in_process")
 NOT_PASSED = ("failed", "timed_out", "crashed")  # sandbox statuses counted in the table
@@ -36,9 +36,7 @@ NOT_PASSED = ("failed", "timed_out", "crashed")  # sandbox statuses counted in t
 
 # ---- completions ---------------------------------------------------------------------------------
 def parity_completion(text: str) -> str:
-    for cut in PARITY_CUTS:
-        text = text.split(cut)[0]
-    return text
+    return cut_at_each(text, PARITY_CUTS)
 
 
 def codex_completion(text: str) -> str:
@@ -95,10 +93,18 @@ def answer_key_directories(loaded_from: set[str]) -> list[str]:
 
 
 # ---- the task -------------------------------------------------------------------------------------
-class HumanEval:
+class HumanEval(Task):
     """HumanEval: Python function completion, pass@k in the sandbox (base 0-shot; chat v0/v1 messages)."""
 
     name, version, modes = "humaneval", "qwen-2023-08", ("fewshot", "chat")
+    executes_code = True
+    option_names = ("timeout", "samples", "temperature")
+
+    def paired_scores(self, mode: str) -> AccuracyScores:
+        """A task's score is its samples' pass rate (its unbiased pass@1) in the headline variant."""
+        variant = VARIANTS[mode][0]
+        return AccuracyScores("pass@1", lambda record: sum(s["status"] == "passed" for s in record[variant])
+                              / len(record[variant]))
 
     def __init__(self):
         self.loaded_from: set[str] = set()  # data directories, hidden from the programs
@@ -122,9 +128,7 @@ class HumanEval:
     def requests(self, doc: Doc, tok, mode: str, options: dict) -> list[GenerateRequest]:
         if mode == "chat":
             queries = (CHAT_V0_INSTRUCTION + doc.data["prompt"], v1_message(doc))
-            contexts = [(query, *tok.make_context(query)) for query in queries]
-            return [GenerateRequest(raw, tuple(ids), 512, stop_ids=tok.chat_stop_ids, query=query, **sampling)
-                    for query, raw, ids in contexts for sampling in samplings(options)]
+            return [chat_request(tok, query, **sampling) for query in queries for sampling in samplings(options)]
         prompt = doc.data["prompt"]
         ids = tuple(tok.encode(prompt))  # raw tiktoken, no NFC, as the original
         return [GenerateRequest(prompt, ids, 512, stop=BASE_STOP_GROUPS, stop_ids=(tok.eod_id,), **sampling)
@@ -164,8 +168,9 @@ class HumanEval:
             samples = [rec[variant] for rec in records]
             rates = [mean_pass_at_k(samples, k) for k in ks]
             counts = [sum(x["status"] == status for s in samples for x in s) for status in NOT_PASSED]
-            table.rows.append([ROW_NAMES[variant], len(records), *rates, *counts, REPORTED.get(variant, "")])
             suffix = "" if variant == variants[0] else f"_{variant}"
+            published = reported(self.name, mode, "pass@1") if variant == variants[0] else None
+            table.rows.append([ROW_NAMES[variant], len(records), *rates, *counts, published or ""])
             metrics.update({f"pass@{k}{suffix}": rate for k, rate in zip(ks, rates)})
             if variant == variants[0]:
                 metrics.update(zip(NOT_PASSED, counts))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..api import Doc, LoglikelihoodRequest, Scores, Table, UserError
+from ..api import Doc, LoglikelihoodRequest, PerplexityScores, Scores, Table, Task, UserError
 from ..data import DataSource
 
 SOURCE_DIR = "longctx_arxiv"
@@ -51,9 +51,11 @@ def find_documents(data: DataSource) -> dict[str, Path]:
     return documents
 
 
-class LongPPL:
+class LongPPL(Task):
     name, version = "long_ppl", "arxiv-2023-08"
     modes = ("fewshot",)  # a base-model measurement; "fewshot" is the runner's base-model mode
+    sets_switches = True  # each row sets all three switches per request
+    option_names = ("lengths", "window_attn")
 
     def __init__(self, documents: dict[str, Path] | None = None, tok=None, lengths=DEFAULT_LENGTHS):
         self.documents, self.tok, self.lengths = documents, tok, tuple(lengths)
@@ -70,6 +72,16 @@ class LongPPL:
     def subjects(self) -> list[str]:
         return sorted(self.documents or ())
 
+    def paired_scores(self, mode: str) -> PerplexityScores:
+        return PerplexityScores(lambda record: tuple(row for row in ROWS if row in record["rows"]),
+                                lambda record, row: (record["rows"][row]["nll"], record["rows"][row]["n_tokens"]),
+                                lambda record: record["length"])
+
+    def plot(self, results: dict, run_dir: Path) -> list[Path]:
+        from ..plots import plot_perplexity
+
+        return [plot_perplexity(results, run_dir / "perplexity.png")]
+
     def load(self, data: DataSource, mode: str, subjects: list[str] | None = None) -> list[Doc]:
         """Sample documents, ordered per document by sample index, then length: `--limit N` keeps the
         first samples of every length rather than all samples of the shortest."""
@@ -83,6 +95,11 @@ class LongPPL:
                 docs += [Doc(f"{self.name}/{name}/{length}/{index}",
                              {"document": name, "length": length, "sample": index, "start": s[index]}, name)
                          for length, s in starts.items() if index < len(s)]
+        longest = max(map(len, (self.tokens[name] for name in subjects or self.subjects)))
+        too_long = [length for length in self.lengths if length > longest]
+        if too_long:  # a length no document reaches would be an empty column
+            raise UserError(f"--lengths {','.join(map(str, too_long))}: longer than every long_ppl document "
+                            f"(the longest has {longest} tokens)")
         return docs
 
     def requests(self, doc: Doc, tok, mode: str, options: dict) -> list[LoglikelihoodRequest]:

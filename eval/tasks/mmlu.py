@@ -47,7 +47,7 @@ class MMLU(MultipleChoiceTask):
                     for r in data.hub("cais/mmlu", subject, {"dev": "dev", "test": "test"}[split])]
         path = data.path("mmlu", split, f"{subject}_{split}.csv", what=f"subject {subject}")
         frame = data.read_csv(path, names=["question", "A", "B", "C", "D", "answer"], index_col=False, header=None)
-        return subject_rows(frame, {k: k for k in ("question", *LETTERS, "answer")}, path)
+        return subject_rows(frame, {k: k for k in ("question", *LETTERS, "answer")}, path, header=False)
 
     def fewshot_prefix(self, subject: str, shots: list[dict]) -> str:
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"

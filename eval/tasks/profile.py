@@ -5,19 +5,14 @@ BF16 on an A100-SXM4-80G with PyTorch 2.0.1 (2023-09 revision): 30.34 / 29.32 to
 17.66 GB (encode 2048) / 22.58 GB (generate 8192); Int4 43.56 / 33.92 tokens/s, 8.21 / 13.62 GB.
 Timings follow the hardware: compare them only within one machine and one run.
 """
-from ..api import Doc, GenerateRequest, LoglikelihoodRequest, Scores, Table
-
-REPORTED = {  # (tokens/s, peak GB) of Qwen-7B BF16, spec 8.3
-    "generate/2048": (30.34, None),
-    "generate/8192": (29.32, 22.58),
-    "encode/2048": (None, 17.66),
-}
+from ..api import Doc, GenerateRequest, LoglikelihoodRequest, Scores, Table, Task
+from ..published import reported
 
 
-class Profile:
+class Profile(Task):
     name, version = "profile", "1"
     modes = ("fewshot", "chat")
-    measures = True  # served one request at a time, timed, instead of batched
+    timed = True  # served one request at a time, timed, instead of batched
 
     def load(self, data, mode: str, subjects=None) -> list[Doc]:
         return [Doc(f"profile/{kind}/{n}", {"kind": kind, "tokens": n}) for kind, n in
@@ -41,9 +36,9 @@ class Profile:
         for doc, rec in zip(docs, records):
             key = doc.doc_id.removeprefix("profile/")
             speed = rec["tokens_per_s"] if doc.data["kind"] == "generate" else "-"
-            reported = REPORTED.get(key, (None, None))
+            published = (reported(self.name, mode, f"{key} {unit}") for unit in ("tokens_per_s", "peak_gb"))
             peak = "-" if rec["peak_memory_gb"] is None else rec["peak_memory_gb"]
-            table.rows.append([key, speed, peak, *(x if x is not None else "-" for x in reported)])
+            table.rows.append([key, speed, peak, *(x if x is not None else "-" for x in published)])
             metrics[f"{key} peak_gb"] = rec["peak_memory_gb"]
             if doc.data["kind"] == "generate":
                 metrics[f"{key} tokens_per_s"] = rec["tokens_per_s"]

@@ -2,6 +2,7 @@
 
 Qwen-7B-Chat (original) reported on the v1 data 99% / 0.89 / 8.5% (9.7% in the HF-version rerun of
 evaluate_plugin.py, which this task follows); on the v20231206 data 95.5% / 0.900 / 11.6% (spec 4.6, 8.2, 8.4).
+Every metric here is in percent, as the other tasks' (Rouge-L F1 0.89 is shown as 89.0).
 Each job's `prompt` (a full ReAct prompt with the tool descriptions) is one greedy ChatML user turn; the reply
 is parsed and scored as QwenLM/Qwen eval/evaluate_plugin.py does since 2023-12-06: a call is "\\nAction: ",
 action inputs are normalised through json5 ("" when unparseable). The v1 numbers were made with the earlier
@@ -15,18 +16,19 @@ import json
 import json5
 from rouge_score import rouge_scorer
 
-from ..api import Doc, GenerateRequest, Scores, Table, UserError
+from ..api import Doc, GenerateRequest, Scores, Table, Task, UserError, chat_request
 from ..data import DataSource
+from ..published import TOOLUSE
 
 SETS = ("positive", "negative")
 VERSIONS = ("v20231206", "v1")  # without options["tooluse_version"], the first one present is used
 FILE = "exam_plugin_{version}_react_{set}.jsonl"
 DOWNLOAD = "https://qianwen-res.oss-cn-beijing.aliyuncs.com/opensource_data/exam_plugin_{version}/"
 CALL = "\nAction: "  # how the original detects a tool call (since 2023-12-06)
-# (metric, row name, set, reported per data version); the first row is the headline.
-ROWS = (("tool_selection", "Tool Selection (%)", "positive", {"v20231206": 95.5, "v1": 99.0}),
-        ("tool_input_rouge_l", "Tool Input Rouge-L F1", "positive", {"v20231206": 0.900, "v1": 0.89}),
-        ("false_positive", "False Positive (%)", "negative", {"v20231206": 11.6, "v1": 9.7}))
+# (metric, row name, set); the first row is the headline. Reported numbers: eval/published.py.
+ROWS = (("tool_selection", "Tool Selection (%)", "positive"),
+        ("tool_input_rouge_l", "Tool Input Rouge-L F1 (%)", "positive"),
+        ("false_positive", "False Positive (%)", "negative"))
 
 
 class _Whitespace:
@@ -89,10 +91,11 @@ def find_files(data: DataSource, sets, version: str | None) -> tuple[str, dict]:
                     f"{DOWNLOAD.format(version='<version>')}; see EVALUATION.md, 'Tool use')")
 
 
-class ToolUse:
+class ToolUse(Task):
     """Tool use as a ReAct agent: positive jobs should call the gold tool, negative jobs no tool at all."""
 
-    name, version, modes, subjects = "tooluse", "qwen-2023-12", ("chat",), SETS
+    name, version, modes, subjects = "tooluse", "qwen-2023-12", ("chat",), list(SETS)
+    option_names = ("tooluse_version",)
 
     def __init__(self, tok=None, data_version: str | None = None):
         # Rouge-L compares Qwen tokens of the *parsed* action inputs, so scoring needs the tokenizer; the task
@@ -117,9 +120,7 @@ class ToolUse:
         return docs
 
     def requests(self, doc: Doc, tok, mode: str, options: dict) -> list[GenerateRequest]:
-        raw, ids = tok.make_context(doc.data["prompt"])
-        return [GenerateRequest(raw, tuple(ids), 512, stop=(("Observation:",),), stop_ids=tok.chat_stop_ids,
-                                query=doc.data["prompt"])]
+        return [chat_request(tok, doc.data["prompt"], stop=(("Observation:",),))]
 
     def score(self, doc: Doc, responses: list, mode: str, options: dict) -> dict:
         text = responses[0].text.strip()  # model.chat strips its reply
@@ -134,21 +135,21 @@ class ToolUse:
 
     def rouge_l(self, generated: str, gold: str) -> float:
         if self.tok is None:
-            raise UserError("tooluse: Rouge-L needs the Qwen tokenizer, which only a planned run binds "
-                            "(--rescore cannot re-score this task)")
+            raise UserError("tooluse: Rouge-L needs the Qwen tokenizer: re-scoring loads the run's --tokenizer or "
+                            "--model, which could not be loaded")
         return SCORER.score(token_string(self.tok, gold), token_string(self.tok, generated))["rougeL"].fmeasure
 
     def aggregate(self, docs: list[Doc], records: list[dict], mode: str, options: dict) -> Scores:
         version = docs[0].data["version"] if docs else ""
         by_set = {s: [r for d, r in zip(docs, records) if d.subject == s] for s in SETS}
         value = {"tool_selection": lambda rs: 100 * sum(r["correct"] for r in rs) / len(rs),
-                 "tool_input_rouge_l": lambda rs: sum(r["rouge_l"] for r in rs) / len(rs),  # over all positives
+                 "tool_input_rouge_l": lambda rs: 100 * sum(r["rouge_l"] for r in rs) / len(rs),  # all positives
                  "false_positive": lambda rs: 100 * sum(r["called"] for r in rs) / len(rs)}
         table, metrics = Table(["name", "data", "n", "score", "reported"]), {}
-        for key, name, s, reported in ROWS:
+        for key, name, s in ROWS:
             if by_set[s]:
                 metrics[key] = value[key](by_set[s])
-                table.rows.append([name, f"{version} {s}", len(by_set[s]), metrics[key], reported[version]])
+                table.rows.append([name, f"{version} {s}", len(by_set[s]), metrics[key], TOOLUSE[version][key]])
         return Scores(metrics, table, {"data_version": version, "n": {s: len(rs) for s, rs in by_set.items()}})
 
 

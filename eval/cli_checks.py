@@ -1,0 +1,101 @@
+"""Checks of command-line values that need no model weights. Each raises a one-line UserError naming
+the flag and the value at fault; the runner calls them before any weight is read, because a mistake
+found after a Qwen-7B load has cost minutes.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import tempfile
+from pathlib import Path
+
+from .api import UserError
+from .results import merged_identity, read_info
+
+DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")
+WINDOW_PART = re.compile(r"(?:(\d+)x)?(\d+)")
+
+
+def did_you_mean(name: str, known) -> str:
+    """'; did you mean 'x'?' for the closest known name, or ''."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def positive_int(flag: str, value: int | None) -> None:
+    """--limit, --batch-size, --samples: absent, or at least 1 (0 and negatives have no sensible meaning)."""
+    if value is not None and value < 1:
+        raise UserError(f"{flag} {value}: expected a positive integer (leave {flag} out for the default)")
+
+
+def check_device(device: str) -> None:
+    """auto, cpu, cuda or cuda:N, where this torch can reach that GPU."""
+    if not DEVICE.fullmatch(device):
+        raise UserError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU is visible"
+        raise UserError(f"--device {device}: no CUDA device available (torch {torch.__version__}: {build}); "
+                        f"use --device cpu")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+
+
+def check_window_attn(spec: str | None) -> None:
+    """The syntax and sign of a --window-attn schedule; the layer count is checked with the config."""
+    if spec is None or spec.strip().lower() in ("auto", "none", "off"):
+        return
+    for part in spec.split(","):
+        match = WINDOW_PART.fullmatch(part.strip())
+        if not match:
+            raise UserError(f"--window-attn {spec}: cannot read {part.strip()!r} "
+                            f"(expected SIZE or COUNTxSIZE groups, auto, or none)")
+        if any(number is not None and int(number) < 1 for number in match.groups()):
+            raise UserError(f"--window-attn {spec}: window sizes and layer counts must be at least 1 "
+                            f"(for full attention use none)")
+
+
+def check_subjects(task: str, requested: list[str], known: list[str]) -> None:
+    if not known:
+        raise UserError(f"--subjects: task {task} has no subjects; drop --subjects")
+    for name in requested:
+        if name not in known:
+            raise UserError(f"--subjects: unknown {task} subject {name!r}{did_you_mean(name, known)}")
+
+
+def check_writable(flag: str, folder: Path) -> None:
+    """The nearest existing folder on the way to `folder` accepts a new file (nothing is left behind)."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {folder}: cannot write in {existing} ({err.strerror})") from None
+
+
+def check_same_configuration(run_dir: Path, known: dict, overwrite: bool) -> None:
+    """Before the weights load: the parts of the run's identity known without them (`known`: all but the
+    weights' fingerprint and the engine) must match the saved run's; run.json's full check follows the load."""
+    if overwrite or not (run_dir / "run.json").exists():
+        return
+    saved = read_info(run_dir).identity
+    merged_identity({key: saved[key] for key in known if key in saved}, known, run_dir)
+
+
+def check_flags(args) -> None:
+    """Every check that needs only the parsed command line."""
+    for flag in ("limit", "batch_size", "samples"):
+        positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag, None))
+    check_device(args.device)
+    check_window_attn(args.window_attn)
+    if args.device_map and args.backend != "hf":
+        raise UserError("--device-map spreads a transformers model over GPUs: use it with --backend hf")
+    check_writable("--output-dir", Path(args.output_dir))
