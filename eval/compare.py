@@ -235,7 +235,8 @@ def render_pair(base: Run, new: Run, units: list[Comparison], warnings: list[str
              f"- new: {new.dir}{'' if new.finished else ' (unfinished)'}",
              f"- identity differs in: {', '.join(differs) or 'nothing'}",
              f"- documents compared: {shared} (only in base: {len(base.records) - shared}, "
-             f"only in new: {len(new.records) - shared})"]
+             f"only in new: {len(new.records) - shared})",
+             f"- model outputs: {_outputs_verdict(base, new)}"]
     lines += [f"- WARNING: {w}" for w in warnings]
     perplexity = units[0].unit == "%"
     table = Table(["score", "n", "base", "new", "delta", "drop", "test", "p", "right->wrong", "wrong->right", "gate"])
@@ -253,6 +254,16 @@ def render_pair(base: Run, new: Run, units: list[Comparison], warnings: list[str
             lines += ["", textwrap.fill(f"{label} ({len(docs)}): {', '.join(docs) or '-'}", 110,
                                         subsequent_indent="    ", break_on_hyphens=False)]
     return "\n".join(lines) + "\n"
+
+
+def _outputs_verdict(base: Run, new: Run) -> str:
+    """Whether the shared documents' raw model outputs (logits, tokens, NLL) are bitwise the same: the
+    runs of one model at two batch sizes must be, and then every score is too."""
+    shared = [d for d in base.records if d in new.records]
+    differ = [d for d in shared if base.records[d].get("responses") != new.records[d].get("responses")]
+    if not differ:
+        return f"identical for all {len(shared)} shared documents: the runs are identical"
+    return f"differ for {len(differ)} of {len(shared)} documents (first: {differ[0]})"
 
 
 def parse_args(argv) -> argparse.Namespace:

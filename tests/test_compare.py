@@ -147,3 +147,16 @@ def test_exact_mcnemar_values():
     assert mcnemar_exact(1, 9) == 2 * (1 + 10) / 1024
     assert mcnemar_exact(3, 3) == 1.0
     assert 0 < mcnemar_exact(3000, 3300) < 0.001  # thousands of flips: no underflow
+
+
+def test_runs_at_two_batch_sizes_are_identical(tiny_checkpoint, data_root, tmp_path, capsys):
+    """One model at --batch-size 1 and 3: every raw output equal, zero flips, and compare says so."""
+    args = ["--task", "mmlu", "--model", str(tiny_checkpoint), "--data-dir", str(data_root), "--subjects",
+            "anatomy,astronomy", "--limit", "3", "--no-progress"]
+    assert main([*args, "--batch-size", "1", "--output-dir", str(tmp_path / "b1")]) == 0
+    assert main([*args, "--batch-size", "3", "--output-dir", str(tmp_path / "b3")]) == 0
+    capsys.readouterr()
+    assert compare(tmp_path / "b1", tmp_path / "b3") == 0
+    out = capsys.readouterr().out
+    assert "model outputs: identical for all" in out and "the runs are identical" in out
+    assert "| 0 | 0 | ok |" in out  # no document flipped either way
