@@ -25,7 +25,7 @@ import os
 import queue
 from typing import Callable, Sequence
 
-from . import supervisor
+from . import cgroup, supervisor
 from .supervisor import UID_CANDIDATES, Checked, Job, Outcome, SandboxError
 from .wire import MEMORY_POLL_SECONDS, MESSAGE_LIMIT, Limits
 
@@ -81,7 +81,8 @@ def isolation_summary() -> dict[str, str]:
                           "cannot modify what the dedicated uid does not own; IPC objects and /tmp files removed"
                           if root else "not isolated; IPC objects removed"),
         "memory": f"{limits.memory_bytes / 2**30:g} GiB address space per process; {limits.total_memory_bytes / 2**30:g}"
-                  f" GiB resident for all processes together, polled every {MEMORY_POLL_SECONDS:g} s (no cgroup)",
+                  f" GiB resident for all processes together, polled every {MEMORY_POLL_SECONDS:g} s; "
+                  + ((root and cgroup.probe(limits.total_memory_bytes)) or "no memory cgroup (the poll alone)"),
         "cpu": "wall-clock timeout and per-process CPU limit; a timed-out program is re-run alone before it counts",
     }
 

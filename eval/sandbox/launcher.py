@@ -21,6 +21,7 @@ import types
 from typing import Callable
 
 from . import linux
+from .cgroup import MemoryCgroup
 from .wire import (MEMORY_POLL_SECONDS, MESSAGE_LIMIT, RECORD_LIMIT, REPOSITORY, LaunchRequest, Limits, ProtocolError,
                    Unencodable, decode_value, dump_record, encode_value, failure_record, load_record)
 
@@ -50,22 +51,27 @@ def main() -> None:
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # the harness died: take everything down
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)          # escaped orphans come back here to be killed
     reporter = Reporter(request.result_fd)
+    # the kernel holds the program and all it forks to the total (named by this launcher's pid; the
+    # harness removes the group after this process exits)
+    memory = MemoryCgroup.create(str(os.getpid()), request.limits.total_memory_bytes) if os.geteuid() == 0 else None
+    if memory is not None:
+        memory.enter()
     if request.namespaces:
         try:
             _enter_namespaces()
         except OSError as error:
             reporter.send(kind="setup_error", message=f"namespaces: {error}")
             os._exit(SANDBOX_FAILED)
-    _exit_like(_supervise_program(request, reporter))
+    _exit_like(_supervise_program(request, reporter, memory))
 
 
-def _supervise_program(request: LaunchRequest, reporter: Reporter) -> int:
+def _supervise_program(request: LaunchRequest, reporter: Reporter, memory: MemoryCgroup | None) -> int:
     """Fork the program (behind a PID-namespace init in namespace mode); returns its wait status."""
     relay = os.pipe() if request.namespaces else None
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # until the handler knows the child
     ipc_before = _ipc_objects(os.getuid()) if not request.namespaces else set()
     if relay:
-        child = _fork(lambda: _run_init(request, reporter, relay))
+        child = _fork(lambda: _run_init(request, reporter, relay, memory))
     else:
         child = _fork(lambda: _run_program_process(request, reporter))
     signal.signal(signal.SIGTERM, lambda *_: _kill_tree(child))  # the harness's timeout
@@ -77,12 +83,12 @@ def _supervise_program(request: LaunchRequest, reporter: Reporter) -> int:
         relayed = os.read(relay[0], 64)
         status = int(relayed) if relayed else status
     else:
-        status = _wait_within_memory(child, request, reporter, lambda: _kill_tree(child))
+        status = _wait_within_memory(child, request, reporter, lambda: _kill_tree(child), memory)
     _clean_up(child, request, ipc_before)
     return status
 
 
-def _run_init(request: LaunchRequest, reporter: Reporter, relay: tuple[int, int]) -> None:
+def _run_init(request: LaunchRequest, reporter: Reporter, relay: tuple[int, int], memory: MemoryCgroup | None) -> None:
     """PID 1 of the namespace: its exit kills every process in it. The program runs as PID 2,
     so signals it sends itself behave as usual (PID 1 ignores them)."""
     os.close(relay[0])
@@ -94,7 +100,7 @@ def _run_init(request: LaunchRequest, reporter: Reporter, relay: tuple[int, int]
 
     program = _fork(program_main)
     _close_call_pipes(request)
-    status = _wait_within_memory(program, request, reporter, lambda: os.kill(-1, signal.SIGKILL))
+    status = _wait_within_memory(program, request, reporter, lambda: os.kill(-1, signal.SIGKILL), memory)
     os.write(relay[1], str(status).encode())
     os._exit(0)
 
@@ -106,9 +112,10 @@ def _close_call_pipes(request: LaunchRequest) -> None:
             os.close(fd)
 
 
-def _wait_within_memory(child: int, request: LaunchRequest, reporter: Reporter, kill: Callable[[], None]) -> int:
-    """Wait for the program, killing it when its processes together hold more resident memory
-    than allowed (a polled limit: cgroups are not required)."""
+def _wait_within_memory(child: int, request: LaunchRequest, reporter: Reporter, kill: Callable[[], None],
+                        memory: MemoryCgroup | None) -> int:
+    """Wait for the program, killing it when its processes together hold more resident memory than
+    allowed: polled (works without cgroups), and enforced by the kernel where a cgroup holds them."""
     limit = request.limits.total_memory_bytes
     pidfd = os.pidfd_open(child)
     try:
@@ -119,7 +126,11 @@ def _wait_within_memory(child: int, request: LaunchRequest, reporter: Reporter, 
                 reporter.send(kind="limit", message=f"the program's processes together used {used / 2**20:.0f} MiB "
                               f"of memory, more than the {limit / 2**20:.0f} MiB limit")
                 break
-        return os.waitpid(child, 0)[1]
+        status = os.waitpid(child, 0)[1]
+        if memory is not None and memory.killed_for_memory():
+            reporter.send(kind="limit", message=f"the kernel killed a process of the program: together they "
+                          f"reached the {limit / 2**20:.0f} MiB memory cgroup limit")
+        return status
     finally:
         os.close(pidfd)
 

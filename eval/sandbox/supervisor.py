@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from . import cgroup
 from .wire import MESSAGE_LIMIT, REPOSITORY, LaunchRequest, Limits, LineBuffer, ProtocolError, load_record
 
 OUTPUT_LIMIT = 64 * 1024      # bytes of stdout / stderr kept while a program runs
@@ -278,6 +279,7 @@ def _supervise(job: Job, workdir: str, token: str | None) -> Observation:
         raise
     finally:
         supervision.close()
+        cgroup.remove(str(launcher.pid))
     return Observation(supervision.records, supervision.verdict, supervision.checker_stderr.data,
                        launcher.returncode, timed_out, supervision.duration,
                        supervision.stderr.data, supervision.stdout.data)
