@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import tiny_model, vocab_file
+from fixtures import find_run
 from eval.api import ChoiceRequest, GenerateRequest, LoglikelihoodRequest
 from eval.backends import HFBackend, NativeBackend, stop_rules_met
 from eval.runner import main
@@ -154,5 +155,5 @@ def test_hf_backend_refuses_switches_it_cannot_apply(tiny_checkpoint, data_root,
     assert code == 2 and "--task long_ppl" in err
     assert not out.exists()
     code, _ = cli(capsys, *mmlu, "--model", tiny_checkpoint, "--no-dynamic-ntk", "--no-logn")
-    run = json.loads((out / "tiny" / "mmlu-fewshot-ntk_off-logn_off-hf" / "run.json").read_text())
+    run = json.loads((find_run(out, "mmlu-fewshot-ntk_off-logn_off-hf-fp32") / "run.json").read_text())
     assert code == 0 and run["identity"]["switches"] == {"dynamic_ntk": False, "logn": False, "windows": None}
