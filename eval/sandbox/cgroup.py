@@ -7,8 +7,10 @@ runs in either case: it names the limit in the program's outcome before the kern
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import time
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
@@ -72,12 +74,31 @@ class MemoryCgroup:
         return f"cgroup v{self.version} {setting} = {limit / 2**30:g} GiB for the program and its children"
 
 
+_PENDING: set[Path] = set()  # groups whose last processes were still being reaped
+
+
 def remove(name: str) -> None:
     """Delete a program's group once its processes are gone. The harness does it: inside the sandbox
-    the mounts, /sys/fs/cgroup included, are read-only by then."""
-    for path in (ROOT / GROUP / name, ROOT / "memory" / GROUP / name):
+    the mounts, /sys/fs/cgroup included, are read-only by then. Killed processes can take a moment to
+    leave the group, so a busy group is retried for a second, then at the next call and at exit."""
+    _PENDING.update(path for path in (ROOT / GROUP / name, ROOT / "memory" / GROUP / name) if path.is_dir())
+    for _ in range(10):
+        if not _remove_pending():
+            return
+        time.sleep(0.1)
+
+
+def _remove_pending() -> bool:
+    """True while some group is still busy."""
+    for path in list(_PENDING):
         with contextlib.suppress(OSError):
             path.rmdir()
+        if not path.is_dir():
+            _PENDING.discard(path)
+    return bool(_PENDING)
+
+
+atexit.register(_remove_pending)
 
 
 def probe(limit: int) -> str | None:
