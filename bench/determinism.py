@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench_speed import timed  # this script's folder is on the path when run as bench/determinism.py
 from eval.data import DataSource
 from eval.tasks import gsm8k, mmlu
 from model import ModelArgs, Qwen, QwenTokenizer, init_weights
@@ -29,14 +30,6 @@ from model import kernels
 from model.engine import Engine
 
 torch.set_grad_enabled(False)
-
-
-def timed(fn):
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, out
 
 
 def build_model(args: ModelArgs) -> Qwen:
