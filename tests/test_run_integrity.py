@@ -7,6 +7,7 @@ show the table: each ends in byte-identical files after resuming, or in one line
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -192,9 +193,15 @@ def test_two_racing_writers_leave_one_run(tiny_checkpoint, tmp_path_factory, tmp
     while not (samples.exists() and samples.read_bytes().count(b"\n")) and time.time() < deadline:
         assert first.poll() is None, first.communicate()
         time.sleep(0.01)
-    second = subprocess.run([sys.executable, str(REPO / "eval" / "runner.py"), *args, "--verbatim-csv",
-                             "--overwrite"], cwd=REPO, capture_output=True, text=True)  # same directory, other options
+    os.kill(first.pid, signal.SIGSTOP)  # the first writer stays mid-run (holding its lock) however fast the machine
+    try:
+        assert first.poll() is None, "the first writer finished before the race"
+        second = subprocess.run([sys.executable, str(REPO / "eval" / "runner.py"), *args, "--verbatim-csv",
+                                 "--overwrite"], cwd=REPO, capture_output=True, text=True)  # same directory
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2 and "is being written by another process" in second.stderr, second.stderr
+    assert f"pid {first.pid}" in second.stderr or str(first.pid) in second.stderr
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     results = json.loads((run_dir(tmp_path) / "results.json").read_text())
