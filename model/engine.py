@@ -16,7 +16,6 @@ the few reductions left to the engine (choice logits, summed NLL) are done per r
 from __future__ import annotations
 
 import math
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -77,7 +76,6 @@ class Engine:
             model.use_impl("invariant" if self.invariant else "sdpa")
         self.share_prefix = share_prefix
         self.budget: int | None = None  # bytes for activations and KV, measured once per request list
-        self.label = ""  # progress-bar name (the task)
         self.stats = defaultdict(int)  # forwards, tokens, decode steps and slots read: for benchmarks
         self._head_rows: dict[int, np.ndarray] = {}  # fp32 LM-head rows of choice ids, on the host
 
@@ -110,10 +108,9 @@ class Engine:
             return True
         if self.max_batch is not None and batch > self.max_batch:
             return False
-        budget = self.budget
-        if budget is None:
+        if self.budget is None:
             return batch * length <= self.cpu_batch_tokens
-        fits = self._forward_bytes(batch, length, prefix) + batch * per_row <= budget
+        fits = self._forward_bytes(batch, length, prefix) + batch * per_row <= self.budget
         return batch * length <= self.gpu_batch_tokens and fits
 
     def _width(self, length: int) -> int:
@@ -196,7 +193,6 @@ class Engine:
         return self.model.lm_head(rows.expand(2, -1))[:1]
 
     def _bar(self, total: int, desc: str, unit: str = "doc"):
-        self._measure_budget()
         name = f"{self.label} {desc}" if self.label else desc
         return tqdm(total=total, desc=name, unit=unit, disable=not self.progress, dynamic_ncols=True, leave=False)
 
@@ -206,6 +202,7 @@ class Engine:
                       shared_prefix: Sequence[int] | None = None, on_done: Done | None = None) -> list[ChoiceResult]:
         shared = shared_prefix or [0] * len(prompts)
         results: list[ChoiceResult | None] = [None] * len(prompts)
+        self._measure_budget()
         with self._bar(len(prompts), "choice") as bar:
             for group in self._groups(prompts, shared, [len(p) for p in prompts]):
                 prefix = self._prefix_cache(group)
@@ -255,6 +252,7 @@ class Engine:
         by_switch = defaultdict(list)
         for i, sw in enumerate(switches):
             by_switch[tuple(sorted(sw.items()))].append(i)
+        self._measure_budget()
         with self._bar(len(sequences), "loglikelihood") as bar:
             for key, members in by_switch.items():
                 switches = with_switches(self.model.args, **dict(key))
@@ -299,6 +297,7 @@ class Engine:
         shared = shared_prefix or [0] * len(prompts)
         sampling = (list(temperature or [0.0] * len(prompts)), list(seed or [0] * len(prompts)))
         results: list[Generation | None] = [None] * len(prompts)
+        self._measure_budget()
         # counted in tokens of the budget (a request that stops early hands in the rest): the ETA moves
         # every sync, not only when a whole request ends
         with self._bar(sum(max_new_tokens), "generate", unit="tok") as bar:
