@@ -86,8 +86,8 @@ def swiglu(up: Tensor, gate: Tensor) -> Tensor:
 def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """The plain formula: fp32 scores, masked (True = attend), softmax; output and log-sum-exp [B, H, T].
 
-    Also the decode path (one query per row over its cache slots): measured on an H100
-    (bench/decode_variants.py), plain batched products beat a generated multiply-and-reduce kernel twofold.
+    Also the decode path (one query per row over its cache slots): measured on an H100, plain batched
+    products beat a generated multiply-and-reduce kernel twofold (bench/RESULTS.md, issue 4's notes).
     """
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
     if mask is not None:
@@ -159,6 +159,16 @@ class CacheView:
         return k.transpose(1, 2), v.transpose(1, 2)
 
 
+def invariant_kernels(on: bool, x: Tensor):
+    """model/kernels.py when the batch-invariant path is on and x is on a GPU, else None (Triton is
+    imported only then: CPU-only installs lack it)."""
+    if not (on and x.is_cuda):
+        return None
+    from . import kernels
+
+    return kernels
+
+
 class RMSNorm(nn.Module):
     invariant = False  # the batch-invariant Triton kernel on a GPU (Qwen.use_impl)
 
@@ -168,9 +178,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.invariant and x.is_cuda:
-            from . import kernels
-
+        if kernels := invariant_kernels(self.invariant, x):
             return kernels.rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
 
@@ -179,9 +187,7 @@ class Linear(nn.Linear):
     invariant = False  # the batch-invariant Triton matmul on a GPU (Qwen.use_impl)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.invariant and x.is_cuda:
-            from . import kernels
-
+        if kernels := invariant_kernels(self.invariant, x):
             return kernels.matmul(x, self.weight, self.bias)
         return super().forward(x)
 
@@ -196,9 +202,7 @@ class MLP(nn.Module):
         self.c_proj = Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.invariant and x.is_cuda:
-            from . import kernels
-
+        if kernels := invariant_kernels(self.invariant, x):
             return self.c_proj(kernels.swiglu(self.w1(x), self.w2(x)))
         return self.c_proj(swiglu(self.w1(x), self.w2(x)))
 
@@ -228,10 +232,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, inp: LayerInputs, layer: int, kv: CacheView | None, prefix, impl: str) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each [B, T, H, D]
-        invariant = impl == "invariant" and x.is_cuda
-        if invariant:
-            from . import kernels
-        rotate = kernels.rope if invariant else rope
+        kernels = invariant_kernels(impl == "invariant", x)
+        rotate = kernels.rope if kernels else rope
         q = rotate(q, inp.cos, inp.sin)
         k = rotate(k, inp.cos, inp.sin)
         if inp.q_scale is not None:
@@ -241,7 +243,7 @@ class Attention(nn.Module):
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         pkv = None if prefix is None else (prefix.k[layer][0], prefix.v[layer][0])
-        if invariant:
+        if kernels:
             y = kernels.attention(q.contiguous(), k, v, inp.key_pos, inp.q_pos, pkv, inp.window, inp.aligned)
             return self.c_proj(y.reshape(B, T, -1))
         y = attention(q.transpose(1, 2), k, v, inp.mask, pkv, inp.prefix_mask, impl)  # [B, H, T, D]
