@@ -210,7 +210,7 @@ def run(args) -> int:
         for job in group.jobs:
             plan = job.plan
             plan.identity = {**loaded, **job.known}  # run.json checks the weights themselves once they are read
-            plan.timings.update(load=load, warmup=getattr(backend, "timings", {}).get("warmup", 0.0))
+            plan.timings.update(load=load, warmup=0.0)  # no backend warms up apart: kernels compile inside serve
             if plan.task.executes_code:  # how model-written code was confined on this machine
                 from eval.sandbox import isolation_summary
 
