@@ -1,19 +1,26 @@
-"""Batch-invariant GPU kernels (Triton): what a row computes never depends on the other rows.
+"""Batch-invariant GPU kernels: what a row computes never depends on the other rows.
 
 Library kernels choose their tiling, split-K and split-KV from the whole batch's shape, so a document's
 logits change with its neighbours (Thinking Machines, "Defeating Nondeterminism in LLM Inference", 2025).
 Here every reduction has one order per row, whatever the batch:
-- matmul: fp32 accumulation over K in fixed BLOCK_K steps, never split; the M/N tile only decides
-  which outputs a program owns (bench/determinism.py checks that tiles give identical bits);
+- matmul (Triton): fp32 accumulation over K in fixed BLOCK_K steps, never split; the M/N tile only
+  decides which outputs a program owns. This K order is the contract the Int4 kernel shares;
+- linear: cuBLASLt with split-K impossible (no workspace for partial sums, pin_library_matmuls) and
+  at least ROW_FLOOR rows, so every row count reaches the same non-split kernels; bench/kernel_bits.py
+  proves it per weight shape and row count on the GPU, and shapes it does not prove take matmul;
 - rms_norm: one program per row, one block size;
 - attention: keys are visited in blocks of BLOCK_N aligned at logical key index 0, where the logical
   index runs over a shared prefix [H, P, D] and then the row's own keys. Because the engine stores a
   row's own key s at position P + s, a document scores the same with its prefix shared or in its own
-  prompt. Blocks a row cannot see add exact zeros, so skipping them or not changes no bit.
+  prompt. Blocks a row cannot see add exact zeros, so skipping them or not changes no bit;
+- decode_attention (one query per row): the logical keys are cut into splits of DECODE_SPLIT keys,
+  also aligned at 0, each split reduced by its own program and the splits combined in index order.
+  Splits past a row's last visible key are exact zeros, so the cache capacity changes no bit.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -27,6 +34,7 @@ def _on(x: Tensor):
 
 BLOCK_K = 64  # the one K step of every matmul: the reduction order of a dot product
 ATTN_BLOCK_N = 64  # the one key-block size of attention
+DECODE_SPLIT = 512  # keys per split of decode attention: a long cache is read by many programs at batch 1
 
 
 # ---- matmul -------------------------------------------------------------------------------------------
@@ -91,6 +99,36 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: tuple | 
                              HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
                              BLOCK_N=block_n, BLOCK_K=BLOCK_K, GROUP_M=8, num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], N)
+
+
+ROW_FLOOR = 16  # fewer rows than this are padded: tiny products otherwise reach other cuBLAS kernels
+
+
+def pin_library_matmuls() -> None:
+    """Leave cuBLAS(Lt) no way to split K: no workspace to hold partial sums, no reduced-precision
+    reduction. Process-wide, and read by PyTorch when it first creates its handles: call it before the
+    process's first product on a GPU (the op set does, when the model is built)."""
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"
+    os.environ["CUBLASLT_WORKSPACE_SIZE"] = "1"
+    for flag in ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction"):
+        try:  # PyTorch 2.10+: (reduced precision, split-K)
+            setattr(torch.backends.cuda.matmul, flag, (False, False))
+        except (TypeError, ValueError):
+            setattr(torch.backends.cuda.matmul, flag, False)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [..., K] @ weight[N, K].T (+ bias) through cuBLASLt pinned by pin_library_matmuls: a row's
+    bits do not depend on how many rows are multiplied with it (bench/kernel_bits.py, per shape)."""
+    a = x.reshape(-1, x.shape[-1])
+    M, K = a.shape
+    if M < ROW_FLOOR or a.stride() != (K, 1) or a.data_ptr() % 16:  # the same kernel family, aligned
+        padded = a.new_zeros(max(M, ROW_FLOOR), K)
+        padded[:M] = a
+        a = padded
+    return torch.nn.functional.linear(a, weight, bias)[:M].view(*x.shape[:-1], weight.shape[0])
 
 
 # ---- RMSNorm ------------------------------------------------------------------------------------------
@@ -248,4 +286,105 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Tensor, p
                                 out.stride(0), out.stride(1), out.stride(2),
                                 ALIGNED=aligned, IEEE=q.dtype == torch.float32, D=D, BLOCK_M=block_m,
                                 BLOCK_N=ATTN_BLOCK_N, num_warps=4, num_stages=2)
+    return out
+
+
+# ---- decode attention: one query per row, split-KV with a fixed split size --------------------------
+@triton.jit(do_not_specialize=["S", "P", "window"])
+def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, pk_ptr, pv_ptr, qpos_ptr, part_ptr,
+                         S, P, H, scale, window, n_split,
+                         sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, skp_b, spk_h, spk_p, spv_h, spv_p, sqp_b,
+                         D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    """One (row, head, split): online softmax over logical keys [split * SPLIT, (split + 1) * SPLIT) in
+    BLOCK_N blocks aligned at 0; writes (max, sum, unnormalised output[D]) in fp32."""
+    sp, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_d = tl.arange(0, D)
+    q_pos = tl.load(qpos_ptr + b * sqp_b)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_d).to(tl.float32)
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros((D,), tl.float32)
+    start = sp * SPLIT
+    # own key s holds position P + s, so nothing past the query's position is visible (a padding row,
+    # q_pos = -1, reads nothing and gives zeros, as attention() does)
+    end = tl.minimum(start + SPLIT, tl.minimum(P + S, q_pos + 1))
+    for block in range(start, end, BLOCK_N):
+        j = block + tl.arange(0, BLOCK_N)
+        in_prefix = j < P
+        own = j - P
+        own_ok = (j >= P) & (own < S)
+        k_pre = tl.load(pk_ptr + h * spk_h + j[:, None] * spk_p + offs_d[None, :], mask=in_prefix[:, None], other=0.0)
+        k_own = tl.load(k_ptr + b * sk_b + h * sk_h + own[:, None] * sk_s + offs_d[None, :], mask=own_ok[:, None],
+                        other=0.0)
+        k = tl.where(in_prefix[:, None], k_pre, k_own).to(tl.float32)  # [BLOCK_N, D]
+        own_pos = tl.load(kpos_ptr + b * skp_b + own, mask=own_ok, other=-1)
+        k_pos = tl.where(in_prefix, j, own_pos)
+        s = tl.sum(k * q[None, :], axis=1) * scale
+        visible = (k_pos >= 0) & (k_pos <= q_pos)
+        if window > 0:
+            visible = visible & (q_pos - k_pos < window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe)
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        v_pre = tl.load(pv_ptr + h * spv_h + j[:, None] * spv_p + offs_d[None, :], mask=in_prefix[:, None], other=0.0)
+        v_own = tl.load(v_ptr + b * sv_b + h * sv_h + own[:, None] * sv_s + offs_d[None, :], mask=own_ok[:, None],
+                        other=0.0)
+        v = tl.where(in_prefix[:, None], v_pre, v_own)
+        p = p.to(v.dtype).to(tl.float32)  # rounded as the prefill kernel feeds its P @ V product
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m_i = m_new
+    part = part_ptr + (bh * n_split + sp) * (D + 2)
+    tl.store(part + offs_d, acc)
+    tl.store(part + D, m_i)
+    tl.store(part + D + 1, l_i)
+
+
+@triton.jit
+def _decode_combine_kernel(part_ptr, out_ptr, H, n_split, so_b, so_h, D: tl.constexpr):
+    """One (row, head): the splits' partial softmaxes merged in split order (one order for any batch)."""
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    offs_d = tl.arange(0, D)
+    part = part_ptr + bh * n_split * (D + 2)
+    m = tl.load(part + D)
+    for sp in range(1, n_split):
+        m = tl.maximum(m, tl.load(part + sp * (D + 2) + D))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros((D,), tl.float32)
+    for sp in range(0, n_split):
+        scale = tl.exp(tl.load(part + sp * (D + 2) + D) - m_safe)
+        l_sum += tl.load(part + sp * (D + 2) + D + 1) * scale
+        acc += tl.load(part + sp * (D + 2) + offs_d) * scale
+    out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)
+    tl.store(out_ptr + b * so_b + h * so_h + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Tensor, prefix_kv=None,
+                     window: int | None = None, aligned: bool = True) -> Tensor:
+    """attention() for one query per row (a decode step) in the engine's aligned layout (own key s at
+    position P + s). Shapes as attention(), T = 1. Static grid: capturable in a CUDA graph."""
+    B, T, H, D = q.shape
+    assert T == 1 and aligned, "decode_attention serves the engine's decode step only"
+    S = k.shape[2]
+    if prefix_kv is None:
+        pk, pv, P = k[0], v[0], 0
+    else:
+        pk, pv = prefix_kv
+        P = pk.shape[1]
+    assert k.stride(-1) == v.stride(-1) == pk.stride(-1) == pv.stride(-1) == q.stride(-1) == 1
+    n_split = triton.cdiv(P + S, DECODE_SPLIT)
+    parts = torch.empty(B * H, n_split, D + 2, dtype=torch.float32, device=q.device)
+    out = torch.empty(B, 1, H, D, dtype=q.dtype, device=q.device)
+    with _on(q):
+        _decode_split_kernel[(n_split, B * H)](
+            q, k, v, key_pos, pk, pv, q_pos, parts, S, P, H, D ** -0.5, window or 0, n_split,
+            q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            key_pos.stride(0), pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1), q_pos.stride(0),
+            D=D, BLOCK_N=ATTN_BLOCK_N, SPLIT=DECODE_SPLIT, num_warps=4, num_stages=2)
+        _decode_combine_kernel[(B * H,)](parts, out, H, n_split, out.stride(0), out.stride(2), D=D, num_warps=1)
     return out

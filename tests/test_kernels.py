@@ -100,3 +100,57 @@ def test_rope_and_swiglu_equal_reference():
     torch.testing.assert_close(kernels.rope(q, cos, sin), rope(q, cos, sin), rtol=1e-6, atol=1e-6)
     up, gate = torch.randn(3, 7, 40), torch.randn(3, 7, 40)
     torch.testing.assert_close(kernels.swiglu(up, gate), swiglu(up, gate), rtol=1e-6, atol=1e-6)
+
+
+def _decode_batch(lengths, capacity, prefix=0, seed=4):
+    """One query per row after `lengths` own keys laid out as the engine lays them (own slot s holds
+    position prefix + s), in a cache of `capacity` slots; a row of length 0 is padding (q_pos -1)."""
+    gen = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    q = torch.randn(B, 1, H, D, generator=gen)
+    k, v = torch.randn(B, H, capacity, D, generator=gen), torch.randn(B, H, capacity, D, generator=gen)
+    key_pos = torch.full((B, capacity), -1)
+    for row, n in enumerate(lengths):
+        key_pos[row, :n] = torch.arange(prefix, prefix + n)
+    q_pos = torch.tensor([[prefix + n - 1 if n else -1] for n in lengths])
+    return q, k, v, key_pos, q_pos
+
+
+@pytest.mark.parametrize("window", [None, 300])
+def test_decode_attention_equals_reference_across_splits(window):
+    lengths = [1, kernels.DECODE_SPLIT - 1, kernels.DECODE_SPLIT + 70, 2 * kernels.DECODE_SPLIT + 3]
+    q, k, v, key_pos, q_pos = _decode_batch(lengths, capacity=max(lengths))
+    out = kernels.decode_attention(q, k, v, key_pos, q_pos, window=window)
+    torch.testing.assert_close(out, _ref_attention(q, k, v, key_pos, q_pos, window), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_bits_do_not_depend_on_capacity_or_neighbours():
+    """More cache slots (more, empty splits) and other rows change no bit of a row; padding rows give 0."""
+    q, k, v, key_pos, q_pos = _decode_batch([600, 0, 45], capacity=3 * kernels.DECODE_SPLIT)
+    wide = kernels.decode_attention(q, k, v, key_pos, q_pos)
+    narrow = kernels.decode_attention(q[2:], k[2:, :, :600], v[2:, :, :600], key_pos[2:, :600], q_pos[2:])
+    alone = kernels.decode_attention(q[:1], k[:1, :, :600], v[:1, :, :600], key_pos[:1, :600], q_pos[:1])
+    assert torch.equal(wide[2:], narrow) and torch.equal(wide[:1], alone)
+    assert torch.equal(wide[1], torch.zeros_like(wide[1]))
+
+
+def test_decode_attention_with_a_shared_prefix_equals_the_full_cache():
+    """A prefix [H, P, D] held once gives the bits of the same keys in the row's own cache."""
+    P = kernels.DECODE_SPLIT - 30  # the prefix ends inside the first split
+    q, k, v, key_pos, q_pos = _decode_batch([P + 100, P + 7], capacity=P + 100)
+    k[1, :, :P], v[1, :, :P] = k[0, :, :P], v[0, :, :P]
+    whole = kernels.decode_attention(q, k, v, key_pos, q_pos)
+    prefix = (k[0, :, :P].contiguous(), v[0, :, :P].contiguous())
+    own_pos = torch.where(key_pos[:, P:] >= 0, key_pos[:, P:], -1)
+    shared = kernels.decode_attention(q, k[:, :, P:], v[:, :, P:], own_pos, q_pos, prefix)
+    assert torch.equal(shared, whole)
+
+
+def test_linear_pads_small_row_counts_and_keeps_every_row():
+    gen = torch.Generator().manual_seed(9)
+    w, bias = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
+    for m in (1, kernels.ROW_FLOOR - 1, kernels.ROW_FLOOR, 37):
+        x = torch.randn(2, m, 40, generator=gen)[:, :, :]
+        torch.testing.assert_close(kernels.linear(x, w, bias), x @ w.T + bias, rtol=1e-5, atol=1e-5)
+    strided = torch.randn(40, 30, generator=gen).T  # not row-major: copied before the product
+    torch.testing.assert_close(kernels.linear(strided, w), strided @ w.T, rtol=1e-5, atol=1e-5)

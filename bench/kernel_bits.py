@@ -1,0 +1,239 @@
+"""The batch-invariant products and decode attention, proven bit by bit on the GPU (a benchmark, not a test).
+
+    python -m bench.kernel_bits                      # bits sweep and timings, JSON under bench/results/
+    python -m bench.kernel_bits --shapes 7b --max-rows 64   # a quick look
+
+Products (kernels.linear, cuBLASLt pinned by kernels.pin_library_matmuls): for every weight shape of the
+Qwen family, a product of each row count from 1 to --max-rows (and of --largest rows, the most rows one
+forward of the engine plans) must give each row the bits it has in the product of all --largest rows,
+for rows taken at two offsets. The same sweep without the row floor says which small row counts the floor
+is there for. Decode attention (kernels.decode_attention): a row's output is the same alone, among other
+rows, in a cache of more slots, and with its prefix shared, at cache lengths across several splits.
+
+Timings: the pinned product against the Triton matmul (the Int4 kernel's K order) in this process, and the
+library's default cuBLAS (split-K allowed) in a child process, since the pinning is process-wide.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from model import kernels
+
+# (N, K, bias) of every product of each size: c_attn (fused q, k, v; biased), attention c_proj, w1/w2,
+# MLP c_proj, LM head. Sizes from the family's config.json files (EVALUATION.md, "The Qwen family").
+SHAPES = {
+    "1.8b": [(6144, 2048, True), (2048, 2048, False), (5504, 2048, False), (2048, 5504, False), (151936, 2048, False)],
+    "7b": [(12288, 4096, True), (4096, 4096, False), (11008, 4096, False), (4096, 11008, False), (151936, 4096, False)],
+    "14b": [(15360, 5120, True), (5120, 5120, False), (13696, 5120, False), (5120, 13696, False), (152064, 5120, False)],
+    "72b": [(24576, 8192, True), (8192, 8192, False), (24576, 8192, False), (8192, 24576, False), (152064, 8192, False)],
+}
+TIMED_ROWS = (1, 16, 64, 256, 2048, 16384)
+
+
+def product_rows(x, w, bias, floor: bool):
+    if floor:
+        return kernels.linear(x, w, bias)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+def sweep_shape(n: int, k: int, has_bias: bool, max_rows: int, largest: int, gen) -> dict:
+    """Row counts whose rows differ from the same rows in the largest product, with and without the floor."""
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen) if has_bias else None
+    x = torch.randn(largest, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    result = {"n": n, "k": k, "bias": has_bias, "largest": largest}
+    for floor in (True, False):
+        whole = product_rows(x, w, bias, floor)
+        differing = []
+        for m in range(1, max_rows + 1):
+            for offset in (0, largest - m - 3):
+                if not torch.equal(product_rows(x[offset:offset + m], w, bias, floor), whole[offset:offset + m]):
+                    differing.append(m)
+                    break
+        result["differ_with_floor" if floor else "differ_without_floor"] = differing
+    return result
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) of the Triton matmul: small tiles (mma.sync) and large (wgmma) must
+# give the same bits for the Int4 kernel, which shares this K order, to pick its tiles freely
+TIMING_TILES = [(16, 16, 4, 4), (16, 32, 4, 4), (16, 64, 4, 4), (32, 32, 4, 4), (64, 64, 4, 4), (64, 32, 4, 4),
+                (128, 128, 8, 3), (256, 128, 8, 3), (128, 256, 8, 3), (128, 256, 8, 4), (256, 128, 8, 4),
+                (128, 128, 4, 4), (256, 64, 8, 4)]
+TRITON_TILES = [(16, 16, 4, 4), (16, 32, 4, 4), (16, 64, 4, 4), (32, 32, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3),
+                (256, 128, 8, 3)]
+
+
+def check_triton_tiles(shapes, gen) -> list[dict]:
+    rows = []
+    for n, k, has_bias in shapes:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+        x = torch.randn(300, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+        outs = {tile: kernels.matmul(x, w, tile=tile) for tile in TRITON_TILES}
+        reference = outs[(64, 64, 4, 4)]
+        rows.append({"n": n, "k": k, "tiles_differing": [str(t) for t, o in outs.items() if not torch.equal(o, reference)]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def graph_ms(fn, calls: int = 20, reps: int = 5) -> float:
+    """Device time of one call: `calls` calls captured in a CUDA graph, replayed (no launch overhead,
+    as in the engine's graphed decode step); the median of `reps` replays."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def time_products(shapes, library_default: bool, gen) -> list[dict]:
+    rows = []
+    for n, k, has_bias in shapes:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen) if has_bias else None
+        for m in TIMED_ROWS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            calls = 2 if m * n > 2**28 else 20
+            row = {"n": n, "k": k, "m": m}
+            if library_default:
+                row["library_ms"] = graph_ms(lambda: torch.nn.functional.linear(x, w, bias), calls)
+            else:
+                row["pinned_ms"] = graph_ms(lambda: kernels.linear(x, w, bias), calls)
+                row["triton_ms"] = graph_ms(lambda: kernels.matmul(x, w, bias), calls)
+                row["triton_tiles_ms"] = {str(t): round(graph_ms(lambda: kernels.matmul(x, w, bias, tile=t), calls), 4)
+                                          for t in TIMING_TILES if (m <= 64) == (t[0] <= 64)}
+            rows.append(row)
+    return rows
+
+
+def decode_batch(lengths, capacity, prefix, gen, H=32, D=128):
+    B = len(lengths)
+    q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(B, H, capacity, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    key_pos = torch.full((B, capacity), -1, device="cuda")
+    for row, n in enumerate(lengths):
+        key_pos[row, :n] = torch.arange(prefix, prefix + n, device="cuda")
+    q_pos = torch.tensor([[prefix + n - 1] for n in lengths], device="cuda")
+    return q, k, v, key_pos, q_pos
+
+
+def check_decode_attention(gen) -> list[dict]:
+    """A row alone, among 15 others, in a cache twice as long, and with a shared prefix: the same bits."""
+    rows = []
+    for length in (1, 63, 64, 511, 512, 513, 1500, 2048, 4100, 8192):
+        lengths = [length] + [int(x) for x in torch.randint(1, 8192, (15,), generator=torch.Generator().manual_seed(length))]
+        q, k, v, key_pos, q_pos = decode_batch(lengths, 8192 + 600, 0, gen)
+        batched = kernels.decode_attention(q, k, v, key_pos, q_pos)
+        alone = kernels.decode_attention(q[:1], k[:1, :, :length], v[:1, :, :length], key_pos[:1, :length], q_pos[:1])
+        P = min(700, length - 1)  # the first P keys held once as a shared prefix
+        prefix = (k[0, :, :P].contiguous(), v[0, :, :P].contiguous())
+        own = key_pos[:1, P:]
+        shared = kernels.decode_attention(q[:1], k[:1, :, P:], v[:1, :, P:], own, q_pos[:1], prefix)
+        rows.append({"cache_length": length, "splits": -(-length // kernels.DECODE_SPLIT),
+                     "alone_equals_batched": torch.equal(alone, batched[:1]),
+                     "shared_prefix_equals_whole": torch.equal(shared, batched[:1])})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def time_decode_attention(gen) -> list[dict]:
+    """Batch-1 decode attention of one layer at 2,048 and 8,192 cached keys: split-KV, one pass, flash."""
+    rows = []
+    for length in (2048, 8192):
+        q, k, v, key_pos, q_pos = decode_batch([length], length, 0, gen)
+        qt = q.transpose(1, 2)
+        row = {"cache_length": length}
+        for split in (256, 512, 1024):
+            kernels.DECODE_SPLIT, default = split, kernels.DECODE_SPLIT
+            row[f"split_{split}_ms"] = graph_ms(lambda: kernels.decode_attention(q, k, v, key_pos, q_pos))
+            kernels.DECODE_SPLIT = default
+        rows.append({**row,
+                     "one_pass_ms": graph_ms(lambda: kernels.attention(q, k, v, key_pos, q_pos, aligned=True, block_m=16)),
+                     "sdpa_ms": graph_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, k, v))})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="1.8b,7b,14b,72b")
+    p.add_argument("--max-rows", type=int, default=1024)
+    p.add_argument("--largest", type=int, default=16384, help="rows of the largest product (the engine's batch)")
+    p.add_argument("--library-default", action="store_true", help="(child process) time the unpinned library")
+    p.add_argument("--parts", default="bits,tiles,attention,timings")
+    p.add_argument("--out", default="bench/results/kernel_bits.json")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [s for name in args.shapes.split(",") for s in SHAPES[name]]
+    if args.library_default:
+        print(json.dumps(time_products(SHAPES["7b"], True, gen)))
+        return
+    kernels.pin_library_matmuls()
+    parts = args.parts.split(",")
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "row_floor": kernels.ROW_FLOOR, "decode_split": kernels.DECODE_SPLIT}
+    if "bits" in parts:
+        result["products"] = [sweep_shape(n, k, b, args.max_rows, args.largest, gen) for n, k, b in shapes]
+    if "tiles" in parts:
+        result["triton_tiles"] = check_triton_tiles(SHAPES["7b"], gen)
+    if "attention" in parts:
+        result["decode_attention"] = check_decode_attention(gen)
+        result["decode_attention_ms"] = time_decode_attention(gen)
+    if "timings" in parts:
+        pinned = time_products(SHAPES["7b"], False, gen)
+        child = subprocess.run([sys.executable, "-m", "bench.kernel_bits", "--library-default"], capture_output=True,
+                               text=True, check=True)
+        library = json.loads(child.stdout.strip().splitlines()[-1])
+        result["timings"] = [{**a, **b} for a, b in zip(pinned, library)]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print_tables(result)
+
+
+def print_tables(result: dict) -> None:
+    if "products" in result:
+        print("\n| N x K | bias | row counts differing (floor) | without floor |\n|---|---|---|---|")
+        for r in result["products"]:
+            print(f"| {r['n']} x {r['k']} | {r['bias']} | {r['differ_with_floor'] or 'none'} "
+                  f"| {r['differ_without_floor'] or 'none'} |")
+    if "timings" in result:
+        print("\n| N x K | rows | pinned ms | library default ms | Triton ms | best Triton tile ms |\n|---|---|---|---|---|---|")
+        for r in result["timings"]:
+            best = min(r["triton_tiles_ms"].items(), key=lambda kv: kv[1])
+            print(f"| {r['n']} x {r['k']} | {r['m']} | {r['pinned_ms']:.4f} | {r['library_ms']:.4f} "
+                  f"| {r['triton_ms']:.4f} | {best[0]} {best[1]:.4f} |")
+    for r in result.get("triton_tiles", []):
+        print(f"Triton tiles differing from (64, 64) on {r['n']} x {r['k']}: {r['tiles_differing'] or 'none'}")
+    if "decode_attention" in result:
+        ok = all(r["alone_equals_batched"] and r["shared_prefix_equals_whole"] for r in result["decode_attention"])
+        print(f"\ndecode attention, every cache length: {'same bits' if ok else 'DIFFERS'}")
+        for r in result["decode_attention_ms"]:
+            print(f"decode attention at {r['cache_length']} keys: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()
+                                                                             if k.endswith("_ms")))
+
+
+if __name__ == "__main__":
+    main()
