@@ -37,27 +37,30 @@ SHAPES = {
 TIMED_ROWS = (1, 16, 64, 256, 2048, 16384)
 
 
-def product_rows(x, w, bias, floor: bool):
-    if floor:
-        return kernels.linear(x, w, bias)
-    return torch.nn.functional.linear(x, w, bias)
+# the candidate batch-invariant products: the Triton matmul (its own K order, tile by row count) and
+# cuBLASLt pinned (kernels.linear, with and without the row floor)
+PRODUCTS = {"triton": lambda x, w, b: kernels.matmul(x, w, b),
+            "cublas_pinned": lambda x, w, b: kernels.linear(x, w, b),
+            "cublas_pinned_no_floor": lambda x, w, b: torch.nn.functional.linear(x, w, b)}
 
 
-def sweep_shape(n: int, k: int, has_bias: bool, max_rows: int, largest: int, gen) -> dict:
-    """Row counts whose rows differ from the same rows in the largest product, with and without the floor."""
+def sweep_shape(n: int, k: int, has_bias: bool, max_rows: int, largest: int, products, gen) -> dict:
+    """Row counts 1..max_rows whose rows differ from the same rows (at two offsets) in the largest product."""
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen) if has_bias else None
     x = torch.randn(largest, k, device="cuda", dtype=torch.bfloat16, generator=gen)
     result = {"n": n, "k": k, "bias": has_bias, "largest": largest}
-    for floor in (True, False):
-        whole = product_rows(x, w, bias, floor)
+    for name in products:
+        product = PRODUCTS[name]
+        whole = product(x, w, bias)
         differing = []
         for m in range(1, max_rows + 1):
             for offset in (0, largest - m - 3):
-                if not torch.equal(product_rows(x[offset:offset + m], w, bias, floor), whole[offset:offset + m]):
+                if not torch.equal(product(x[offset:offset + m], w, bias), whole[offset:offset + m]):
                     differing.append(m)
                     break
-        result["differ_with_floor" if floor else "differ_without_floor"] = differing
+        result[name] = differing
+        del whole
     return result
 
 
@@ -183,6 +186,7 @@ def main():
     p.add_argument("--largest", type=int, default=16384, help="rows of the largest product (the engine's batch)")
     p.add_argument("--library-default", action="store_true", help="(child process) time the unpinned library")
     p.add_argument("--parts", default="bits,tiles,attention,timings")
+    p.add_argument("--products", default="triton,cublas_pinned,cublas_pinned_no_floor")
     p.add_argument("--out", default="bench/results/kernel_bits.json")
     args = p.parse_args()
     torch.set_grad_enabled(False)
@@ -196,7 +200,8 @@ def main():
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "row_floor": kernels.ROW_FLOOR, "decode_split": kernels.DECODE_SPLIT}
     if "bits" in parts:
-        result["products"] = [sweep_shape(n, k, b, args.max_rows, args.largest, gen) for n, k, b in shapes]
+        products = args.products.split(",")
+        result["products"] = [sweep_shape(n, k, b, args.max_rows, args.largest, products, gen) for n, k, b in shapes]
     if "tiles" in parts:
         result["triton_tiles"] = check_triton_tiles(SHAPES["7b"], gen)
     if "attention" in parts:
@@ -215,10 +220,11 @@ def main():
 
 def print_tables(result: dict) -> None:
     if "products" in result:
-        print("\n| N x K | bias | row counts differing (floor) | without floor |\n|---|---|---|---|")
+        names = [k for k in PRODUCTS if k in result["products"][0]]
+        print(f"\nrow counts 1..{result['products'][0]['largest']} whose rows differ from the largest product's")
+        print("| N x K | bias | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
         for r in result["products"]:
-            print(f"| {r['n']} x {r['k']} | {r['bias']} | {r['differ_with_floor'] or 'none'} "
-                  f"| {r['differ_without_floor'] or 'none'} |")
+            print(f"| {r['n']} x {r['k']} | {r['bias']} | " + " | ".join(str(r[k] or "none") for k in names) + " |")
     if "timings" in result:
         print("\n| N x K | rows | pinned ms | library default ms | Triton ms | best Triton tile ms |\n|---|---|---|---|---|---|")
         for r in result["timings"]:
