@@ -168,10 +168,11 @@ def time_decode_attention(gen) -> list[dict]:
         q, k, v, key_pos, q_pos = decode_batch([length], length, 0, gen)
         qt = q.transpose(1, 2)
         row = {"cache_length": length}
-        for split in (256, 512, 1024):
-            kernels.DECODE_SPLIT, default = split, kernels.DECODE_SPLIT
-            row[f"split_{split}_ms"] = graph_ms(lambda: kernels.decode_attention(q, k, v, key_pos, q_pos))
-            kernels.DECODE_SPLIT = default
+        default = kernels.DECODE_SPLIT, kernels.DECODE_BLOCK_N
+        for split, block in ((128, 64), (256, 64), (512, 64), (256, 128), (512, 128)):
+            kernels.DECODE_SPLIT, kernels.DECODE_BLOCK_N = split, block
+            row[f"split_{split}_block_{block}_ms"] = graph_ms(lambda: kernels.decode_attention(q, k, v, key_pos, q_pos))
+        kernels.DECODE_SPLIT, kernels.DECODE_BLOCK_N = default
         rows.append({**row,
                      "one_pass_ms": graph_ms(lambda: kernels.attention(q, k, v, key_pos, q_pos, aligned=True, block_m=16)),
                      "sdpa_ms": graph_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, k, v))})

@@ -34,7 +34,8 @@ def _on(x: Tensor):
 
 BLOCK_K = 64  # the one K step of every matmul: the reduction order of a dot product
 ATTN_BLOCK_N = 64  # the one key-block size of attention
-DECODE_SPLIT = 512  # keys per split of decode attention: a long cache is read by many programs at batch 1
+DECODE_SPLIT = 256  # keys per split of decode attention: a long cache is read by many programs at batch 1
+DECODE_BLOCK_N = 64  # keys per step inside a split
 
 
 # ---- matmul -------------------------------------------------------------------------------------------
@@ -101,13 +102,13 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: tuple | 
     return out.view(*x.shape[:-1], N)
 
 
-ROW_FLOOR = 16  # fewer rows than this are padded: tiny products otherwise reach other cuBLAS kernels
-
-
 def pin_library_matmuls() -> None:
     """Leave cuBLAS(Lt) no way to split K: no workspace to hold partial sums, no reduced-precision
-    reduction. Process-wide, and read by PyTorch when it first creates its handles: call it before the
-    process's first product on a GPU (the op set does, when the model is built)."""
+    reduction. Then its kernels for a weight shape differ only in which outputs a block owns, and a row's
+    bits do not depend on how many rows are multiplied with it, at the library's speed (bench/kernel_bits.py
+    proves both on the GPU, for every family shape at 1..1,024 rows and the engine's largest batch).
+    Process-wide, and read by PyTorch when it first creates its handles: call it before the process's
+    first product on a GPU (the invariant op set does, when the model is built)."""
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"
     os.environ["CUBLASLT_WORKSPACE_SIZE"] = "1"
     for flag in ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction"):
@@ -120,15 +121,12 @@ def pin_library_matmuls() -> None:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x [..., K] @ weight[N, K].T (+ bias) through cuBLASLt pinned by pin_library_matmuls: a row's
-    bits do not depend on how many rows are multiplied with it (bench/kernel_bits.py, per shape)."""
+    """x [..., K] @ weight[N, K].T (+ bias) through cuBLASLt pinned by pin_library_matmuls. The rows go
+    in row-major and 16-byte aligned, as the proof multiplied them (cuBLAS picks kernels by alignment)."""
     a = x.reshape(-1, x.shape[-1])
-    M, K = a.shape
-    if M < ROW_FLOOR or a.stride() != (K, 1) or a.data_ptr() % 16:  # the same kernel family, aligned
-        padded = a.new_zeros(max(M, ROW_FLOOR), K)
-        padded[:M] = a
-        a = padded
-    return torch.nn.functional.linear(a, weight, bias)[:M].view(*x.shape[:-1], weight.shape[0])
+    if a.stride() != (a.shape[1], 1) or a.data_ptr() % 16:
+        a = a.clone(memory_format=torch.contiguous_format)
+    return torch.nn.functional.linear(a, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 # ---- RMSNorm ------------------------------------------------------------------------------------------
@@ -294,17 +292,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Tensor, p
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, pk_ptr, pv_ptr, qpos_ptr, part_ptr,
                          S, P, H, scale, window, n_split,
                          sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, skp_b, spk_h, spk_p, spv_h, spv_p, sqp_b,
-                         D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+                         IEEE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
     """One (row, head, split): online softmax over logical keys [split * SPLIT, (split + 1) * SPLIT) in
-    BLOCK_N blocks aligned at 0; writes (max, sum, unnormalised output[D]) in fp32."""
+    BLOCK_N blocks aligned at 0; writes (unnormalised output[D], max, sum) in fp32. The query is row 0 of a
+    16-row tile (the least a tensor-core product takes); the other rows are zeros and never stored."""
     sp, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     offs_d = tl.arange(0, D)
+    first = tl.arange(0, 16) == 0
     q_pos = tl.load(qpos_ptr + b * sqp_b)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_d).to(tl.float32)
-    m_i = tl.full([], float("-inf"), tl.float32)
-    l_i = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros((D,), tl.float32)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + tl.zeros((16,), tl.int32)[:, None] + offs_d[None, :],
+                mask=first[:, None], other=0.0)
+    m_i = tl.full((16,), float("-inf"), tl.float32)
+    l_i = tl.zeros((16,), tl.float32)
+    acc = tl.zeros((16, D), tl.float32)
     start = sp * SPLIT
     # own key s holds position P + s, so nothing past the query's position is visible (a padding row,
     # q_pos = -1, reads nothing and gives zeros, as attention() does)
@@ -314,33 +315,38 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, pk_ptr, pv_ptr, qpos_ptr
         in_prefix = j < P
         own = j - P
         own_ok = (j >= P) & (own < S)
-        k_pre = tl.load(pk_ptr + h * spk_h + j[:, None] * spk_p + offs_d[None, :], mask=in_prefix[:, None], other=0.0)
-        k_own = tl.load(k_ptr + b * sk_b + h * sk_h + own[:, None] * sk_s + offs_d[None, :], mask=own_ok[:, None],
+        k_pre = tl.load(pk_ptr + h * spk_h + j[None, :] * spk_p + offs_d[:, None], mask=in_prefix[None, :], other=0.0)
+        k_own = tl.load(k_ptr + b * sk_b + h * sk_h + own[None, :] * sk_s + offs_d[:, None], mask=own_ok[None, :],
                         other=0.0)
-        k = tl.where(in_prefix[:, None], k_pre, k_own).to(tl.float32)  # [BLOCK_N, D]
+        k = tl.where(in_prefix[None, :], k_pre, k_own)  # [D, BLOCK_N]
         own_pos = tl.load(kpos_ptr + b * skp_b + own, mask=own_ok, other=-1)
         k_pos = tl.where(in_prefix, j, own_pos)
-        s = tl.sum(k * q[None, :], axis=1) * scale
+        if IEEE:
+            s = tl.dot(q, k, input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, k) * scale
         visible = (k_pos >= 0) & (k_pos <= q_pos)
         if window > 0:
             visible = visible & (q_pos - k_pos < window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        s = tl.where(visible[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe)
+        p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         v_pre = tl.load(pv_ptr + h * spv_h + j[:, None] * spv_p + offs_d[None, :], mask=in_prefix[:, None], other=0.0)
         v_own = tl.load(v_ptr + b * sv_b + h * sv_h + own[:, None] * sv_s + offs_d[None, :], mask=own_ok[:, None],
                         other=0.0)
         v = tl.where(in_prefix[:, None], v_pre, v_own)
-        p = p.to(v.dtype).to(tl.float32)  # rounded as the prefill kernel feeds its P @ V product
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     part = part_ptr + (bh * n_split + sp) * (D + 2)
-    tl.store(part + offs_d, acc)
-    tl.store(part + D, m_i)
-    tl.store(part + D + 1, l_i)
+    tl.store(part + tl.zeros((16,), tl.int32)[:, None] + offs_d[None, :], acc, mask=first[:, None])
+    tl.store(part + D + tl.zeros((16,), tl.int32), m_i, mask=first)
+    tl.store(part + D + 1 + tl.zeros((16,), tl.int32), l_i, mask=first)
 
 
 @triton.jit
@@ -385,6 +391,6 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Te
             q, k, v, key_pos, pk, pv, q_pos, parts, S, P, H, D ** -0.5, window or 0, n_split,
             q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             key_pos.stride(0), pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1), q_pos.stride(0),
-            D=D, BLOCK_N=ATTN_BLOCK_N, SPLIT=DECODE_SPLIT, num_warps=4, num_stages=2)
+            IEEE=q.dtype == torch.float32, D=D, BLOCK_N=DECODE_BLOCK_N, SPLIT=DECODE_SPLIT, num_warps=4, num_stages=2)
         _decode_combine_kernel[(B * H,)](parts, out, H, n_split, out.stride(0), out.stride(2), D=D, num_warps=1)
     return out

@@ -146,11 +146,11 @@ def test_decode_attention_with_a_shared_prefix_equals_the_full_cache():
     assert torch.equal(shared, whole)
 
 
-def test_linear_pads_small_row_counts_and_keeps_every_row():
+def test_linear_equals_reference_for_any_row_layout():
     gen = torch.Generator().manual_seed(9)
     w, bias = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
-    for m in (1, kernels.ROW_FLOOR - 1, kernels.ROW_FLOOR, 37):
-        x = torch.randn(2, m, 40, generator=gen)[:, :, :]
+    for m in (1, 16, 37):
+        x = torch.randn(2, m, 40, generator=gen)
         torch.testing.assert_close(kernels.linear(x, w, bias), x @ w.T + bias, rtol=1e-5, atol=1e-5)
     strided = torch.randn(40, 30, generator=gen).T  # not row-major: copied before the product
     torch.testing.assert_close(kernels.linear(strided, w), strided @ w.T, rtol=1e-5, atol=1e-5)
