@@ -26,7 +26,7 @@ from bench_speed import timed  # this script's folder is on the path when run as
 from eval.data import DataSource
 from eval.tasks import gsm8k, mmlu
 from model import ModelArgs, Qwen, QwenTokenizer, init_weights
-from model import kernels
+from model import kernels, ops
 from model.engine import Engine
 
 torch.set_grad_enabled(False)
@@ -86,7 +86,7 @@ def probe(rows: list) -> None:
     """The first module whose output for one row changes when the row is batched with others."""
     args = ModelArgs(n_layer=2)
     model = build_model(args)
-    Engine(model, progress=False)  # selects the invariant kernels
+    model.ops = ops.INVARIANT
     gen = torch.Generator(device="cuda").manual_seed(1)
     tokens = torch.randint(0, 150000, (5, 160), device="cuda", generator=gen)
     pos = torch.arange(160, device="cuda").expand(5, -1).clone()
@@ -126,8 +126,13 @@ class Way:
     limit: int | None = None  # documents served (a subset for the slow ways)
 
 
+def engine_for(model, way: Way) -> Engine:
+    model.ops = ops.INVARIANT if way.invariant else ops.FAST
+    return Engine(model, progress=False, max_batch=way.batch, share_prefix=way.share_prefix)
+
+
 def choice_records(model, reqs, way: Way):
-    engine = Engine(model, progress=False, invariant=way.invariant, max_batch=way.batch, share_prefix=way.share_prefix)
+    engine = engine_for(model, way)
     reqs = reqs[: way.limit]
     seconds, out = timed(lambda: engine.score_choices([r.tokens for r in reqs], [r.choice_ids for r in reqs],
                                                       [r.shared_prefix for r in reqs]))
@@ -135,7 +140,7 @@ def choice_records(model, reqs, way: Way):
 
 
 def generate_records(model, reqs, way: Way, new_tokens: int):
-    engine = Engine(model, progress=False, invariant=way.invariant, max_batch=way.batch, share_prefix=way.share_prefix)
+    engine = engine_for(model, way)
     reqs = reqs[: way.limit]
     seconds, out = timed(lambda: engine.generate([r.tokens for r in reqs], [new_tokens] * len(reqs), [()] * len(reqs),
                                                  shared_prefix=[r.shared_prefix for r in reqs]))
