@@ -1,7 +1,8 @@
 """GPU correctness check of the fast paths (not a benchmark): run first on a lent GPU.
 
-A mid-size random Qwen in fp32 and bf16: fused shared-prefix attention vs the plain math path,
-CUDA-graphed decoding vs eager, engine results vs full forwards. Prints one line per check.
+A mid-size random Qwen in fp32 and bf16, with each op set (fast, invariant): fused shared-prefix attention
+vs the plain reference path, CUDA-graphed decoding vs eager (the invariant decode step is captured too),
+engine results vs full forwards. Prints one line per check.
 """
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import ModelArgs, Qwen, init_weights  # noqa: E402
+from model import ModelArgs, Qwen, init_weights, ops  # noqa: E402
 from model.engine import Engine  # noqa: E402
 
 torch.set_grad_enabled(False)
@@ -36,38 +37,40 @@ def rel(a, b):
 
 def main():
     print(torch.cuda.get_device_name(), torch.__version__)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, op_set in [(d, o) for d in (torch.float32, torch.bfloat16) for o in (ops.FAST, ops.INVARIANT)]:
         model = build(dtype)
+        model.ops = op_set
+        label = f"{dtype} {op_set.name}"
         shots = list(range(1000, 1600))
         ps = prompts(40, 20, 200, shots)
         engine = Engine(model, progress=False)
         t = time.time()
         fast = engine.score_choices(ps, [[1, 2, 3, 4]] * 40, shared_prefix=[600] * 40)
         torch.cuda.synchronize()
-        model.attn_impl = "math"
+        model.ops = ops.REFERENCE
         slow = Engine(model, progress=False, max_batch=1).score_choices(ps, [[1, 2, 3, 4]] * 40)
-        model.attn_impl = "sdpa"
+        model.ops = op_set
         a = torch.tensor([r.logits for r in fast])
         b = torch.tensor([r.logits for r in slow])
         agree = sum(x.index(max(x)) == y.index(max(y)) for x, y in zip(a.tolist(), b.tolist()))
-        print(f"{dtype}: choice fused-prefix vs math full-prompt: rel {rel(a, b):.2e}, argmax agree {agree}/40 "
+        print(f"{label}: choice fused-prefix vs math full-prompt: rel {rel(a, b):.2e}, argmax agree {agree}/40 "
               f"({time.time() - t:.1f}s)")
         gp = prompts(12, 5, 60, shots[:300], seed=1)
         eager = Engine(model, progress=False, cuda_graphs=False).generate(gp, [40] * 12, [()] * 12, shared_prefix=[300] * 12)
         graphed = Engine(model, progress=False).generate(gp, [40] * 12, [()] * 12, shared_prefix=[300] * 12)
         same = sum(x.tokens == y.tokens for x, y in zip(eager, graphed))
-        print(f"{dtype}: generation CUDA graphs vs eager: identical {same}/12")
-        model.attn_impl = "math"
+        print(f"{label}: generation CUDA graphs vs eager: identical {same}/12")
+        model.ops = ops.REFERENCE
         plain = Engine(model, progress=False, cuda_graphs=False, max_batch=2).generate(gp, [40] * 12, [()] * 12)
-        model.attn_impl = "sdpa"
+        model.ops = op_set
         prefix_len = [sum(1 for _ in iter_common(x.tokens, y.tokens)) for x, y in zip(graphed, plain)]
-        print(f"{dtype}: generation fast vs math path: identical {sum(p == 40 for p in prefix_len)}/12, "
+        print(f"{label}: generation fast vs math path: identical {sum(p == 40 for p in prefix_len)}/12, "
               f"common prefix lengths {prefix_len}")
         seqs = prompts(4, 1000, 3000, seed=2)
         nll = Engine(model, progress=False).loglikelihood(seqs)
         x = torch.tensor(seqs[0], device="cuda")[None]
         ref = torch.nn.functional.cross_entropy(model(x)[0, :-1].float(), x[0, 1:], reduction="sum").item()
-        print(f"{dtype}: loglikelihood engine vs full forward: {nll[0][0]:.3f} vs {ref:.3f}")
+        print(f"{label}: loglikelihood engine vs full forward: {nll[0][0]:.3f} vs {ref:.3f}")
         del model, engine
         torch.cuda.empty_cache()
 

@@ -32,13 +32,15 @@ class NativeBackend:
 
     def __init__(self, model, tokenizer, *, batch_size: int | None = None, progress: bool = True,
                  kernels: str = "invariant", prefix_reuse: bool = True, fixed_new_tokens: int | None = None):
+        from model import ops
         from model.engine import Engine
 
+        # the kernel set, chosen here once for every layer; its name (run.json's "engine") decides the
+        # numbers besides the weights: "invariant", "fast", or "cpu" (batch-invariant by construction)
+        model.ops = ops.select(kernels, next(model.parameters()).device)
+        self.mode = model.ops.name
         self.model, self.tokenizer = model, tokenizer
-        self.engine = Engine(model, max_batch=batch_size, progress=progress, invariant=kernels == "invariant",
-                             share_prefix=prefix_reuse)
-        # what decides the numbers besides the weights: the kernels (a CPU is batch-invariant by construction)
-        self.mode = kernels if self.engine.device.type == "cuda" else "cpu"
+        self.engine = Engine(model, max_batch=batch_size, progress=progress, share_prefix=prefix_reuse)
         self.fixed_new_tokens = fixed_new_tokens  # benchmarks only: every generation exactly this long
 
     @property
@@ -190,10 +192,11 @@ class HFBackend:
     # -- batch sizing -------------------------------------------------------------------------------------
 
     def _activation_bytes(self, n: int) -> int:
-        """Peak activations of one row of n tokens in a forward pass: one layer's hidden, q/k/v/out and MLP
-        tensors live at a time (SDPA kernels keep no [T, T] scores on a GPU)."""
+        """Peak activations of one row of n tokens in a forward pass: the native planner's estimate."""
+        from model.planner import activation_bytes
+
         c = self.model.config
-        return n * (6 * c.hidden_size + 3 * c.intermediate_size) * self.elt
+        return activation_bytes(n, c.hidden_size, c.intermediate_size, self.elt)
 
     def _kv_bytes(self, n: int) -> int:
         c = self.model.config
@@ -363,7 +366,7 @@ class _GumbelSampling:
         self.seed = torch.tensor([r.seed for r in requests], dtype=torch.long)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        from model.engine import gumbel_noise
+        from model.decoder import gumbel_noise
 
         t, seed = self.temperature.to(scores.device), self.seed.to(scores.device)
         step = torch.full_like(seed, input_ids.shape[1] - self.width)

@@ -129,12 +129,13 @@ class GPTQLinear(nn.Module):
     def fused(self) -> bool:
         return self.kernel is not None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ops) -> Tensor:
+        """ops: the model's op set (model/ops.py); the reference multiplies through its product."""
         if x.is_cuda and self.kernel == "triton" and x.dtype in (torch.bfloat16, torch.float16):
             return self._forward_triton(x)
         if x.is_cuda and self.kernel == "tinygemm":
             return self._forward_int4mm(x)
-        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+        return ops.linear(x, self.dequantize().to(x.dtype), self.bias)
 
     def dequantize(self) -> Tensor:
         """W [out, in] in fp32; exact, since a code difference (|d| <= 16) times an fp16 scale fits fp32."""

@@ -10,15 +10,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelArgs
-
-try:  # optional: the flash-attn package, used for plain causal attention when present
-    from flash_attn import flash_attn_func
-except ImportError:
-    flash_attn_func = None
+from .ops import FAST, Ops
 
 
 def ntk_alpha(length: Tensor, seq_length: int) -> Tensor:
@@ -38,70 +33,6 @@ def logn_scale(positions: Tensor, seq_length: int) -> Tensor:
     """LogN query factor (spec 6.5): log(p+1) / log(seq_length) once p+1 > seq_length, else 1."""
     count = (positions + 1).double()
     return torch.where(count > seq_length, torch.log(count) / math.log(seq_length), torch.ones_like(count))
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def fused_on_gpu(fn):
-    """Run an elementwise chain as one generated kernel on a GPU (torch.compile), eagerly elsewhere.
-
-    The fp32 norms and rotations otherwise make several full passes over each activation.
-    """
-    compiled = None
-
-    def run(*args):
-        nonlocal compiled
-        if not args[0].is_cuda:
-            return fn(*args)
-        if compiled is None:
-            compiled = torch.compile(fn, dynamic=True)
-        return compiled(*args)
-
-    run.__doc__ = fn.__doc__
-    return run
-
-
-@fused_on_gpu
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """fp32 statistics, cast back before the weight, as the original."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
-
-
-@fused_on_gpu
-def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE in fp32, cast back, as the original."""
-    x32 = x.float()
-    return (x32 * cos + rotate_half(x32) * sin).type_as(x)
-
-
-@fused_on_gpu
-def swiglu(up: Tensor, gate: Tensor) -> Tensor:
-    return up * F.silu(gate)
-
-
-def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The plain formula: fp32 scores, masked (True = attend), softmax; output and log-sum-exp [B, H, T].
-
-    Also the decode path (one query per row over its cache slots): measured on an H100, plain batched
-    products beat a generated multiply-and-reduce kernel twofold (bench/RESULTS.md, issue 4's notes).
-    """
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    lse = scores.logsumexp(-1)
-    return (scores - lse[..., None]).exp().to(v.dtype) @ v, lse
-
-
-@fused_on_gpu
-def merge_attention(own: Tensor, own_lse: Tensor, pre: Tensor, pre_lse: Tensor) -> Tensor:
-    """Softmax over two key sets from their separate results and log-sum-exps."""
-    lse = torch.logaddexp(own_lse, pre_lse)
-    out = own.float() * (own_lse - lse).exp()[..., None] + pre.float() * (pre_lse - lse).exp()[..., None]
-    return out.to(own.dtype)
 
 
 @dataclass
@@ -159,52 +90,32 @@ class CacheView:
         return k.transpose(1, 2), v.transpose(1, 2)
 
 
-def invariant_kernels(on: bool, x: Tensor):
-    """model/kernels.py when the batch-invariant path is on and x is on a GPU, else None (Triton is
-    imported only then: CPU-only installs lack it)."""
-    if not (on and x.is_cuda):
-        return None
-    from . import kernels
-
-    return kernels
-
-
 class RMSNorm(nn.Module):
-    invariant = False  # the batch-invariant Triton kernel on a GPU (Qwen.use_impl)
-
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        if kernels := invariant_kernels(self.invariant, x):
-            return kernels.rms_norm(x, self.weight, self.eps)
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: Tensor, ops: Ops) -> Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Linear(nn.Linear):
-    invariant = False  # the batch-invariant Triton matmul on a GPU (Qwen.use_impl)
+    """nn.Linear whose product is the op set's (an Int4 layer takes the same two arguments)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        if kernels := invariant_kernels(self.invariant, x):
-            return kernels.matmul(x, self.weight, self.bias)
-        return super().forward(x)
+    def forward(self, x: Tensor, ops: Ops) -> Tensor:
+        return ops.linear(x, self.weight, self.bias)
 
 
 class MLP(nn.Module):
-    invariant = False  # the fixed-formula Triton kernel on a GPU (Qwen.use_impl)
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.w1 = Linear(args.dim, args.intermediate_size, bias=False)  # up
         self.w2 = Linear(args.dim, args.intermediate_size, bias=False)  # gate: SiLU goes on w2
         self.c_proj = Linear(args.intermediate_size, args.dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if kernels := invariant_kernels(self.invariant, x):
-            return self.c_proj(kernels.swiglu(self.w1(x), self.w2(x)))
-        return self.c_proj(swiglu(self.w1(x), self.w2(x)))
+    def forward(self, x: Tensor, ops: Ops) -> Tensor:
+        return self.c_proj(ops.swiglu(self.w1(x, ops), self.w2(x, ops)), ops)
 
 
 @dataclass
@@ -220,6 +131,7 @@ class LayerInputs:
     key_pos: Tensor  # [B, S] positions of the own keys, -1 = empty
     window: int | None
     aligned: bool  # own key s holds position P + s (the engine's layout): see model/kernels.py
+    decoding: bool  # one token per row over a cache being read: the op set's decode_attention
 
 
 class Attention(nn.Module):
@@ -229,13 +141,11 @@ class Attention(nn.Module):
         self.c_attn = Linear(args.dim, 3 * args.dim, bias=True)  # fused q, k, v
         self.c_proj = Linear(args.dim, args.dim, bias=False)
 
-    def forward(self, x: Tensor, inp: LayerInputs, layer: int, kv: CacheView | None, prefix, impl: str) -> Tensor:
+    def forward(self, x: Tensor, inp: LayerInputs, layer: int, kv: CacheView | None, prefix, ops: Ops) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each [B, T, H, D]
-        kernels = invariant_kernels(impl == "invariant", x)
-        rotate = kernels.rope if kernels else rope
-        q = rotate(q, inp.cos, inp.sin)
-        k = rotate(k, inp.cos, inp.sin)
+        q, k, v = self.c_attn(x, ops).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each [B, T, H, D]
+        q = ops.rope(q, inp.cos, inp.sin)
+        k = ops.rope(k, inp.cos, inp.sin)
         if inp.q_scale is not None:
             q = q * inp.q_scale.to(q.dtype)
         if kv is not None:
@@ -243,65 +153,9 @@ class Attention(nn.Module):
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         pkv = None if prefix is None else (prefix.k[layer][0], prefix.v[layer][0])
-        if kernels:
-            y = kernels.attention(q.contiguous(), k, v, inp.key_pos, inp.q_pos, pkv, inp.window, inp.aligned)
-            return self.c_proj(y.reshape(B, T, -1))
-        y = attention(q.transpose(1, 2), k, v, inp.mask, pkv, inp.prefix_mask, impl)  # [B, H, T, D]
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-def attention(q, k, v, mask, prefix_kv=None, prefix_mask=None, impl: str = "sdpa") -> Tensor:
-    """q [B, H, T, D] against own keys k, v [B, H, S, D] and optionally a shared prefix [H, P, D].
-
-    mask [B, 1, T, S] (True = attend), or None for plain causal attention (right padding included:
-    a padding key sits after every real query). The prefix is one tensor for the whole batch: all rows'
-    queries meet it in one fused attention call, merged with the own part through the log-sum-exps;
-    its K/V are never copied per row. impl "math" is the plain reference.
-    """
-    if impl == "math" or (prefix_kv is not None and prefix_mask is not None):
-        return _attention_math(q, k, v, mask, prefix_kv, prefix_mask)
-    if prefix_kv is None and q.shape[-2] == 1 and mask is not None:  # decoding
-        return explicit_attention(q, k, v, mask)[0]
-    if prefix_kv is None:
-        if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-    B, H, T, D = q.shape
-    own, own_lse = explicit_attention(q, k, v, mask) if mask is not None else _fused_attention_lse(q, k, v, True)
-    pk, pv = prefix_kv
-    rows_as_one = q.transpose(0, 1).reshape(1, H, B * T, D)  # every row's queries against the one prefix
-    pre, pre_lse = _fused_attention_lse(rows_as_one, pk[None], pv[None], False)
-    pre = pre.view(H, B, T, D).transpose(0, 1)
-    pre_lse = pre_lse.view(H, B, T).transpose(0, 1)
-    return merge_attention(own, own_lse, pre, pre_lse)
-
-
-def _fused_attention_lse(q, k, v, causal: bool) -> tuple[Tensor, Tensor]:
-    """Attention output and its log-sum-exp [B, H, T] (fp32) from PyTorch's fused kernels."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)[:2]
-    elif q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)[:2]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
-    return out, lse[..., : q.shape[-2]].float()
-
-
-def _causal(q: Tensor, k: Tensor) -> Tensor:
-    return torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
-
-
-def _attention_math(q, k, v, mask, prefix_kv, prefix_mask) -> Tensor:
-    """The plain reference: one softmax over prefix and own keys together (the prefix copied per row)."""
-    mask = _causal(q, k).expand(q.shape[0], 1, -1, -1) if mask is None else mask
-    if prefix_kv is not None:
-        B = q.shape[0]
-        pk, pv = (t[None].expand(B, -1, -1, -1) for t in prefix_kv)
-        if prefix_mask is None:
-            prefix_mask = torch.ones(B, 1, q.shape[-2], pk.shape[-2], dtype=torch.bool, device=q.device)
-        k, v = torch.cat([pk, k], dim=-2), torch.cat([pv, v], dim=-2)
-        mask = torch.cat([prefix_mask.expand(B, -1, q.shape[-2], -1), mask.expand(B, -1, q.shape[-2], -1)], dim=-1)
-    return explicit_attention(q, k, v, mask)[0]
+        attend = ops.decode_attention if inp.decoding else ops.attention
+        y = attend(q, k, v, inp, pkv)  # [B, T, H, D]
+        return self.c_proj(y.reshape(B, T, -1), ops)
 
 
 class Block(nn.Module):
@@ -312,16 +166,17 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, inp, layer, kv, prefix, impl):
-        h = x + self.attn(self.ln_1(x), inp, layer, kv, prefix, impl)
-        return h + self.mlp(self.ln_2(h))
+    def forward(self, x, inp, layer, kv, prefix, ops: Ops):
+        h = x + self.attn(self.ln_1(x, ops), inp, layer, kv, prefix, ops)
+        return h + self.mlp(self.ln_2(h, ops), ops)
 
 
 class Qwen(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.attn_impl = "sdpa"  # see use_impl
+        # the kernels every layer computes with (model/ops.py): chosen once by whoever builds the model
+        self.ops: Ops = FAST
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(args.vocab_size, args.dim),
@@ -331,21 +186,13 @@ class Qwen(nn.Module):
         )
         self.lm_head = Linear(args.dim, args.vocab_size, bias=False)
 
-    def use_impl(self, impl: str) -> "Qwen":
-        """"sdpa": PyTorch's and cuBLAS's kernels (fastest; on a GPU, results move with the batch shape);
-        "invariant": on a GPU, the batch-invariant kernels of model/kernels.py for every product, norm and
-        attention (on a CPU the same as "sdpa"); "math": the plain reference attention, for tests."""
-        if impl not in ("sdpa", "invariant", "math"):
-            raise ValueError(f"unknown attention implementation {impl!r}")
-        self.attn_impl = impl
-        for module in self.modules():
-            if isinstance(module, (Linear, RMSNorm, MLP)):
-                module.invariant = impl == "invariant"
-        return self
-
     def forward(self, tokens: Tensor, attention_mask: Tensor | None = None, **kw) -> Tensor:
         """Logits [B, T, vocab] for token ids [B, T]; see `hidden` for the keyword arguments."""
-        return self.lm_head(self.hidden(tokens, attention_mask, **kw))
+        return self.logits(self.hidden(tokens, attention_mask, **kw))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The LM head over hidden states [..., dim]."""
+        return self.lm_head(hidden, self.ops)
 
     def hidden(
         self,
@@ -371,7 +218,8 @@ class Qwen(nn.Module):
         else:
             ntk_len = positions.max(dim=1).values + 1
         n_prefix = 0 if prefix is None else prefix.pos.shape[1]
-        if kv is not None and kv.read:  # decoding: keys are cache slots, visibility comes from their positions
+        decoding = kv is not None and kv.read and tokens.shape[1] == 1
+        if kv is not None and kv.read:  # keys are cache slots, visibility comes from their positions
             key_pos, plain_causal, aligned = kv.cache.pos[:, : kv.read_len], False, kv.aligned
         else:
             key_pos = positions
@@ -381,9 +229,10 @@ class Qwen(nn.Module):
         for i, block in enumerate(self.transformer.h):
             window = args.windows[i] if args.windows else None
             if window not in inputs:
-                inputs[window] = self._layer_inputs(args, positions, key_pos, ntk_len, window, prefix, plain_causal, aligned)
-            x = block(x, inputs[window], i, kv, prefix, self.attn_impl)
-        return self.transformer.ln_f(x)
+                inputs[window] = self._layer_inputs(args, positions, key_pos, ntk_len, window, prefix, plain_causal,
+                                                    aligned, decoding)
+            x = block(x, inputs[window], i, kv, prefix, self.ops)
+        return self.transformer.ln_f(x, self.ops)
 
     def _positions(self, tokens, attention_mask, positions, prefix) -> Tensor:
         if positions is not None:
@@ -394,7 +243,8 @@ class Qwen(nn.Module):
         mask = attention_mask.bool()
         return torch.where(mask, start + mask.long().cumsum(1) - 1, -1)
 
-    def _layer_inputs(self, args, positions, key_pos, ntk_len, window, prefix, plain_causal, aligned) -> LayerInputs:
+    def _layer_inputs(self, args, positions, key_pos, ntk_len, window, prefix, plain_causal, aligned,
+                      decoding) -> LayerInputs:
         span = ntk_len if window is None else ntk_len.clamp(max=window)  # a layer never sees more than its window
         alpha = ntk_alpha(span, args.seq_length) if args.use_dynamic_ntk else torch.ones_like(span, dtype=torch.double)
         angles = positions.clamp(min=0)[..., None].float() * rope_inv_freq(alpha, args.rope_base, args.head_dim)[:, None, :]
@@ -404,11 +254,12 @@ class Qwen(nn.Module):
             counted = positions if window is None else positions.clamp(max=window - 1)
             q_scale = logn_scale(counted, args.seq_length)[:, :, None, None]
         mask = prefix_mask = None
-        if self.attn_impl != "invariant" or not positions.is_cuda:  # the invariant kernels mask from positions
+        if self.ops.masks:  # the batch-invariant kernels mask from positions
             mask = None if plain_causal and window is None else _visible(positions, key_pos, window)
             if prefix is not None and window is not None:
                 prefix_mask = _visible(positions, prefix.pos.expand(positions.shape[0], -1), window)
-        return LayerInputs(emb.cos(), emb.sin(), q_scale, mask, prefix_mask, positions, key_pos, window, aligned)
+        return LayerInputs(emb.cos(), emb.sin(), q_scale, mask, prefix_mask, positions, key_pos, window, aligned,
+                           decoding)
 
 
 def _right_padded(positions: Tensor, start: int = 0) -> bool:

@@ -1,6 +1,10 @@
 """The engine's fast paths (shared prefixes, batching, static-cache decoding) against naive loops."""
+import os
+
 import pytest
 import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the invariant op set's kernels, before they are defined
 
 from checkpoints import tiny_model
 from model.engine import Engine
@@ -30,7 +34,7 @@ def naive_greedy(model, prompt, max_new, stop_ids=()):
         x = torch.tensor(ids)[None]
         model_args = model.args
         hidden = model.hidden(x) if len(ids) == alpha_len else _hidden_with_fixed_alpha(model, x, alpha_len)
-        token = int(model.lm_head(hidden[0, -1]).argmax())
+        token = int(model.logits(hidden[0, -1]).argmax())
         if token in stop_ids:
             break
         new.append(token)
@@ -150,7 +154,7 @@ def test_sampling_is_reproducible_and_independent_of_batching(model):
 
 
 def test_gumbel_noise_is_a_function_of_seed_step_and_id():
-    from model.engine import gumbel_noise
+    from model.decoder import gumbel_noise
 
     a = gumbel_noise(torch.tensor([3, 3, 4]), torch.tensor([0, 1, 0]), 1000)
     b = gumbel_noise(torch.tensor([3]), torch.tensor([1]), 1000)
@@ -184,3 +188,43 @@ def test_generation_progress_moves_with_tokens(model, monkeypatch):
     engine.generate(prompts, max_new, [()] * 5, stop_check=stop)
     assert sum(updates) == sum(max_new)
     assert sum(1 for n in updates if n) > len(prompts)  # more moves than finished requests
+
+
+def test_only_the_decode_step_takes_decode_attention(model):
+    """Prefill and scoring run `attention` whether a prefix is shared or not (so prefix reuse cannot change
+    a row's numbers); one-token decode steps run `decode_attention`."""
+    from test_model import recording_ops
+
+    saved = model.ops
+    model.ops, calls = recording_ops()
+    try:
+        prompts = random_prompts(4, 3, 12, seed=10, prefix=list(range(40, 60)))
+        for share in (True, False):
+            Engine(model, progress=False, share_prefix=share).score_choices(prompts, [[1, 2]] * 4, shared_prefix=[20] * 4)
+        assert calls["decode_attention"] == 0 and calls["attention"] > 0
+        engine = Engine(model, max_batch=2, sync_every=3, progress=False)
+        engine.generate(prompts, [5] * 4, [()] * 4, shared_prefix=[20] * 4)
+        assert calls["decode_attention"] == engine.stats["decode_steps"] * model.args.n_layer
+    finally:
+        model.ops = saved
+
+
+def test_invariant_op_set_serves_what_the_library_kernels_serve(model):
+    """The batch-invariant op set wired through model and engine (Triton's interpreter on a CPU): the same
+    choice logits with and without prefix reuse, and the same greedy tokens, as the library kernels."""
+    pytest.importorskip("triton", minversion="3.7")
+    from model import ops
+
+    prompts = random_prompts(2, 2, 6, seed=12, prefix=list(range(60, 68)))
+    expected = Engine(model, progress=False).score_choices(prompts, [[1, 2, 3]] * 2, shared_prefix=[8] * 2)
+    greedy = Engine(model, progress=False).generate(prompts, [2] * 2, [()] * 2, shared_prefix=[8] * 2)
+    saved, model.ops = model.ops, ops.INVARIANT
+    try:
+        for share in (True, False):
+            got = Engine(model, progress=False, share_prefix=share).score_choices(prompts, [[1, 2, 3]] * 2,
+                                                                                  shared_prefix=[8] * 2)
+            for g, e in zip(got, expected):
+                assert g.logits == pytest.approx(e.logits, abs=1e-4)
+        assert Engine(model, progress=False).generate(prompts, [2] * 2, [()] * 2, shared_prefix=[8] * 2) == greedy
+    finally:
+        model.ops = saved

@@ -13,7 +13,8 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined
 pytest.importorskip("triton", minversion="3.7")  # older interpreters break on numpy 2.4
 from model import kernels  # noqa: E402
-from model.qwen import explicit_attention, _visible  # noqa: E402
+from model.ops import explicit_attention  # noqa: E402
+from model.qwen import _visible  # noqa: E402
 
 D, H = 16, 2
 
@@ -35,7 +36,7 @@ def test_matmul_equals_reference(m):
 
 
 def test_rms_norm_equals_reference():
-    from model.qwen import rms_norm
+    from model.ops import rms_norm
 
     x, w = torch.randn(3, 5, 96), torch.rand(96) + 0.5
     torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), rms_norm(x, w, 1e-6), rtol=1e-6, atol=1e-6)
@@ -91,7 +92,7 @@ def test_shared_prefix_equals_the_full_prompt(window):
 
 
 def test_rope_and_swiglu_equal_reference():
-    from model.qwen import rope, swiglu
+    from model.ops import rope, swiglu
 
     qkv = torch.randn(2, 5, 3, H, D)  # a fused projection's q: strided like the model's
     q = qkv.unbind(2)[0]

@@ -1,11 +1,13 @@
 """The native model against an independent reference, and its long-context rules against the spec."""
 import math
+from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
 
 from checkpoints import tiny_model
-from model import KVCache
+from model import KVCache, ops
 from model.convert import to_transformers
 from model.qwen import logn_scale, ntk_alpha, rope_inv_freq
 
@@ -48,7 +50,7 @@ def test_reference_attention_equals_sdpa(windows):
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
     fast = model(ids, mask)
-    model.attn_impl = "math"
+    model.ops = ops.REFERENCE
     assert torch.allclose(fast[mask.bool()], model(ids, mask)[mask.bool()], atol=1e-5)
 
 
@@ -161,3 +163,39 @@ def test_window_layers_use_ntk_of_their_own_span():
     no_ntk_windows = small(windows=(64, 64), use_dynamic_ntk=False)(ids)
     assert torch.allclose(short_windows, no_ntk_windows, atol=1e-6)
     assert not torch.allclose(small()(ids), small(use_dynamic_ntk=False)(ids), atol=1e-3)
+
+
+def recording_ops(base=ops.FAST):
+    """`base` with every op counted: which layers call what."""
+    calls = Counter()
+
+    def counted(name):
+        def run(*args):
+            calls[name] += 1
+            return getattr(base, name)(*args)
+        return run
+
+    names = ("linear", "rms_norm", "rope", "swiglu", "attention", "decode_attention")
+    return replace(base, name="recording", **{n: counted(n) for n in names}), calls
+
+
+def test_every_layer_computes_through_the_model_op_set():
+    model = small()
+    model.ops, calls = recording_ops()
+    L = model.args.n_layer
+    cache = KVCache.empty(model.args, batch=2, max_len=12, dtype=torch.float32, device="cpu")
+    positions = torch.arange(10).expand(2, -1)
+    model(tokens(2, 10), positions=positions, kv=cache.prefill(torch.arange(2), positions))
+    prefill = {"linear": 5 * L + 1, "rms_norm": 2 * L + 1, "rope": 2 * L, "swiglu": L, "attention": L}
+    assert calls == prefill
+    step = torch.full((2, 1), 10)
+    model(tokens(2, 1), positions=step, kv=cache.decode(step, step))  # one token over the cache: decoding
+    assert calls == {**{k: 2 * n for k, n in prefill.items()}, "attention": L, "decode_attention": L}
+
+
+def test_op_sets_are_chosen_by_kernels_and_device():
+    assert ops.select("invariant", "cuda") is ops.INVARIANT and ops.select("fast", "cuda:1") is ops.FAST
+    assert ops.select("invariant", "cpu").name == ops.select("fast", "cpu").name == "cpu"  # invariant by batching
+    with pytest.raises(ValueError, match="unknown kernel set"):
+        ops.select("sdpa", "cuda")
+    assert small().ops is ops.FAST  # a fresh model computes with the library kernels
