@@ -7,8 +7,9 @@ from a run's `--kernels`, through `select`), and its name goes into run.json.
 
 - FAST: PyTorch's and cuBLAS's kernels (flash attention when installed): fastest; on a GPU a row's
   numbers move with the batch shape.
-- INVARIANT: model/kernels.py's batch-invariant Triton kernels: one reduction order per row, whatever the
-  batch (GPU; Triton's interpreter runs them on a CPU for tests).
+- INVARIANT: model/kernels.py's batch-invariant kernels: one reduction order per row, whatever the batch
+  (cuBLASLt with split-K made impossible for products, Triton for the rest; GPU; Triton's interpreter runs
+  the Triton ones on a CPU for tests).
 - CPU: FAST's functions, named for what a CPU run is: batch-invariant by the engine's batching (a batch
   only mixes rows of one padded width, see planner.py).
 - REFERENCE: FAST with the plain attention formula, for tests.
@@ -185,9 +186,8 @@ def _invariant_attention(q, k, v, inputs, prefix_kv=None):
 
 
 def _invariant_decode_attention(q, k, v, inputs, prefix_kv=None):
-    # LEAD: switch to _kernels().decode_attention (split-KV, fixed split size) once it lands; same arguments
-    return _kernels().attention(q.contiguous(), k, v, inputs.key_pos, inputs.q_pos, prefix_kv, inputs.window,
-                                inputs.aligned)
+    return _kernels().decode_attention(q.contiguous(), k, v, inputs.key_pos, inputs.q_pos, prefix_kv, inputs.window,
+                                       inputs.aligned)
 
 
 FAST = Ops("fast", F.linear, rms_norm, rope, swiglu, _heads_first(library_attention),
@@ -197,7 +197,7 @@ REFERENCE = replace(FAST, name="reference", attention=_heads_first(reference_att
                     decode_attention=_heads_first(reference_attention))
 INVARIANT = Ops(
     "invariant",
-    linear=lambda x, weight, bias=None: _kernels().matmul(x, weight, bias),  # LEAD: switch to _kernels().linear
+    linear=lambda x, weight, bias=None: _kernels().linear(x, weight, bias),
     rms_norm=lambda x, weight, eps: _kernels().rms_norm(x, weight, eps),
     rope=lambda x, cos, sin: _kernels().rope(x, cos, sin),
     swiglu=lambda up, gate: _kernels().swiglu(up, gate),
@@ -213,4 +213,8 @@ def select(kernels: str, device) -> Ops:
     whatever the choice: they are batch-invariant there (see CPU above)."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernel set {kernels!r} (one of {', '.join(KERNELS)})")
-    return KERNELS[kernels] if torch.device(device).type == "cuda" else CPU
+    if torch.device(device).type != "cuda":
+        return CPU
+    if kernels == "invariant":
+        _kernels().pin_library_matmuls()  # before the process's first product: see kernels.linear
+    return KERNELS[kernels]
