@@ -49,9 +49,11 @@ SHAPES = {  # (in, out) of each projection; w1 and w2 share a shape
             "mlp.c_proj": (24576, 8192)},
 }
 # (BLOCK_M, BLOCK_N, warps, stages): gptq_triton.TILES and other tilings of the same K order
-CANDIDATE_TILES = [(16, 16, 1, 4), (16, 16, 2, 6), (16, 16, 4, 6), (16, 32, 2, 6), (16, 32, 4, 4), (16, 64, 4, 4),
-                   (32, 32, 4, 4), (64, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3),
-                   (256, 128, 8, 3)]
+# (small BLOCK_M may compile to mma.sync, 64 and up to wgmma: if they round differently, only one family may
+# serve every row count, so 64-row tiles are timed at one row too)
+CANDIDATE_TILES = [(16, 16, 1, 4), (16, 16, 2, 6), (16, 16, 4, 6), (16, 16, 4, 8), (16, 32, 2, 6), (16, 32, 4, 4),
+                   (16, 32, 4, 8), (16, 64, 4, 4), (32, 32, 4, 4), (64, 16, 4, 4), (64, 32, 4, 6), (64, 64, 4, 4),
+                   (64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3)]
 TIMED_ROWS = (1, 4, 16, 64, 256, 2048)
 
 
@@ -120,7 +122,7 @@ def time_tiles(layer: gptq.GPTQLinear, weight: torch.Tensor, gen: torch.Generato
         x = torch.randn(m, layer.in_features, device="cuda", dtype=torch.bfloat16, generator=gen)
         out[m] = {name: time_ms(partial(fn, x)) for name, fn in products.items()}
         for t in CANDIDATE_TILES:
-            if t[0] <= max(16, 4 * m):  # tiles far taller than the rows only waste work
+            if t[0] <= max(64, 4 * m):  # tiles far taller than the rows only waste work
                 out[m][f"int4 fused {t}"] = time_ms(partial(fused_with_tile, layer.gptq_tensors(), t, x))
     return out
 

@@ -17,7 +17,7 @@ it through the same product as a BF16 layer: `kernels.matmul` (the batch-invaria
 - "triton" (the default): the fused kernel of gptq_triton.py, which reads the stored tensors as they are,
   dequantizes each weight tile in registers to the reference's values and accumulates over K in
   `kernels.matmul`'s order: the invariant reference's bits at every row count (prefill and decoding);
-- "tinygemm" (`--kernels fast`): PyTorch's int4 kernel (`torch._weight_int4pack_mm`), repacked into its
+- "tinygemm" (the named fast option): PyTorch's int4 kernel (`torch._weight_int4pack_mm`), repacked into its
   own layout (the GPTQ tensors are dropped). It computes a slightly different function (bf16 scales, a
   bf16 zero, a second rounding: see `tinygemm_weight` and EVALUATION.md, "Int4").
 `int4_path` names the path a model's layers take, for run.json.
