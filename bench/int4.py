@@ -36,7 +36,15 @@ import torch.nn.functional as F
 
 from eval.backends import NativeBackend, profile
 from eval.tasks import profile as profile_task
-from model import ModelArgs, Qwen, QwenTokenizer, gptq, init_weights, load_model, load_tokenizer
+from model import (
+    ModelArgs,
+    Qwen,
+    QwenTokenizer,
+    gptq,
+    init_weights,
+    load_model,
+    load_tokenizer,
+)
 from model.engine import Engine
 
 torch.set_grad_enabled(False)
