@@ -21,6 +21,15 @@ to bf16, multiplied by `kernels.matmul`. Parts:
   weights: BF16, Int4 fused Triton, Int4 tinygemm, with the invariant kernels and (--kernels) the library
   ones. Tokens/s and peak GiB.
 JSON rows go to bench/results/int4-<date>.json (--out) as each part ends; a table is printed at the end.
+
+On a device machine without ../shared, carry the tokenizer, tiny-qwen-256 and its held-out papers (35 MB):
+    mkdir -p .carry/int4/tiny .carry/int4/papers && cp ../shared/models/tiny-qwen-256/*.{json,tiktoken,gz} .carry/int4/tiny/
+    (cd ../shared/data/longctx_arxiv/korzen_groundtruth && cp --parents 0003/hep-ph0003058.body.txt \
+      0712/0712.4385.body.txt 0910/0910.0369.body.txt 1103/1103.3685.body.txt 1111/1111.2568.body.txt \
+      1209/1209.2834.body.txt 1305/1305.6565.body.txt 1312/1312.2964.body.txt 1501/1501.06674.body.txt \
+      1507/1507.01828.body.txt 1511/1511.08255.body.txt 1606/1606.05885.body.txt "$OLDPWD/.carry/int4/papers")
+and there: gunzip -k .carry/int4/tiny/model.safetensors.gz, then pass --tiny .carry/int4/tiny
+--papers .carry/int4/papers --vocab .carry/int4/tiny/qwen.tiktoken.
 """
 from __future__ import annotations
 
