@@ -32,13 +32,15 @@ class NativeBackend:
 
     def __init__(self, model, tokenizer, *, batch_size: int | None = None, progress: bool = True,
                  kernels: str = "invariant", prefix_reuse: bool = True, fixed_new_tokens: int | None = None):
-        from model import ops
+        from model import gptq, ops
         from model.engine import Engine
 
         # the kernel set, chosen here once for every layer; its name (run.json's "engine") decides the
-        # numbers besides the weights: "invariant", "fast", or "cpu" (batch-invariant by construction)
+        # numbers besides the weights: "invariant", "fast", or "cpu" (batch-invariant by construction),
+        # and for a GPTQ checkpoint the Int4 layers' product
         model.ops = ops.select(kernels, next(model.parameters()).device)
-        self.mode = model.ops.name
+        int4 = gptq.int4_path(model)
+        self.mode = model.ops.name + (f", int4 {int4}" if int4 else "")
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, max_batch=batch_size, progress=progress, share_prefix=prefix_reuse)
         self.fixed_new_tokens = fixed_new_tokens  # benchmarks only: every generation exactly this long

@@ -10,15 +10,18 @@ so W[n, k] = scales[g, n] * (code[k, n] - (stored_zero[g, n] + 1)) with g = g_id
 QuantLinear.pack stores `zeros - 1` and its dequantization adds the 1 back (the "gptq" checkpoint format;
 "gptq_v2" stores the zero itself and is refused). Embeddings, norms and the LM head stay in floating point.
 
-Matrix products. The reference (CPU, and any layer no GPU kernel takes) dequantizes one layer's weight
-inside its forward, in fp32 (exact), rounds it once to the activation dtype and runs a plain product. On a
-CUDA GPU, `use_int4mm` moves layers to Triton kernels that read the stored tensors as they are
-(gptq_triton.py): up to FUSED_MAX_ROWS rows a fused kernel that never forms the weight (decoding), above
-that the same dequantization into a dense weight for cuBLAS (prefill). Both compute the reference's
-rounded weight exactly, so the GPU differs from the reference only in the order of fp32 additions.
-PyTorch's own int4 kernel (tinygemm, `torch._weight_int4pack_mm`) is kept as the fallback where Triton is
-missing; it computes a slightly different function (bf16 scales, a bf16 zero, a second rounding): see
-`tinygemm_weight` and EVALUATION.md, "Int4".
+Matrix products, one function whatever the kernel that computes it. The reference dequantizes one
+layer's weight inside its forward, in fp32 (exact), rounds it once to the activation dtype and multiplies
+it through `kernels.matmul` (the batch-invariant Triton matmul, whose K order the fused kernel keeps) when
+the model's op set is the invariant one on a GPU, else through the op set's product. On a CUDA GPU
+`use_int4mm` moves layers to
+- "triton" (the default): the fused kernel of gptq_triton.py, which reads the stored tensors as they are,
+  dequantizes each weight tile in registers to the reference's values and accumulates over K in
+  `kernels.matmul`'s order: the invariant reference's bits at every row count (prefill and decoding);
+- "tinygemm" (the named fast option): PyTorch's int4 kernel (`torch._weight_int4pack_mm`), repacked into its
+  own layout (the GPTQ tensors are dropped). It computes a slightly different function (bf16 scales, a
+  bf16 zero, a second rounding: see `tinygemm_weight` and EVALUATION.md, "Int4").
+`int4_path` names the path a model's layers take, for run.json.
 """
 from __future__ import annotations
 
@@ -33,10 +36,9 @@ from torch import Tensor, nn
 from .config import ConfigError
 
 
-
 def _triton_kernels():
-    """model/gptq_triton.py, imported on first use on a GPU (Triton is absent from CPU-only installs,
-    and importing it early would fix Triton's mode before a test can choose its interpreter)."""
+    """model/gptq_triton.py, imported on first use (Triton is absent from CPU-only installs, and importing
+    it early would fix Triton's mode before a test can choose its interpreter)."""
     try:
         from . import gptq_triton
     except ImportError:
@@ -47,7 +49,7 @@ QUANTIZED = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")  # 
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 ZERO_OFFSET = 1  # the "gptq" format stores zero - 1
 INT4MM_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes tinygemm is built for
-FUSED_MAX_ROWS = 32  # more rows: dequantize + cuBLAS is faster than the fused kernel (bench/RESULTS.md, Int4)
+KERNELS = ("triton", "tinygemm")
 
 
 class QuantizationError(ConfigError):
@@ -123,19 +125,31 @@ class GPTQLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.register_parameter("bias", nn.Parameter(torch.zeros(out_features)) if bias else None)
-        self.kernel: str | None = None  # "triton" or "tinygemm" once `use_int4mm` moved it to a GPU kernel
+        self.kernel: str | None = None  # one of KERNELS once `use_int4mm` moved it; None: the reference
 
     @property
     def fused(self) -> bool:
         return self.kernel is not None
 
     def forward(self, x: Tensor, ops) -> Tensor:
-        """ops: the model's op set (model/ops.py); the reference multiplies through its product."""
-        if x.is_cuda and self.kernel == "triton" and x.dtype in (torch.bfloat16, torch.float16):
-            return self._forward_triton(x)
+        """ops: the model's op set (model/ops.py). The fused kernel keeps the Triton matmul's K order, so
+        under the invariant set the reference multiplies through that matmul, not the op set's cuBLAS product."""
         if x.is_cuda and self.kernel == "tinygemm":
             return self._forward_int4mm(x)
-        return ops.linear(x, self.dequantize().to(x.dtype), self.bias)
+        rows = x.reshape(-1, self.in_features)
+        if self.kernel == "triton" and x.dtype in (torch.bfloat16, torch.float16):
+            y = _triton_kernels().gptq_matmul(rows.contiguous(), *self.gptq_tensors(), bias=self.bias)
+        elif ops.name == "invariant" and x.is_cuda:
+            from . import kernels  # Triton, imported on a GPU only
+
+            y = kernels.matmul(rows, self.dequantize().to(x.dtype), self.bias)
+        else:
+            y = ops.linear(rows, self.dequantize().to(x.dtype), self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def gptq_tensors(self) -> tuple:
+        """The stored tensors and settings as `gptq_triton.gptq_matmul` takes them."""
+        return self.qweight, self.scales, self.qzeros, self.g_idx, self.group_size, self.desc_act
 
     def dequantize(self) -> Tensor:
         """W [out, in] in fp32; exact, since a code difference (|d| <= 16) times an fp16 scale fits fp32."""
@@ -152,22 +166,10 @@ class GPTQLinear(nn.Module):
         if not self.desc_act and not torch.equal(g_idx.long(), in_order):  # AutoGPTQ would ignore g_idx here
             raise QuantizationError(f"{where}: groups are not in input order although desc_act is false")
 
-    # ---- the Triton GPU path ------------------------------------------------------------------
-    def fits_triton(self) -> bool:
-        gptq_triton = _triton_kernels() if self.qweight.is_cuda else None
-        if gptq_triton is None:
-            return False
-        return gptq_triton.block_k(self.in_features, self.group_size, self.desc_act) is not None
-
-    def _forward_triton(self, x: Tensor) -> Tensor:
-        gptq_triton = _triton_kernels()
-        rows = x.reshape(-1, self.in_features).contiguous()
-        tensors = (self.qweight, self.scales, self.qzeros, self.g_idx, self.group_size, self.desc_act)
-        if rows.shape[0] <= FUSED_MAX_ROWS:
-            y = gptq_triton.gptq_matmul(rows, *tensors, bias=self.bias)
-        else:  # [K, N] transposed, the same operand layout as the reference's dequantize().t()
-            y = F.linear(rows, gptq_triton.gptq_dequantize(*tensors, dtype=x.dtype).t(), self.bias)
-        return y.view(*x.shape[:-1], self.out_features)
+    def fits(self, kernel: str) -> bool:
+        if kernel == "triton":
+            return self.qweight.is_cuda and _triton_kernels() is not None
+        return self.fits_int4mm()
 
     # ---- the tinygemm GPU path (PyTorch's own int4 kernel) ------------------------------------
     def fits_int4mm(self) -> bool:
@@ -279,17 +281,26 @@ def assign(model: nn.Module, name: str, tensor: Tensor, device, source: Path) ->
 
 
 def use_int4mm(model: nn.Module, kernel: str = "triton") -> int:
-    """Move every GPTQ layer on a CUDA GPU to a GPU kernel: Triton where it is installed and takes the
-    layer, else tinygemm where it does (`kernel="tinygemm"`: tinygemm first); the number moved."""
+    """Move every GPTQ layer on a CUDA GPU to `kernel` where it fits ("triton": Triton installed;
+    "tinygemm": see `fits_int4mm`), else to the other kernel; the number moved. A layer repacked for
+    tinygemm stays there (the GPTQ tensors the Triton kernel reads are gone)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown Int4 kernel {kernel!r} (one of {', '.join(KERNELS)})")
     moved = 0
     for layer in model.modules():
-        if not isinstance(layer, GPTQLinear) or layer.fused:
+        if not isinstance(layer, GPTQLinear) or layer.kernel in (kernel, "tinygemm"):
             continue
-        if kernel == "triton" and layer.fits_triton():
-            layer.kernel = "triton"
-        elif layer.fits_int4mm():
+        choice = next((k for k in (kernel, *KERNELS) if layer.fits(k)), None)
+        if choice == "tinygemm":
             layer.repack_for_int4mm()
-        else:
-            continue
-        moved += 1
+        elif choice == "triton":
+            layer.kernel = "triton"
+        moved += choice is not None
     return moved
+
+
+def int4_path(model: nn.Module) -> str | None:
+    """Which product the model's GPTQ layers run, for run.json: "triton" (the fused kernel, the
+    reference's bits), "tinygemm", "reference", or several joined by "+"; None without GPTQ layers."""
+    paths = {layer.kernel or "reference" for layer in model.modules() if isinstance(layer, GPTQLinear)}
+    return "+".join(sorted(paths)) or None

@@ -1,10 +1,12 @@
 """GPTQ Int4 checkpoints: AutoGPTQ's packing read bit for bit, logits equal the dequantized fp32 model,
-the fused kernel's operands equal the reference, and unsupported settings fail with their file and key.
+the fused Triton kernel equals the invariant reference (Triton's interpreter), tinygemm's operands and
+arithmetic, and unsupported settings fail with their file and key.
 
 The tiny checkpoints are quantized here (round to nearest, group size 32) and packed with this file's own
 writer, not model.gptq's, so a convention shared by a wrong reader and writer cannot pass unnoticed.
 """
 import json
+import os
 import shutil
 
 import pytest
@@ -14,9 +16,10 @@ from safetensors.torch import load_file, save_file
 from checkpoints import tiny_model, v11_config, vocab_file
 from model import ModelLoadError, Qwen, load_model
 from model.engine import Engine
-from model.gptq import (QUANTIZED, GPTQLinear, QuantizationError, int4mm_operands, pack_int4, pack_nibble_pairs,
-                        tinygemm_weight, unpack_int4)
+from model.gptq import (QUANTIZED, GPTQLinear, QuantizationError, int4_path, int4mm_operands, pack_int4,
+                        pack_nibble_pairs, tinygemm_weight, unpack_int4, use_int4mm)
 
+os.environ["TRITON_INTERPRET"] = "1"  # the fused kernel's tests run on the CPU; set before Triton is imported
 torch.set_grad_enabled(False)
 GROUP_SIZE = 32
 
@@ -101,6 +104,132 @@ def test_tinygemm_weight_error_bound():
     e = u * scale * ((codes.t() - 8).abs() + (8 - zero).abs())
     assert ((fused - exact).abs() <= e + u * (exact.abs() + e)).all()
     assert (fused != exact.to(torch.bfloat16).double()).any()  # and it is not the reference's rounding
+
+
+# ---- the fused Triton kernel against the reference (Triton's interpreter) --------------------------
+@pytest.fixture
+def interpreter(monkeypatch):
+    """model.gptq_triton and model.kernels on Triton's interpreter, with its bf16 arithmetic made the GPU's
+    (Triton 3.9): its tl.dot multiplies bf16 operands as their raw uint16 bits, and it casts fp32 to bf16
+    by truncation. Here bf16 operands are read as numbers and fp32 rounds to the nearest even bf16."""
+    pytest.importorskip("triton", minversion="3.7")  # older interpreters break on numpy 2.4
+    from triton.runtime import interpreter as interp
+
+    from model import gptq_triton, kernels
+
+    convert, dot, tl = interp._convert_float, interp.InterpreterBuilder.create_dot, interp.tl
+
+    def round_to_bf16(data, src, dst, rounding):
+        if (src, dst) != (tl.float32, tl.bfloat16):
+            return convert(data, src, dst, rounding)
+        return torch.from_numpy(data.astype("float32")).to(torch.bfloat16).view(torch.uint16).numpy()
+
+    def bf16_as_numbers(builder, a, b, d, *args):
+        def read(t):
+            if t.dtype.scalar != tl.bfloat16:
+                return t
+            return interp.TensorHandle(convert(t.data, tl.bfloat16, tl.float32, None).view("float32"), tl.float32)
+        return dot(builder, read(a), read(b), d, *args)
+
+    monkeypatch.setattr(interp, "_convert_float", round_to_bf16)
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", bf16_as_numbers)
+    return gptq_triton, kernels
+
+
+def _random_layer(k: int, n: int, group: int, act_order: bool, exact: bool, seed: int = 0) -> GPTQLinear:
+    """Random codes, zeros and scales. exact: power-of-two scales, so that every product and partial sum
+    of a test input with few significant bits is exact and any summation order gives the same bits."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = GPTQLinear(k, n, bias=True, group_size=group, desc_act=act_order)
+    layer.qweight = torch.randint(-2**31, 2**31, (k // 8, n), generator=gen, dtype=torch.int64).to(torch.int32)
+    layer.qzeros = torch.randint(-2**31, 2**31, (k // group, n // 8), generator=gen, dtype=torch.int64).to(torch.int32)
+    if exact:
+        layer.scales = (2.0 ** torch.randint(-6, -2, (k // group, n), generator=gen)).half()
+    else:
+        layer.scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 1e-3).half()
+    g_idx = torch.arange(k) // group
+    layer.g_idx = (g_idx[torch.randperm(k, generator=gen)] if act_order else g_idx).to(torch.int32)
+    layer.bias = torch.nn.Parameter(torch.randn(n, generator=gen).to(torch.bfloat16))
+    return layer
+
+
+def _exact_rows(m: int, k: int, seed: int = 1) -> torch.Tensor:
+    """Multiples of 1/8 in [-1, 1): three significant bits, exact in bf16."""
+    return (torch.randint(-8, 8, (m, k), generator=torch.Generator().manual_seed(seed)) / 8).to(torch.bfloat16)
+
+
+# K, N, group size, act-order: one tile per group, groups per channel (64 and 32 < BLOCK_K, K not a multiple of
+# 64), act-order. The interpreter takes 5-20 s per layout, so only the first is in the quick subset.
+LAYOUTS = [(256, 24, 128, False)] + [pytest.param(*layout, marks=pytest.mark.slow)
+                                     for layout in [(320, 40, 64, False), (96, 32, 32, False), (192, 24, 64, True)]]
+
+
+@pytest.mark.parametrize("k, n, group, act_order, dtype", [(*LAYOUTS[0], torch.bfloat16), (*LAYOUTS[0], torch.float16)]
+                         + [pytest.param(*p.values, torch.bfloat16, marks=p.marks) for p in LAYOUTS[1:]])
+def test_fused_kernel_dequantizes_to_the_reference_weight(interpreter, k, n, group, act_order, dtype):
+    """The identity as input reads out the weight the kernel multiplies: GPTQ's exact fp32 value rounded
+    once to the model dtype (one-row groups, groups per channel, act-order, K not a multiple of 64)."""
+    gptq_triton, _ = interpreter
+    layer = _random_layer(k, n, group, act_order, exact=False)
+    eye = torch.eye(k, dtype=dtype)
+    for tile in (gptq_triton.TILES[0], gptq_triton.TILES[-1]):
+        fused = gptq_triton.gptq_matmul(eye, *layer.gptq_tensors(), tile=tile)
+        assert torch.equal(fused, layer.dequantize().to(dtype).t()), tile
+
+
+@pytest.mark.parametrize("k, n, group, act_order", LAYOUTS)
+def test_fused_kernel_equals_the_invariant_reference_at_every_tiling(interpreter, k, n, group, act_order):
+    """Dequantize -> kernels.matmul, bit for bit, for row counts across the tile sizes and every tiling
+    (exact inputs: the interpreter's numpy products promise no summation order; the GPU bench checks
+    the order with random inputs)."""
+    gptq_triton, kernels = interpreter
+    layer = _random_layer(k, n, group, act_order, exact=True)
+    weight = layer.dequantize().to(torch.bfloat16)
+    x = _exact_rows(150, k)
+    reference = kernels.matmul(x, weight, layer.bias)
+    for m in (1, 3, 16, 17, 65, 150):
+        assert torch.equal(gptq_triton.gptq_matmul(x[:m], *layer.gptq_tensors(), bias=layer.bias), reference[:m]), m
+    for tile in gptq_triton.TILES:
+        assert torch.equal(gptq_triton.gptq_matmul(x, *layer.gptq_tensors(), bias=layer.bias, tile=tile), reference)
+
+
+@pytest.mark.parametrize("m", [1, 16, 70])
+def test_fused_kernel_keeps_the_reference_order(interpreter, m):
+    """The contract's order: one fp32 accumulator, K steps of 64 from 0 upward. Every weight is 1, and the
+    input puts 2^25, 1, -2^25, 1 at the first channel of K steps 0, 2, 4, 5 (one product per step, so
+    no step's own sum can round). In order, 2^25 + 1 rounds back to 2^25 (the fp32 spacing there is 4)
+    and the result is 1; a K split into partial sums (the earlier kernel's) gives 0."""
+    gptq_triton, kernels = interpreter
+    layer = GPTQLinear(384, 16, bias=False, group_size=128, desc_act=False)  # code 2 - zero 1: weights 1
+    layer.qweight, layer.qzeros = pack_int4(torch.full((384, 16), 2), dim=0), pack_int4(torch.zeros(3, 16), dim=1)
+    layer.scales, layer.g_idx = torch.ones(3, 16, dtype=torch.float16), (torch.arange(384) // 128).to(torch.int32)
+    x = torch.zeros(m, 384, dtype=torch.bfloat16)
+    x[:, [0, 128, 256, 320]] = torch.tensor([2.0**25, 1.0, -(2.0**25), 1.0], dtype=torch.bfloat16)
+    reference = kernels.matmul(x, layer.dequantize().to(torch.bfloat16))
+    assert (reference == 1).all()
+    for tile in gptq_triton.TILES:
+        assert torch.equal(gptq_triton.gptq_matmul(x, *layer.gptq_tensors(), tile=tile), reference)
+
+
+def test_layer_forward_takes_the_kernel_it_was_given(interpreter):
+    """kernel "triton": the fused product, [B, T, K] in; None: the reference (bit for bit on exact inputs)."""
+    layer = _random_layer(256, 48, 128, False, exact=True)
+    x = _exact_rows(6, 256).view(2, 3, 256)
+    reference = layer(x)
+    layer.kernel = "triton"
+    assert torch.equal(layer(x), reference)
+    layer.bias = torch.nn.Parameter(layer.bias.float())  # fp32 keeps the reference: tl.dot would round to tf32
+    assert torch.equal(layer(x.float()), torch.nn.functional.linear(x.float(), layer.dequantize(), layer.bias))
+
+
+def test_int4_path_names_what_runs():
+    model = torch.nn.Sequential(_random_layer(64, 8, 32, False, exact=True), _random_layer(64, 8, 32, False, exact=True))
+    assert int4_path(torch.nn.Linear(2, 2)) is None
+    assert use_int4mm(model) == 0 and int4_path(model) == "reference"  # a CPU model keeps the reference
+    model[1].kernel = "triton"
+    assert int4_path(model) == "reference+triton"
+    with pytest.raises(ValueError, match="unknown Int4 kernel 'marlin'"):
+        use_int4mm(model, "marlin")
 
 
 # ---- a tiny checkpoint, quantized and packed here -------------------------------------------------
