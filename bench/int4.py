@@ -53,6 +53,7 @@ from model import (
     init_weights,
     load_model,
     load_tokenizer,
+    ops,
 )
 from model.engine import Engine
 
@@ -224,7 +225,8 @@ def held_out_samples(tok, papers: Path) -> tuple[list[list[int]], list[list[int]
 
 
 def serve(model, nll_samples, prompts, rows: int) -> dict:
-    engine = Engine(model, progress=False, max_batch=rows)  # invariant kernels everywhere else
+    model.ops = ops.select("invariant", "cuda")  # the batch-invariant op set for every non-Int4 layer
+    engine = Engine(model, progress=False, max_batch=rows)
     nll = [n for n, _ in engine.loglikelihood(nll_samples)]
     tokens = [g.tokens for g in engine.generate(prompts, [NEW_TOKENS] * len(prompts), [[]] * len(prompts))]
     return {"nll": nll, "tokens": tokens}

@@ -3,15 +3,15 @@
     python -m bench.kernel_bits                      # bits sweep and timings, JSON under bench/results/
     python -m bench.kernel_bits --shapes 7b --max-rows 64   # a quick look
 
-Products (kernels.linear, cuBLASLt pinned by kernels.pin_library_matmuls): for every weight shape of the
-Qwen family, a product of each row count from 1 to --max-rows (and of --largest rows, the most rows one
-forward of the engine plans) must give each row the bits it has in the product of all --largest rows,
-for rows taken at two offsets. The same sweep without the row floor says which small row counts the floor
-is there for. Decode attention (kernels.decode_attention): a row's output is the same alone, among other
+Products (kernels.linear, cuBLASLt pinned by kernels.pin_library_matmuls, and the Triton kernels.matmul):
+for every weight shape of the Qwen family, a product of each row count from 1 to --max-rows must give each
+row the bits it has in the product of --largest rows (the most rows one forward of the engine plans), for
+rows taken at two offsets. Triton tilings (small ones run mma.sync, large ones wgmma) must agree too. Decode attention (kernels.decode_attention): a row's output is the same alone, among other
 rows, in a cache of more slots, and with its prefix shared, at cache lengths across several splits.
 
-Timings: the pinned product against the Triton matmul (the Int4 kernel's K order) in this process, and the
-library's default cuBLAS (split-K allowed) in a child process, since the pinning is process-wide.
+Timings (device time of CUDA-graphed calls, as in the engine's decode step): the pinned product and the
+Triton matmul in this process, the library's default cuBLAS (split-K allowed) in a child process, since
+the pinning is process-wide.
 """
 from __future__ import annotations
 
@@ -37,11 +37,9 @@ SHAPES = {
 TIMED_ROWS = (1, 16, 64, 256, 2048, 16384)
 
 
-# the candidate batch-invariant products: the Triton matmul (its own K order, tile by row count) and
-# cuBLASLt pinned (kernels.linear, with and without the row floor)
-PRODUCTS = {"triton": lambda x, w, b: kernels.matmul(x, w, b),
-            "cublas_pinned": lambda x, w, b: kernels.linear(x, w, b),
-            "cublas_pinned_no_floor": lambda x, w, b: torch.nn.functional.linear(x, w, b)}
+# the batch-invariant products: cuBLASLt pinned (kernels.linear, BF16 layers) and the Triton matmul (its
+# own K order, tile by row count; the Int4 kernel's contract)
+PRODUCTS = {"cublas_pinned": kernels.linear, "triton": kernels.matmul}
 
 
 def sweep_shape(n: int, k: int, has_bias: bool, max_rows: int, largest: int, products, gen) -> dict:
@@ -187,7 +185,7 @@ def main():
     p.add_argument("--largest", type=int, default=16384, help="rows of the largest product (the engine's batch)")
     p.add_argument("--library-default", action="store_true", help="(child process) time the unpinned library")
     p.add_argument("--parts", default="bits,tiles,attention,timings")
-    p.add_argument("--products", default="triton,cublas_pinned,cublas_pinned_no_floor")
+    p.add_argument("--products", default="cublas_pinned,triton")
     p.add_argument("--out", default="bench/results/kernel_bits.json")
     args = p.parse_args()
     torch.set_grad_enabled(False)

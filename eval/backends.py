@@ -39,6 +39,8 @@ class NativeBackend:
         # numbers besides the weights: "invariant", "fast", or "cpu" (batch-invariant by construction),
         # and for a GPTQ checkpoint the Int4 layers' product
         model.ops = ops.select(kernels, next(model.parameters()).device)
+        if kernels == "fast":
+            gptq.use_int4mm(model, "tinygemm")  # the named fast Int4 product (on a GPU; a CPU keeps the reference)
         int4 = gptq.int4_path(model)
         self.mode = model.ops.name + (f", int4 {int4}" if int4 else "")
         self.model, self.tokenizer = model, tokenizer

@@ -215,6 +215,6 @@ def select(kernels: str, device) -> Ops:
         raise ValueError(f"unknown kernel set {kernels!r} (one of {', '.join(KERNELS)})")
     if torch.device(device).type != "cuda":
         return CPU
-    if kernels == "invariant":
+    if kernels == "invariant" and torch.cuda.is_available():
         _kernels().pin_library_matmuls()  # before the process's first product: see kernels.linear
     return KERNELS[kernels]

@@ -213,13 +213,15 @@ def test_fused_kernel_keeps_the_reference_order(interpreter, m):
 
 def test_layer_forward_takes_the_kernel_it_was_given(interpreter):
     """kernel "triton": the fused product, [B, T, K] in; None: the reference (bit for bit on exact inputs)."""
+    from model.ops import CPU
+
     layer = _random_layer(256, 48, 128, False, exact=True)
     x = _exact_rows(6, 256).view(2, 3, 256)
-    reference = layer(x)
+    reference = layer(x, CPU)
     layer.kernel = "triton"
-    assert torch.equal(layer(x), reference)
+    assert torch.equal(layer(x, CPU), reference)
     layer.bias = torch.nn.Parameter(layer.bias.float())  # fp32 keeps the reference: tl.dot would round to tf32
-    assert torch.equal(layer(x.float()), torch.nn.functional.linear(x.float(), layer.dequantize(), layer.bias))
+    assert torch.equal(layer(x.float(), CPU), torch.nn.functional.linear(x.float(), layer.dequantize(), layer.bias))
 
 
 def test_int4_path_names_what_runs():
