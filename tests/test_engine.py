@@ -209,6 +209,7 @@ def test_only_the_decode_step_takes_decode_attention(model):
         model.ops = saved
 
 
+@pytest.mark.slow  # Triton's interpreter runs every program of every kernel in Python
 def test_invariant_op_set_serves_what_the_library_kernels_serve(model):
     """The batch-invariant op set wired through model and engine (Triton's interpreter on a CPU): the same
     choice logits with and without prefix reuse, and the same greedy tokens, as the library kernels."""
