@@ -6,6 +6,7 @@ DIR holds mmlu/, gsm8k/ (the release layouts, as ../shared/data) and qwen.tiktok
 v1.1 layout: HF-style keys, 8 safetensors shards and their index, like the release; 15.4 GB) is written to
 --ckpt on local disk unless it is there already. Parts, each a few minutes on an H100:
   disk   the checkpoint read once cold (O_DIRECT, else after dropping the page cache as root) and once warm
+  hash   the first shard read from the page cache alone, then hashed as read: xxh3-128 (the loader's), blake2b
   mmlu1  --task mmlu --limit 1 (57 documents)       mmlu   full --task mmlu (14,042)
   gsm8k  full --task gsm8k (1,319)                  peer   --backend hf against native on the same documents:
          MMLU --limit --peer-mmlu-limit per subject and GSM8K's first --peer-gsm8k-limit problems
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("disk", "mmlu1", "mmlu", "gsm8k", "peer")
+PARTS = ("disk", "hash", "mmlu1", "mmlu", "gsm8k", "peer")
 SHARDS = 8
 # Qwen-7B v1.1's config.json (the keys the loader reads), as released
 QWEN_7B = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "hidden_size": 4096, "intermediate_size": 22016,
@@ -141,6 +142,29 @@ def disk_rows(ckpt: Path) -> list[dict]:
     return rows
 
 
+def hash_rows(ckpt: Path) -> list[dict]:
+    """One shard read warm in CHUNK pieces, alone and hashed as read: what the fingerprint adds to a read."""
+    import hashlib
+
+    import xxhash
+
+    path = min(ckpt.glob("*.safetensors"))
+    read_speed([path], direct=False)  # into the page cache
+    rows = []
+    for name, make in (("read only", None), ("read + xxh3-128", xxhash.xxh3_128),
+                       ("read + blake2b", lambda: hashlib.blake2b(digest_size=16))):
+        buffer, digest = bytearray(CHUNK), make() if make else None
+        started = time.perf_counter()
+        with path.open("rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                if digest:
+                    digest.update(memoryview(buffer)[:n])
+        seconds = time.perf_counter() - started
+        rows.append({"command": f"{name}, {path.name} warm", "seconds": round(seconds, 2),
+                     "gb_per_s": path.stat().st_size / seconds / 1e9})
+    return rows
+
+
 # ---- the commands -----------------------------------------------------------------------------------------
 def commands(args) -> list[tuple[str, list[str]]]:
     peer = ["--no-dynamic-ntk", "--no-logn"]
@@ -214,6 +238,8 @@ def main(argv=None) -> int:
         rows += disk_rows(args.ckpt)
     else:
         read_speed(sorted(args.ckpt.glob("*.safetensors")), direct=False)  # the rows below load from the page cache
+    if "hash" in args.parts:
+        rows += hash_rows(args.ckpt)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "compileall", "-q", "eval", "model"], cwd=REPO, check=True)
     print(f"compiled the sources in {time.perf_counter() - started:.1f} s (a fresh machine pays this once)")
