@@ -273,7 +273,7 @@ def _load_safetensors(path: Path, place, fingerprint, device: torch.device) -> N
                 fingerprint.update(buffer.numpy()[:n])
                 if flat is not None:
                     flat[offset // width:(offset + n) // width].copy_(buffer[:n].view(t.dtype), non_blocking=cuda)
-                free.put((buffer, _copied(cuda)))
+                free.put((buffer, _copied(device)))
             if target:
                 target[1](target[0])
     finally:
@@ -281,12 +281,13 @@ def _load_safetensors(path: Path, place, fingerprint, device: torch.device) -> N
         reader.join()
 
 
-def _copied(cuda: bool):
-    """An event the reader waits on before it overwrites a buffer a device copy is still reading."""
-    if not cuda:
+def _copied(device: torch.device):
+    """An event the reader waits on before it overwrites a buffer a device copy is still reading (the copy
+    went to the current stream of the destination's GPU, which need not be the current GPU)."""
+    if device.type != "cuda":
         return None
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(device))
     return event
 
 

@@ -226,3 +226,15 @@ def test_chunked_reads_load_every_byte_and_convert_the_dtype(model, checkpoints,
     loaded = load_model(checkpoints["v1.1"], dtype="bf16", device="cpu")
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor.to(torch.bfloat16)), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned-buffer path to a GPU")
+def test_chunked_reads_to_a_gpu_equal_the_cpu_load(checkpoints, monkeypatch):
+    import model.loading as loading
+
+    monkeypatch.setattr(loading, "READ_CHUNK", 3 * 2**15)  # buffers reused many times while copies are in flight
+    cpu = load_model(checkpoints["v1.1"], dtype="bf16", device="cpu")
+    gpu = load_model(checkpoints["v1.1"], dtype="bf16", device="cuda")
+    assert gpu.weights_fingerprint == cpu.weights_fingerprint
+    for name, tensor in cpu.state_dict().items():
+        assert torch.equal(gpu.state_dict()[name].cpu(), tensor), name
