@@ -203,7 +203,7 @@ def _flip_byte_in_the_middle_of(path, name: str) -> None:
 
 @pytest.mark.parametrize("chunk", [64 * 2**20, 3 * 2**15])  # one read per tensor; many reads per tensor
 def test_fingerprint_sees_a_changed_middle_tensor_of_the_same_size(checkpoints, tmp_path, monkeypatch, chunk):
-    import model.loading as loading
+    from model import loading
 
     monkeypatch.setattr(loading, "READ_CHUNK", chunk)
     path = _copy(checkpoints["v1.1"], tmp_path)
@@ -220,7 +220,7 @@ def test_fingerprint_sees_a_changed_middle_tensor_of_the_same_size(checkpoints, 
 
 def test_chunked_reads_load_every_byte_and_convert_the_dtype(model, checkpoints, monkeypatch):
     """Tensors read in many small pieces (some cut mid-tensor) load exactly; bf16 pieces convert as wholes."""
-    import model.loading as loading
+    from model import loading
 
     monkeypatch.setattr(loading, "READ_CHUNK", 3 * 2**15)  # a multiple of every element size, as the default
     loaded = load_model(checkpoints["v1.1"], dtype="bf16", device="cpu")
@@ -230,7 +230,7 @@ def test_chunked_reads_load_every_byte_and_convert_the_dtype(model, checkpoints,
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned-buffer path to a GPU")
 def test_chunked_reads_to_a_gpu_equal_the_cpu_load(checkpoints, monkeypatch):
-    import model.loading as loading
+    from model import loading
 
     monkeypatch.setattr(loading, "READ_CHUNK", 3 * 2**15)  # buffers reused many times while copies are in flight
     cpu = load_model(checkpoints["v1.1"], dtype="bf16", device="cpu")
