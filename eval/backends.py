@@ -9,12 +9,11 @@ hf:     plain `transformers`, batched as lm-evaluation-harness's HF backend (`--
 from __future__ import annotations
 
 import dataclasses
-
+import sys
+import time
 from typing import Callable
 
 import torch
-
-import time
 
 from .api import (ChoiceRequest, ChoiceResponse, GenerateRequest, GenerateResponse, LoglikelihoodRequest,
                   LoglikelihoodResponse, ProfileResponse, UserError)
@@ -196,17 +195,20 @@ class HFBackend:
     # -- batch sizing -------------------------------------------------------------------------------------
 
     def _activation_bytes(self, n: int) -> int:
-        """Peak activations of one row of n tokens in a forward pass: the native planner's estimate."""
+        """Peak activations of one row of n tokens in a forward pass that keeps no KV cache (use_cache=False):
+        the native planner's estimate (SDPA keeps no [T, T] scores on a GPU)."""
         from model.planner import activation_bytes
 
         c = self.model.config
         return activation_bytes(n, c.hidden_size, c.intermediate_size, self.elt)
 
     def _kv_bytes(self, n: int) -> int:
+        """transformers' dynamic cache for n positions; each step concatenates a layer's keys and values into
+        new tensors, so one more layer's worth lives for a moment."""
         c = self.model.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-        return n * 2 * c.num_hidden_layers * kv_heads * head_dim * self.elt
+        return n * 2 * (c.num_hidden_layers + 1) * kv_heads * head_dim * self.elt
 
     def _budget(self) -> int:
         """Bytes a batch may use: 60% of the free memory of the fullest GPU holding the model (asked once
@@ -218,20 +220,46 @@ class HFBackend:
                    for d in gpus)
         return int(0.6 * free)
 
-    def _batches(self, lengths: list[int], row_bytes: Callable[[int], int]):
-        """Batches of indices, longest first; ties keep input order."""
+    def _serve(self, lengths: list[int], row_bytes: Callable[[int], int], work, on_done: OnDone,
+               fixed: int = 0) -> list:
+        """Responses in input order: work(indices) -> [(index, response)] over batches, longest first (ties
+        keep input order), each as many rows as the budget (less `fixed` bytes per batch) holds at its
+        longest length. When the device runs out of memory anyway, the batch is halved and tried again, and
+        no later batch of this list is larger (lm-evaluation-harness's automatic batch size does the same)."""
         from tqdm.auto import tqdm
 
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        budget = self._budget() if self.batch_size is None else 0
+        budget = self._budget() - fixed if self.batch_size is None else 0
+        ceiling = self.batch_size or self.MAX_BATCH
+        out: list = [None] * len(lengths)
         bar = tqdm(total=len(order), disable=not self.progress, leave=False, desc=f"{self.label} hf".strip())
         start = 0
         while start < len(order):
-            size = self.batch_size or max(1, min(self.MAX_BATCH, budget // row_bytes(lengths[order[start]])))
-            yield order[start:start + size]
-            bar.update(min(size, len(order) - start))
+            fits = max(1, budget // row_bytes(lengths[order[start]])) if self.batch_size is None else ceiling
+            size = min(ceiling, fits, len(order) - start)
+            done = self._attempt(work, order[start:start + size])
+            if done is None:
+                if size == 1:
+                    raise UserError(f"--backend hf: out of memory on one row of {lengths[order[start]]} tokens; "
+                                    "free GPU memory, or spread the model with --device-map auto")
+                ceiling = size // 2
+                print(f"hf: out of memory at {size} rows per batch; going on at {ceiling}", file=sys.stderr)
+                continue
+            _deliver(done, out, on_done)
+            bar.update(len(done))
             start += size
         bar.close()
+        return out
+
+    def _attempt(self, work, idx: list[int]):
+        """work(idx), or None when the device ran out of memory (its tensors are freed before returning)."""
+        try:
+            return work(idx)
+        except torch.cuda.OutOfMemoryError:
+            pass  # leaving the handler drops the traceback and, with it, the failed batch's tensors
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
 
     def _padded(self, seqs, left: bool):
         """[B, T] ids padded with the end-of-text id, and the mask of real tokens."""
@@ -244,6 +272,10 @@ class HFBackend:
             mask[row, span] = 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden states [B, T, dim] of right-padded rows; no KV cache is built."""
+        return self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+
     # -- the three request kinds --------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -251,43 +283,47 @@ class HFBackend:
         """One forward per question; only the last real position of each row reaches lm_head. Rows are padded
         on the right, so no real token sees a pad and positions are those of the row alone: no mask needed."""
         logits_bytes = 3 * 4 * self.model.config.vocab_size  # fp32 logits, softmax, a copy: per row
-        out: list = [None] * len(requests)
-        for idx in self._batches([len(r.tokens) for r in requests], lambda n: self._activation_bytes(n) + logits_bytes):
+
+        def work(idx):
             ids, mask = self._padded([requests[i].tokens for i in idx], left=False)
-            hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state  # [B, T, dim]
+            hidden = self._hidden(ids)  # [B, T, dim]
             last = hidden[torch.arange(len(idx), device=hidden.device), mask.sum(1).to(hidden.device) - 1]
             logits = self.model.get_output_embeddings()(last)  # [B, vocab]
-            done = [(i, _choice_response(logits[row], requests[i].choice_ids)) for row, i in enumerate(idx)]
-            _deliver(done, out, on_done)
-        return out
+            return [(i, _choice_response(logits[row], requests[i].choice_ids)) for row, i in enumerate(idx)]
+
+        return self._serve([len(r.tokens) for r in requests], lambda n: self._activation_bytes(n) + logits_bytes,
+                           work, on_done)
 
     @torch.inference_mode()
     def generate(self, requests: list[GenerateRequest], on_done: OnDone = None) -> list[GenerateResponse]:
         """Batched greedy `generate` on left-padded rows (transformers derives positions from the mask);
         _RowEnds ends each row at its stop token, stop rule or length, and the batch once every row has."""
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
         longest_new = max((r.max_new_tokens for r in requests), default=0)
         logits_bytes = 3 * 4 * self.model.config.vocab_size
-        out: list = [None] * len(requests)
-        row_bytes = lambda n: self._kv_bytes(n + longest_new) + self._activation_bytes(n) + logits_bytes  # noqa: E731
-        for idx in self._batches([len(r.tokens) for r in requests], row_bytes):
-            batch = [requests[i] for i in idx]
-            ids, mask = self._padded([r.tokens for r in batch], left=True)
-            ends = _RowEnds(batch, ids.shape[1], self.tokenizer.decode)
-            sampling = [_GumbelSampling(batch, ids.shape[1])] if any(r.temperature > 0 for r in batch) else []
-            gen = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
-                                      max_new_tokens=max(r.max_new_tokens for r in batch),
-                                      pad_token_id=self.tokenizer.eod_id, repetition_penalty=1.0,
-                                      logits_processor=LogitsProcessorList(sampling),
-                                      stopping_criteria=StoppingCriteriaList([ends]))
-            new = gen[:, ids.shape[1]:].tolist()
-            done = []
-            for row, i in enumerate(idx):
-                tokens = new[row][: ends.end[row]]
-                done.append((i, GenerateResponse(tuple(tokens), self.tokenizer.decode(tokens), ends.finish[row])))
-            _deliver(done, out, on_done)
-        return out
+
+        def row_bytes(n):  # the cache, the prefill, the last position's logits, a [T, T + new] boolean mask
+            return self._kv_bytes(n + longest_new) + self._activation_bytes(n) + logits_bytes + n * (n + longest_new)
+
+        return self._serve([len(r.tokens) for r in requests], row_bytes,
+                           lambda idx: self._generate([requests[i] for i in idx], idx), on_done)
+
+    def _generate(self, batch: list[GenerateRequest], idx: list[int]) -> list:
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        ids, mask = self._padded([r.tokens for r in batch], left=True)
+        ends = _RowEnds(batch, ids.shape[1], self.tokenizer.decode)
+        sampling = [_GumbelSampling(batch, ids.shape[1])] if any(r.temperature > 0 for r in batch) else []
+        gen = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
+                                  max_new_tokens=max(r.max_new_tokens for r in batch),
+                                  pad_token_id=self.tokenizer.eod_id, repetition_penalty=1.0,
+                                  logits_processor=LogitsProcessorList(sampling),
+                                  stopping_criteria=StoppingCriteriaList([ends]))
+        new = gen[:, ids.shape[1]:].tolist()
+        done = []
+        for row, i in enumerate(idx):
+            tokens = new[row][: ends.end[row]]
+            done.append((i, GenerateResponse(tuple(tokens), self.tokenizer.decode(tokens), ends.finish[row])))
+        return done
 
     @torch.inference_mode()
     def loglikelihood(self, requests: list[LoglikelihoodRequest], on_done: OnDone = None) -> list[LoglikelihoodResponse]:
@@ -296,15 +332,16 @@ class HFBackend:
         if any(r.switches for r in requests):
             raise UserError("the hf backend cannot switch dynamic NTK / LogN / windows per request; use --backend native")
         dim = self.model.config.hidden_size
-        out: list = [None] * len(requests)
-        for idx in self._batches([len(r.tokens) for r in requests],
-                                 lambda n: self._activation_bytes(n) + n * dim * self.elt):
+        logit_chunk = 3 * 4 * self.LOGIT_ROWS * self.model.config.vocab_size  # fp32 logits, loss: once per batch
+
+        def work(idx):
             ids, mask = self._padded([requests[i].tokens for i in idx], left=False)
-            hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state  # [B, T, dim]
-            nll = self._summed_nll(hidden[:, :-1], ids[:, 1:], mask[:, 1:].bool())
-            done = [(i, LoglikelihoodResponse(nll[row], len(requests[i].tokens) - 1)) for row, i in enumerate(idx)]
-            _deliver(done, out, on_done)
-        return out
+            nll = self._summed_nll(self._hidden(ids)[:, :-1], ids[:, 1:], mask[:, 1:].bool())
+            return [(i, LoglikelihoodResponse(nll[row], len(requests[i].tokens) - 1)) for row, i in enumerate(idx)]
+
+        # the hidden states and their gathered real positions outlive the forward: 2 x dim per token
+        return self._serve([len(r.tokens) for r in requests], lambda n: self._activation_bytes(n) + 2 * n * dim * self.elt,
+                           work, on_done, fixed=logit_chunk)
 
     def _summed_nll(self, hidden, targets, real) -> list[float]:
         """Per-row sum of -log p(target) over the real positions (fp32 logits, fp64 sums)."""

@@ -218,12 +218,13 @@ def run(args) -> int:
             backend.label = f"{plan.task.name} ({plan.mode})"
             results = execute(plan, backend, ranks, overwrite=args.overwrite, config=job.config)
             if results is not None:  # rank 0
-                _plot(plan.run_dir)
                 print(summary_line(plan, results))
                 finished.append(job)
     distributed.close(ranks)
     if finished:
         _last_words(args, finished)
+    for job in finished:  # last: matplotlib's import and font set-up take seconds, after every table is out
+        _plot(job.plan.run_dir)
     return 0
 
 

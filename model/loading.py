@@ -3,20 +3,24 @@ A GPTQ Int4 checkpoint (quantize_config.json beside the weights) goes through th
 
 Every tensor name, shape and file is checked before any weight is read, so a bad checkpoint fails
 with one message and nothing half-loaded. Weights stream one tensor at a time (safetensors mmap),
-straight into the target dtype and device: peak host memory stays near one tensor. Every byte loaded
-(config, quantisation config, each tensor's name, dtype, shape and data) is hashed on the way, in threads
-beside the copy to the device: `model.weights_fingerprint` identifies the exact weights at no extra pass.
+straight into the target dtype and device. A safetensors file is read once, front to back, in large
+chunks into a few (pinned) staging buffers by a reader thread, while this thread hashes each chunk and
+copies it to its tensor: peak host memory is the buffers. Every byte loaded (config, quantisation config,
+each tensor's name, dtype, shape and data) is hashed on the way with xxh3-128, which runs several times
+faster than the read: `model.weights_fingerprint` identifies the exact weights at no extra pass.
 """
 from __future__ import annotations
 
-import hashlib
 import json
+import queue
 import re
 import struct
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import xxhash
 
 from . import gptq
 from .config import read_config, with_switches
@@ -27,8 +31,12 @@ CHECKPOINT_FILES = ["config.json", "generation_config.json", "qwen.tiktoken", "t
                     "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "quantize_config.json"]
 LOCAL_CHECKPOINT_FILES = ("the folder needs config.json, qwen.tiktoken and the weights (model.safetensors, "
                           "pytorch_model.bin, or shards with their .index.json)")
+READ_CHUNK, READ_BUFFERS = 64 * 2**20, 3  # one read in flight while a chunk is hashed and another copied
+# safetensors dtype names (GPTQ checkpoints add the integer ones)
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
 # Buffers the original code stored or registered that carry no weights.
-HASH_THREADS, HASH_CHUNK = 4, 64 * 2**20  # blake2b runs at about 1 GB/s per core; chunks hash in parallel
 _IGNORED = re.compile(r".*(rotary_emb\.inv_freq|\.attn\.masked_bias|\.attn\.bias|logn_tensor)$")
 
 
@@ -96,8 +104,19 @@ def resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
-def _safetensors_header(path: Path) -> dict:
-    """Names, shapes and dtypes of a safetensors file, checking the data is all there (not truncated)."""
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a safetensors file: where its bytes are (absolute file offset) and what they hold."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple
+    start: int
+    size: int
+
+
+def _safetensors_header(path: Path) -> list[StoredTensor]:
+    """The tensors of a safetensors file in file order, checking the data is all there (not truncated)."""
     size = path.stat().st_size
     with path.open("rb") as f:
         raw = f.read(8)
@@ -114,7 +133,13 @@ def _safetensors_header(path: Path) -> dict:
     end = max((info["data_offsets"][1] for info in header.values()), default=0)
     if 8 + n + end > size:
         raise ModelLoadError(f"{path}: truncated: header says {8 + n + end} bytes, file has {size}")
-    return {name: tuple(info["shape"]) for name, info in header.items()}
+    tensors = []
+    for name, info in header.items():
+        if info["dtype"] not in _DTYPES:
+            raise ModelLoadError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which no Qwen checkpoint uses")
+        begin, stop = info["data_offsets"]
+        tensors.append(StoredTensor(name, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + begin, stop - begin))
+    return sorted(tensors, key=lambda t: t.start)
 
 
 def _bin_tensors(path: Path) -> dict:
@@ -146,7 +171,7 @@ def weight_files(ckpt: Path) -> list[Path]:
 def _check_tensors(files: list[Path], expected: dict[str, tuple]) -> None:
     found: dict[str, Path] = {}
     for path in files:
-        shapes = _safetensors_header(path) if path.suffix == ".safetensors" else {
+        shapes = {t.name: t.shape for t in _safetensors_header(path)} if path.suffix == ".safetensors" else {
             k: tuple(t.shape) for k, t in _bin_tensors(path).items()}
         for name, shape in shapes.items():
             if _IGNORED.match(name):
@@ -162,15 +187,15 @@ def _check_tensors(files: list[Path], expected: dict[str, tuple]) -> None:
         raise ModelLoadError(f"{files[0].parent}: missing tensor(s) {', '.join(missing[:3])}{more}")
 
 
-def _stream_tensors(path: Path):
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Builds a model on the meta device without running torch.nn.init: meta tensors hold no values, and
+    normal_ on one goes through a Python decomposition that imports torch._dynamo (seconds)."""
 
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    else:
-        yield from _bin_tensors(path).items()
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 def load_model(path_or_id, *, dtype="auto", device="auto", dynamic_ntk=None, logn=None, window_attn=None) -> Qwen:
@@ -180,29 +205,30 @@ def load_model(path_or_id, *, dtype="auto", device="auto", dynamic_ntk=None, log
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     quantization = gptq.read_quantize_config(ckpt)  # None: a full-precision checkpoint
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = Qwen(args)
         if quantization is not None:  # before validation: the projections now expect GPTQ tensors
             gptq.quantize_linears(model, quantization)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     files = weight_files(ckpt)
     _check_tensors(files, expected)
-    fingerprint = hashlib.blake2b(digest_size=16)
+    fingerprint = xxhash.xxh3_128()
     for config in ("config.json", "quantize_config.json"):
         if (ckpt / config).exists():
             fingerprint.update((ckpt / config).read_bytes())
-    with ThreadPoolExecutor(HASH_THREADS) as hasher:  # hashing releases the GIL: it overlaps the device copy
-        for path in files:
-            for name, tensor in _stream_tensors(path):
-                data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-                chunks = [hasher.submit(_digest, data[i: i + HASH_CHUNK]) for i in range(0, len(data), HASH_CHUNK)]
-                if quantization is not None and gptq.is_quantized_tensor(name):
-                    gptq.assign(model, name, tensor, device, path)  # codes and scales stay as stored
-                elif not _IGNORED.match(name):
-                    _assign(model, name, tensor.to(device=device, dtype=dtype))
-                fingerprint.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
-                for chunk in chunks:  # before the stream moves on (and may unmap this tensor's bytes)
-                    fingerprint.update(chunk.result())
+
+    def place(name: str, stored: torch.dtype, shape: tuple, path: Path):
+        """Where a tensor goes, and what to do once it is there (None: hashed only)."""
+        if quantization is not None and gptq.is_quantized_tensor(name):  # codes and scales stay as stored
+            return torch.empty(shape, dtype=stored), lambda t: gptq.assign(model, name, t, device, path)
+        if _IGNORED.match(name):
+            return None
+        return torch.empty(shape, dtype=dtype, device=device), lambda t: _assign(model, name, t)
+
+    for path in files:
+        (_load_safetensors if path.suffix == ".safetensors" else _load_bin)(path, place, fingerprint, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the last copies were issued without waiting
     if quantization is not None:
         gptq.use_int4mm(model)  # on a GPU: repack for the fused int4 kernel; elsewhere the reference path
     model.checkpoint = str(ckpt)
@@ -210,8 +236,97 @@ def load_model(path_or_id, *, dtype="auto", device="auto", dynamic_ntk=None, log
     return model.eval().requires_grad_(False)
 
 
-def _digest(data) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
+def _tensor_line(name: str, dtype: torch.dtype, shape: tuple) -> bytes:
+    return f"{name} {dtype} {tuple(shape)}\n".encode()
+
+
+def _load_bin(path: Path, place, fingerprint, device: torch.device) -> None:
+    """The original layout (pickled, memory-mapped): one tensor at a time, hashed as stored."""
+    for name, tensor in _bin_tensors(path).items():
+        fingerprint.update(_tensor_line(name, tensor.dtype, tensor.shape))
+        fingerprint.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        if target := place(name, tensor.dtype, tuple(tensor.shape), path):
+            dest, done = target
+            done(dest.copy_(tensor))
+
+
+def _load_safetensors(path: Path, place, fingerprint, device: torch.device) -> None:
+    """Read the file front to back once: a reader thread fills staging buffers (pinned for a GPU) READ_CHUNK
+    bytes at a time; here each chunk is hashed and copied (converting the dtype) into its tensor, and its
+    buffer goes back to the reader once the copy has left it."""
+    tensors = _safetensors_header(path)
+    cuda = device.type == "cuda"
+    free: queue.Queue = queue.Queue()
+    for _ in range(READ_BUFFERS):
+        free.put((torch.empty(READ_CHUNK, dtype=torch.uint8, pin_memory=cuda), None))
+    filled: queue.Queue = queue.Queue()
+    reader = threading.Thread(target=_read_chunks, args=(path, tensors, free, filled), daemon=True)
+    reader.start()
+    try:
+        for t in tensors:
+            fingerprint.update(_tensor_line(t.name, t.dtype, t.shape))
+            target = place(t.name, t.dtype, t.shape, path)
+            flat = target[0].view(-1) if target else None
+            width = t.dtype.itemsize
+            for offset in range(0, t.size, READ_CHUNK):
+                buffer, n = _take(filled)
+                fingerprint.update(buffer.numpy()[:n])
+                if flat is not None:
+                    flat[offset // width:(offset + n) // width].copy_(buffer[:n].view(t.dtype), non_blocking=cuda)
+                free.put((buffer, _copied(device)))
+            if target:
+                target[1](target[0])
+    finally:
+        free.put(None)  # a reader still waiting for a buffer stops
+        reader.join()
+
+
+def _copied(device: torch.device):
+    """An event the reader waits on before it overwrites a buffer a device copy is still reading (the copy
+    went to the current stream of the destination's GPU, which need not be the current GPU)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def _take(filled: queue.Queue):
+    item = filled.get()
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
+def _read_chunks(path: Path, tensors: list[StoredTensor], free: queue.Queue, filled: queue.Queue) -> None:
+    """The reader thread: every tensor's bytes in READ_CHUNK pieces, in file order (file reads release the GIL)."""
+    try:
+        with path.open("rb", buffering=0) as f:
+            for t in tensors:
+                f.seek(t.start)
+                for offset in range(0, t.size, READ_CHUNK):
+                    slot = free.get()
+                    if slot is None:
+                        return
+                    buffer, copy_done = slot
+                    if copy_done is not None:
+                        copy_done.synchronize()
+                    n = min(READ_CHUNK, t.size - offset)
+                    _read_exactly(f, memoryview(buffer.numpy())[:n], path)
+                    filled.put((buffer, n))
+    except OSError as err:
+        filled.put(ModelLoadError(f"{path}: cannot read ({err.strerror or err})"))
+    except Exception as err:  # noqa: BLE001 - handed to the loading thread, which raises it
+        filled.put(err)
+
+
+def _read_exactly(f, view: memoryview, path: Path) -> None:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise ModelLoadError(f"{path}: file ended early (changed while loading?)")
+        got += n
 
 
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:

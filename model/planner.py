@@ -22,10 +22,12 @@ PAD_MULTIPLE = 16  # padded widths are multiples of this: few distinct shapes
 
 
 def activation_bytes(tokens: int, dim: int, intermediate_size: int, itemsize: int) -> int:
-    """Peak activation bytes of `tokens` tokens in one forward without a cache (a generous estimate): one
-    layer's hidden, q/k/v/out and MLP tensors live at a time, and the fp32 copy a norm makes. Attention
-    scores are not counted (fused kernels keep no [T, T] scores)."""
-    return tokens * ((6 * dim + 3 * intermediate_size) * itemsize + 4 * dim)
+    """Peak activation bytes of `tokens` tokens in one forward without a cache (a generous estimate), shared
+    with the hf backend: one layer lives at a time: the residual and normed hidden, q/k/v with their RoPE'd
+    copies and the attention output (8 x dim), the MLP's gate, up and product (3 x intermediate) in the
+    model dtype, and RMSNorm's fp32 input and square (2 x dim x 4 bytes). Attention scores are not counted
+    (fused kernels keep no [T, T] scores)."""
+    return tokens * ((8 * dim + 3 * intermediate_size) * itemsize + 8 * dim)
 
 
 @dataclass

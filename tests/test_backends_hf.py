@@ -63,8 +63,9 @@ def test_memory_sized_batches_run_longest_first(model, tok, monkeypatch):
     backend = hf(model, tok, None)
     requests = [LoglikelihoodRequest("", s) for s in ragged(20, seed=1)]
     longest = max(len(r.tokens) for r in requests)
-    row = backend._activation_bytes(longest) + longest * 64 * 4  # loglikelihood's cost of the longest row
-    monkeypatch.setattr(backend, "CPU_BUDGET", 3 * row)
+    row = backend._activation_bytes(longest) + 2 * longest * 64 * 4  # loglikelihood's cost of the longest row
+    logit_chunk = 3 * 4 * backend.LOGIT_ROWS * 151936  # per batch, whatever its rows
+    monkeypatch.setattr(backend, "CPU_BUDGET", logit_chunk + 3 * row)
     calls = []
     got = backend.loglikelihood(requests, on_done=lambda done: calls.append([i for i, _ in done]))
     lengths = [[len(requests[i].tokens) for i in call] for call in calls]
@@ -157,3 +158,68 @@ def test_hf_backend_refuses_switches_it_cannot_apply(tiny_checkpoint, data_root,
     code, _ = cli(capsys, *mmlu, "--model", tiny_checkpoint, "--no-dynamic-ntk", "--no-logn")
     run = json.loads((find_run(out, "mmlu-fewshot-ntk_off-logn_off-hf-fp32") / "run.json").read_text())
     assert code == 0 and run["identity"]["switches"] == {"dynamic_ntk": False, "logn": False, "windows": None}
+
+
+def test_scoring_keeps_no_kv_cache(model, tok, monkeypatch):
+    """A forward that only scores must not build transformers' KV cache: 2 x layers x dim values per token
+    (Qwen-7B: 0.5 MiB), four times the activations the batch sizing counts; it ran an 80 GB card out of memory."""
+    backend = hf(model, tok, 4)
+    decoder = backend.model.get_decoder()
+    forward, caches = decoder.forward, []
+
+    def recording(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        caches.append([key for key in ("cache", "past_key_values") if out.get(key) is not None])  # by version
+        return out
+
+    monkeypatch.setattr(decoder, "forward", recording)
+    backend.choice([ChoiceRequest("", s, CHOICES) for s in ragged(5, seed=5)])
+    backend.loglikelihood([LoglikelihoodRequest("", s) for s in ragged(5, seed=6)])
+    assert len(caches) == 4 and not any(caches)
+
+
+def out_of_memory_above(backend, rows: int, monkeypatch) -> list[int]:
+    """The decoder raises the CUDA out-of-memory error on any batch of more than `rows` rows, as a device
+    would; returns the batch sizes it was called with."""
+    import functools
+
+    decoder = backend.model.get_decoder()
+    forward, sizes = decoder.forward, []
+
+    @functools.wraps(forward)
+    def limited(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        batch = len(ids if ids is not None else kwargs["inputs_embeds"])
+        sizes.append(batch)
+        if batch > rows:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (a fake device error for {batch} rows)")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", limited)
+    return sizes
+
+
+def test_out_of_memory_halves_the_batch_and_goes_on(model, tok, monkeypatch, capsys):
+    choices = [ChoiceRequest("", s, CHOICES) for s in ragged(11, seed=7)]
+    rolling = [LoglikelihoodRequest("", s) for s in ragged(9, seed=8)]
+    generations = [GenerateRequest("", p, max_new_tokens=6) for p in ragged(7, seed=9)]
+    alone = hf(model, tok, 1)
+    expected = alone.choice(choices), alone.loglikelihood(rolling), alone.generate(generations)
+    backend = hf(model, tok, None)  # sized from memory: the whole list fits CPU_BUDGET at first
+    sizes = out_of_memory_above(backend, 3, monkeypatch)
+    got = backend.choice(choices), backend.loglikelihood(rolling), backend.generate(generations)
+    assert sizes[:3] == [11, 5, 2] and max(sizes[3:]) > 3  # halved until it fits; each request list starts afresh
+    for mine, reference in zip(got[0], expected[0]):
+        assert mine.logits == pytest.approx(reference.logits, abs=1e-4)
+    assert [g.nll for g in got[1]] == pytest.approx([a.nll for a in expected[1]], rel=1e-5)
+    assert got[2] == expected[2]
+    assert "out of memory" in capsys.readouterr().err
+
+
+def test_out_of_memory_on_one_row_is_one_line(model, tok, monkeypatch):
+    from eval.api import UserError
+
+    backend = hf(model, tok, None)
+    out_of_memory_above(backend, 0, monkeypatch)
+    with pytest.raises(UserError, match="out of memory on one row of"):
+        backend.choice([ChoiceRequest("", s, CHOICES) for s in ragged(3, seed=10)])

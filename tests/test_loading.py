@@ -183,3 +183,58 @@ def test_relative_path_under_a_local_folder_is_not_a_hub_id(tmp_path, monkeypatc
 def test_bad_dtype(checkpoints):
     with pytest.raises(ModelLoadError, match="unknown dtype 'fp8'"):
         load_model(checkpoints["original"], device="cpu", dtype="fp8")
+
+
+def _flip_byte_in_the_middle_of(path, name: str) -> None:
+    """One byte of a tensor's data changed in place: the file keeps its size, header and every other byte."""
+    from model.loading import _safetensors_header
+
+    for shard in sorted(path.glob("*.safetensors")):
+        for t in _safetensors_header(shard):
+            if t.name == name:
+                with shard.open("r+b") as f:
+                    f.seek(t.start + t.size // 2)
+                    byte = f.read(1)
+                    f.seek(t.start + t.size // 2)
+                    f.write(bytes([byte[0] ^ 0x01]))
+                return
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("chunk", [64 * 2**20, 3 * 2**15])  # one read per tensor; many reads per tensor
+def test_fingerprint_sees_a_changed_middle_tensor_of_the_same_size(checkpoints, tmp_path, monkeypatch, chunk):
+    from model import loading
+
+    monkeypatch.setattr(loading, "READ_CHUNK", chunk)
+    path = _copy(checkpoints["v1.1"], tmp_path)
+    base = load_model(path, dtype="fp32", device="cpu")
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    _flip_byte_in_the_middle_of(path, "transformer.h.1.mlp.w1.weight")  # the last layer's, in the middle of a shard
+    assert sum(f.stat().st_size for f in path.glob("*.safetensors")) == size
+    changed = load_model(path, dtype="fp32", device="cpu")
+    assert changed.weights_fingerprint != base.weights_fingerprint
+    assert not torch.equal(changed.transformer.h[1].mlp.w1.weight, base.transformer.h[1].mlp.w1.weight)
+    _flip_byte_in_the_middle_of(path, "transformer.h.1.mlp.w1.weight")  # restored: the same weights again
+    assert load_model(path, dtype="fp32", device="cpu").weights_fingerprint == base.weights_fingerprint
+
+
+def test_chunked_reads_load_every_byte_and_convert_the_dtype(model, checkpoints, monkeypatch):
+    """Tensors read in many small pieces (some cut mid-tensor) load exactly; bf16 pieces convert as wholes."""
+    from model import loading
+
+    monkeypatch.setattr(loading, "READ_CHUNK", 3 * 2**15)  # a multiple of every element size, as the default
+    loaded = load_model(checkpoints["v1.1"], dtype="bf16", device="cpu")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor.to(torch.bfloat16)), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned-buffer path to a GPU")
+def test_chunked_reads_to_a_gpu_equal_the_cpu_load(checkpoints, monkeypatch):
+    from model import loading
+
+    monkeypatch.setattr(loading, "READ_CHUNK", 3 * 2**15)  # buffers reused many times while copies are in flight
+    cpu = load_model(checkpoints["v1.1"], dtype="bf16", device="cpu")
+    gpu = load_model(checkpoints["v1.1"], dtype="bf16", device="cuda")
+    assert gpu.weights_fingerprint == cpu.weights_fingerprint
+    for name, tensor in cpu.state_dict().items():
+        assert torch.equal(gpu.state_dict()[name].cpu(), tensor), name
