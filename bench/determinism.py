@@ -57,7 +57,8 @@ def measure(task: str, args, root: Path) -> list[dict]:
     for name, flags, selection in WAYS:
         if selection not in LIMITS[task]:
             continue
-        run = run_cli(task, flags, LIMITS[task][selection], args, root / f"{task}-{len(rows)}")
+        limit = args.whole_limit if selection == "all" and args.whole_limit else LIMITS[task][selection]
+        run = run_cli(task, flags, limit, args, root / f"{task}-{len(rows)}")
         if reference is None:
             reference = run["records"]
         shared = [d for d in run["records"] if d in reference]
@@ -74,6 +75,7 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--parts", default="mmlu,gsm8k,humaneval,profile")
+    p.add_argument("--whole-limit", type=int, help="--limit for the automatic-batch rows (default: the whole benchmark)")
     p.add_argument("--work-dir", default="scratch/determinism")
     p.add_argument("--out", default="bench/results/determinism.json")
     args = p.parse_args()
