@@ -191,6 +191,10 @@ class Linear(nn.Linear):
             return kernels.matmul(x, self.weight, self.bias)
         return super().forward(x)
 
+    def rows(self, ids: Tensor) -> Tensor:
+        """Weight rows of the given output ids (LM-head rows of token ids; tensor_parallel gathers them)."""
+        return self.weight[ids]
+
 
 class MLP(nn.Module):
     invariant = False  # the fixed-formula Triton kernel on a GPU (Qwen.use_impl)
