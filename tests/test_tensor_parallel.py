@@ -1,5 +1,6 @@
 """Tensor parallel on CPU (gloo, two processes): the logits of one process to fp32 tolerance, the same greedy
 tokens and choice answers, each rank holding half of every split weight and reading only its slices."""
+import json
 import os
 import socket
 from pathlib import Path
@@ -9,7 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from checkpoints import tiny_model, write_checkpoint
+from fixtures import find_run
+from test_distributed import finished, torchrun
 
+from eval.runner import main
 from model import load_model
 from model.engine import Engine
 from model.tensor_parallel import Group, cut, init_groups, load_tensor_parallel, slices
@@ -86,3 +90,29 @@ def test_slices_keep_whole_heads_of_q_k_and_v():
     assert proj == (1, [(6, 12)])  # the matching input columns
     assert slices("transformer.h.0.ln_1.weight", (12,), g, 3) is None
     assert slices("lm_head.weight", (152064, 8), Group(rank=3, size=8), 3) == (0, [(57024, 76032)])
+
+
+# ---- through the CLI: tensor parallel alone, and composed with data parallel ------------------------------
+def predictions(run_dir: Path) -> list:
+    return [(r["doc_id"], r["pred"]) for r in map(json.loads, (run_dir / "samples.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("processes", [2, 4])  # TP 2 x DP 1, TP 2 x DP 2
+def test_cli_tensor_parallel_scores_as_one_process(processes, tiny_checkpoint, data_root, tmp_path):
+    common = ["--task", "mmlu", "--subjects", "anatomy,astronomy", "--model", tiny_checkpoint, "--data-dir",
+              data_root, "--no-progress"]
+    assert main([str(a) for a in common + ["--output-dir", tmp_path / "one"]]) == 0
+    code, out = finished(torchrun(processes, common + ["--output-dir", tmp_path / "tp", "--tensor-parallel", 2]),
+                         timeout=300)
+    assert code == 0, out
+    one, tp = (find_run(tmp_path / d, "mmlu-fewshot-fp32") for d in ("one", "tp"))
+    assert predictions(tp) == predictions(one)
+    results = json.loads((tp / "results.json").read_text())
+    assert results["identity"]["tensor_parallel"] == 2 and results["config"].get("world_size", 1) == processes // 2
+    assert results["metrics"] == json.loads((one / "results.json").read_text())["metrics"]
+
+
+def test_tensor_parallel_without_torchrun_is_refused_before_loading(tiny_checkpoint, data_root, tmp_path, capsys):
+    code = main([str(a) for a in ["--task", "mmlu", "--model", tiny_checkpoint, "--data-dir", data_root,
+                                  "--output-dir", tmp_path, "--tensor-parallel", 2]])
+    assert code == 2 and "--tensor-parallel 2 needs a multiple of 2 processes" in capsys.readouterr().err
