@@ -264,7 +264,7 @@ def _plan_all(args, entries) -> dict[str | None, ModelGroup]:
     for entry in entries:
         task = get_task(entry.task)
         entry_args = argparse.Namespace(**{**vars(args), "mode": entry.mode, **entry.flags})
-        model_id = args.model or (None if args.dry_run and args.tokenizer else DEFAULT_MODELS[entry.mode])
+        model_id = args.model or (None if args.dry_run and args.tokenizer else entry.model or DEFAULT_MODELS[entry.mode])
         if model_id not in groups:
             groups[model_id] = ModelGroup(_tokenizer(args.tokenizer or model_id, explicit=bool(args.tokenizer)))
         group = groups[model_id]

@@ -107,3 +107,79 @@ def test_v11_config_keys_round_trip_for_every_flavour():
         args = flavour(name).args
         for config in (original_config(args), v11_config(args)):
             assert args_from_config(json.loads(json.dumps(config))) == args
+
+
+# ---- the published tables of each size, and the report's choice of table by the recorded shape ---------
+def test_every_family_row_has_a_task_or_a_reason_and_each_table_a_source():
+    from eval import published
+    from eval.registry import task_names
+
+    for size, tables in published.FAMILY.items():
+        for table in tables:
+            assert table.size == size and table.source.startswith(published.README_REV) and table.rows
+            for row in table.rows:
+                assert row.task in (None, *task_names()) and (row.task or row.note)
+    base_14b = {row.label: row.reported for row in published.FAMILY["14B"][0].rows}
+    assert (base_14b["MMLU 5-shot"], base_14b["C-Eval 5-shot"], base_14b["GSM8K 8-shot"]) == (66.3, 72.1, 61.3)
+    chat_72b = {row.label: (row.reported, row.model) for row in published.FAMILY["72B"][1].rows}
+    assert chat_72b["Int4 MMLU"] == (73.4, "Qwen-72B-Chat-Int4") and chat_72b["HumanEval"] == (64.6, "")
+
+
+def test_suites_per_size_and_mode_run_that_sizes_model():
+    from eval.suites import SUITES
+
+    for size in ("1.8b", "14b", "72b"):
+        base, chat = SUITES[f"qwen-{size}-base"], SUITES[f"qwen-{size}-chat"]
+        assert [e.task for e in base] == ["mmlu", "ceval", "cmmlu", "gsm8k", "humaneval"]
+        assert {e.mode for e in base} == {"fewshot"} and {e.mode for e in chat} == {"chat"}
+        assert "tooluse" in [e.task for e in chat]
+        assert all(e.model.lower() == f"qwen/qwen-{size.replace('.', '_')}" + ("-chat" if e in chat else "")
+                   for e in base + chat)
+        assert next(e for e in chat if e.task == "ceval").flags == {}  # November 2023 numbers: default rules
+
+
+SHAPES = {"7B": {"dim": 4096, "n_layer": 32, "n_head": 32, "intermediate_size": 11008, "vocab_size": 151936},
+          "14B": {"dim": 5120, "n_layer": 40, "n_head": 40, "intermediate_size": 13696, "vocab_size": 152064}}
+
+
+def mmlu_run(root, folder: str, shape: dict | None, correct: int):
+    import fixtures
+
+    records = [{"doc_id": f"mmlu/anatomy/{i}", "subject": "anatomy", "correct": i < correct,
+                "correct_parity": i < correct, "correct_word_bounded": i < correct, "tie": False,
+                "truncated": False, "rule": "regex1"} for i in range(100)]
+    identity = {"shape": shape} if shape else {}
+    return fixtures.write_run(root / folder / "mmlu-fewshot", "mmlu", "fewshot", records, identity=identity)
+
+
+def section(text: str, title: str) -> str:
+    return next(part for part in text.split("\n## ") if part.startswith(title))
+
+
+def measured(text: str, title: str, label: str) -> list[str]:
+    line = next(line for line in section(text, title).splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_a_14b_checkpoint_in_a_7b_folder_is_reported_as_14b(tmp_path, capsys):
+    from eval.runner import main
+
+    mmlu_run(tmp_path, "Qwen-7B", SHAPES["14B"], correct=66)  # named 7B, shaped 14B
+    assert main(["report", str(tmp_path), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert measured(text, "Qwen-14B base model", "MMLU 5-shot")[2:4] == ["66.3", "66.00"]
+    assert measured(text, "Qwen-7B (original) base model", "MMLU 5-shot")[3] == "not run"  # never 7B's table
+    assert "| `Qwen-7B/mmlu-fewshot` | mmlu | fewshot | Qwen-7B | 100 of 100 | yes | 14B |" in text
+
+
+def test_7b_runs_keep_the_7b_tables_and_unsized_runs_show_as_unknown(tmp_path, capsys):
+    from eval.runner import main
+
+    mmlu_run(tmp_path, "Qwen-7B", SHAPES["7B"], correct=57)
+    mmlu_run(tmp_path, "tiny", None, correct=10)
+    assert main(["report", str(tmp_path), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    row = measured(text, "Qwen-7B (original) base model", "MMLU 5-shot")
+    assert row[3] == "57.00" and row[7] == "`Qwen-7B/mmlu-fewshot`"
+    assert "Qwen-14B base model" not in text  # no 14B run: no 14B tables
+    assert "| `tiny/mmlu-fewshot` | mmlu | fewshot | tiny | 100 of 100 | no | unknown |" in text
