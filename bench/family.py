@@ -2,12 +2,14 @@
 checkpoint (about 41 GB), written to local disk in the release layout, each run through the CLI on MMLU.
 
     python -m bench.family --vocab VOCAB --data-dir DATA [--only 14b|72b-int4] [--limit N] [--root DIR] [--clean]
+                           [--out JSON]
     python -m bench.family --smoke --vocab VOCAB --data-dir DATA      # tiny shapes, CPU or GPU: the flow only
 
 For each model: write it unless ROOT/<name> is complete (model.safetensors.index.json is written last), then
 `python eval/runner.py --task mmlu --model ROOT/<name> ...` in a fresh process (the CLI's own code path, through
 this file's --child wrapper, which adds only the peak GPU memory PyTorch saw). Prints a table and writes every
-number to bench/results/family.json (merged with what earlier calls wrote there), with date and device.
+number to --out (default bench/results/family.json; merged with what earlier calls wrote there), with date
+and device.
 
 Writing is one shard at a time: each tensor is random bits of its dtype made on the GPU with the exponent
 pinned to a small range (no inf or NaN; the weights' values do not change the speed), moved to the host and
@@ -209,18 +211,19 @@ def main() -> None:
     p.add_argument("--limit", type=int, help="first N questions of each MMLU subject (to fit a 10-minute call)")
     p.add_argument("--clean", action="store_true", help="delete each checkpoint after its run")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: the script's flow only")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"JSON to merge the runs into (default {RESULTS})")
     args = p.parse_args()
     names = [n for n in MODELS if args.only is None or n.startswith(f"qwen-{args.only}")]
     rows = []
-    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"runs": []}
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
     device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
     for name in names:
         row = {**bench_one(name, args), "device": device, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "smoke": args.smoke}
         rows.append(row)
         previous["runs"].append(row)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(previous, indent=1))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(previous, indent=1))
     print_table(rows)
 
 
