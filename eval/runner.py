@@ -230,7 +230,7 @@ def run(args) -> int:
                 _plot(plan.run_dir)
                 print(summary_line(plan, results))
                 finished.append(job)
-        if ranks.tp is not None:
+        if ranks.tp is not None:  # the group's other ranks stop repeating (a failed rank 0: torchrun stops them)
             from model.tensor_parallel import release
 
             release(ranks.tp)
@@ -264,7 +264,8 @@ def _plan_all(args, entries) -> dict[str | None, ModelGroup]:
     for entry in entries:
         task = get_task(entry.task)
         entry_args = argparse.Namespace(**{**vars(args), "mode": entry.mode, **entry.flags})
-        model_id = args.model or (None if args.dry_run and args.tokenizer else entry.model or DEFAULT_MODELS[entry.mode])
+        default = entry.model or DEFAULT_MODELS[entry.mode]  # a family suite names its own model
+        model_id = args.model or (None if args.dry_run and args.tokenizer else default)
         if model_id not in groups:
             groups[model_id] = ModelGroup(_tokenizer(args.tokenizer or model_id, explicit=bool(args.tokenizer)))
         group = groups[model_id]
