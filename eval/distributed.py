@@ -22,7 +22,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -41,6 +41,9 @@ class Ranks:
     device: str = ""
     timeout: timedelta = timedelta(0)
     terminal: int = 2  # a duplicate of the launching terminal's stderr: rank k's own stderr goes to its log
+    group: object = None  # the process group of these ranks (None: the whole world); see tensor parallel
+    tp: object = None  # with --tensor-parallel N: this process's model.tensor_parallel.Group
+    global_rank: int = 0  # names the log file
 
     def same_everywhere(self, task: str, digest: str) -> None:
         """Every rank planned the same documents, prompts and model (compared by digest), or the job stops."""
@@ -49,7 +52,7 @@ class Ranks:
         import torch.distributed as dist
 
         digests = [None] * self.world
-        dist.all_gather_object(digests, digest)
+        dist.all_gather_object(digests, digest, group=self.group)
         odd = [r for r, d in enumerate(digests) if d != digests[0]]
         if odd:
             self.fail(f"{task}: rank(s) {', '.join(map(str, odd))} planned other documents, prompts or model than "
@@ -62,7 +65,7 @@ class Ranks:
         import torch.distributed as dist
 
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, group=self.group, group_src=0)
         return box[0]
 
     def gather(self, obj) -> list | None:
@@ -72,7 +75,7 @@ class Ranks:
         import torch.distributed as dist
 
         parts = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(obj, parts, dst=0)
+        dist.gather_object(obj, parts, group=self.group, group_dst=0)
         return parts
 
     def wait_for_all(self, task: str) -> None:
@@ -82,7 +85,7 @@ class Ranks:
         import torch.distributed as dist
 
         try:
-            dist.monitored_barrier(timeout=self.timeout, wait_all_ranks=True)
+            dist.monitored_barrier(group=self.group, timeout=self.timeout, wait_all_ranks=True)
         except RuntimeError as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
             who = "waiting for the other ranks" if self.rank == 0 else "waiting for rank 0"
@@ -94,12 +97,12 @@ class Ranks:
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.barrier()
+            dist.barrier(group=self.group)
 
     def say(self, message: str) -> None:
         """A line on this rank's stderr and, for rank k whose stderr is its log, on the launching terminal too."""
         print(message, file=sys.stderr, flush=True)
-        if self.rank:
+        if self.global_rank:
             os.write(self.terminal, (message + "\n").encode())
 
     def fail(self, message: str):
@@ -137,10 +140,20 @@ def world_size() -> int:
 def check_launch(args) -> None:
     if world_size() > 1 and (args.dry_run or args.rescore):
         raise UserError("--dry-run and --rescore run in one process: start them with python, not torchrun")
+    tp = args.tensor_parallel
+    if tp < 1:
+        raise UserError(f"--tensor-parallel {tp}: needs a number of processes of at least 1")
+    if world_size() % tp:
+        raise UserError(f"--tensor-parallel {tp} needs a multiple of {tp} processes: torchrun --nproc-per-node "
+                        f"{tp} eval/runner.py ... (found {world_size()})")
+    if tp > 1 and args.backend != "native":
+        raise UserError(f"--tensor-parallel {tp} splits the native model: use --backend native")
 
 
 def setup(args, plans) -> Ranks:
-    """Join torchrun's process group; SINGLE in a single process (WORLD_SIZE unset or 1)."""
+    """Join torchrun's process group; SINGLE in a single process (WORLD_SIZE unset or 1). With
+    --tensor-parallel N, the ranks returned are the data-parallel ones (world / N model copies)."""
+    tp = getattr(args, "tensor_parallel", 1)
     if world_size() <= 1:
         return SINGLE
     timed = [p.task.name for p in plans if p.task.timed]
@@ -161,7 +174,12 @@ def setup(args, plans) -> Ranks:
     except ValueError:
         raise UserError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r}: expected minutes, e.g. 90") from None
     dist.init_process_group("gloo", timeout=timeout)
-    ranks = Ranks(rank, dist.get_world_size(), local, device, timeout, os.dup(2))
+    ranks = Ranks(rank, dist.get_world_size(), local, device, timeout, os.dup(2), global_rank=rank)
+    if tp > 1:
+        from model.tensor_parallel import init_groups
+
+        layout = init_groups(tp, device.startswith("cuda"))
+        ranks = replace(ranks, rank=layout.dp_rank, world=layout.dp_size, group=layout.dp_group, tp=layout.tp)
     if rank:
         log_to(plans[0].run_dir, ranks)
     return ranks
@@ -171,8 +189,8 @@ def backend_args(args, ranks: Ranks):
     """The arguments `_backend` loads the model with: this rank's device, a progress bar on rank 0 only."""
     if ranks.world == 1:
         return args
-    quiet = args.no_progress or ranks.rank > 0
-    return argparse.Namespace(**{**vars(args), "device": ranks.device, "no_progress": quiet})
+    quiet = args.no_progress or ranks.global_rank > 0
+    return argparse.Namespace(**{**vars(args), "device": ranks.device, "no_progress": quiet, "tp_group": ranks.tp})
 
 
 def close(ranks: Ranks) -> None:
@@ -184,7 +202,7 @@ def close(ranks: Ranks) -> None:
 
 def log_to(run_dir: Path, ranks: Ranks) -> None:
     """Point this process's stdout and stderr (file descriptors, so C++ warnings too) at <run_dir>/rank<k>.log."""
-    path = run_dir / f"rank{ranks.rank}.log"
+    path = run_dir / f"rank{ranks.global_rank}.log"
     if path.exists() and os.path.samestat(os.fstat(1), path.stat()):
         return
     try:

@@ -1,7 +1,11 @@
-"""The published Qwen-7B numbers that `report` sets beside measured ones, each table with its source.
+"""The published Qwen (v1) numbers that `report` sets beside measured ones, each table with its source.
 
-Transcribed from ../shared/docs/reference-qwen-eval.md section 8, which read them from the QwenLM/Qwen
-README revisions, tech_memo.md and the Hugging Face model cards (the revision is named per table).
+Qwen-7B (original): transcribed from ../shared/docs/reference-qwen-eval.md section 8, which read them from
+the QwenLM/Qwen README revisions, tech_memo.md and the Hugging Face model cards (the revision is named per
+table). Qwen-1.8B, -14B and -72B: read from the QwenLM/Qwen README at revision 85cb093f (README_REV), section
+by section as each table names; what that README does not publish is left out (EVALUATION.md, "The Qwen
+family"). A table describes one model size (`size`); the report matches runs to it by the model shape each
+run records, never by folder name.
 A row with `task` None has no task in this harness (its note says why) and is shown, not measured.
 
 How a row is measured (eval/report.py): `metric` is a key of results.json "metrics"; with `part`,
@@ -31,6 +35,21 @@ class Table:
     model: str  # the published model's name, as a checkpoint directory or hub id would be called
     mode: str | None  # the runner's --mode; None: any (speed does not depend on the prompt format)
     rows: tuple[Row, ...]
+    size: str = "7B"  # the model size it describes: a key of SIZES
+
+
+# (hidden, layers, heads, MLP width) of each released size, as its config.json gives them (the MLP width is
+# the config's intermediate_size halved, as the model uses it); EVALUATION.md, "The Qwen family", cites each.
+SIZES = {"1.8B": (2048, 24, 16, 5504), "7B": (4096, 32, 32, 11008), "14B": (5120, 40, 40, 13696),
+         "72B": (8192, 80, 64, 24576)}
+
+
+def size_of(shape: dict | None) -> str | None:
+    """The released size a recorded model shape (model.config.model_shape) belongs to; None: no release."""
+    if not shape:
+        return None
+    key = tuple(shape.get(k) for k in ("dim", "n_layer", "n_head", "intermediate_size"))
+    return next((size for size, dims in SIZES.items() if dims == key), None)
 
 
 def _ceval_test(average, hard, stem, social, humanities, other) -> tuple[Row, ...]:
@@ -116,7 +135,70 @@ SPEED = Table(
         Row("Int4 generate 8192: peak GB", 13.62, "profile", "generate/8192 peak_gb", model="Qwen-7B-Chat-Int4"),
     ))
 
-TABLES = (BASE, CHAT, INT4, LONG_PPL, SPEED)
+# ---- Qwen-1.8B, -14B, -72B: the README of QwenLM/Qwen -------------------------------------------------------
+README_REV = "QwenLM/Qwen README.md at 85cb093f"
+CEVAL_SPLIT = "the README names no C-Eval split; measured on val, the split Qwen's evaluate_ceval.py scores"
+CHAT_SHOTS = "the README's table names no shot count; Qwen's chat scripts are 0-shot"
+
+
+def _family_base(size: str, model: str, mmlu, ceval, gsm8k, math_, humaneval, mbpp, bbh, cmmlu) -> Table:
+    return Table(f"{model} base model", f"{README_REV}, 'Performance' table", model, "fewshot", (
+        Row("MMLU 5-shot", mmlu, "mmlu", "acc_parity"),
+        Row("C-Eval 5-shot", ceval, "ceval", "acc_parity", note=CEVAL_SPLIT),
+        Row("CMMLU 5-shot", cmmlu, "cmmlu", "acc_parity"),
+        Row("GSM8K 8-shot", gsm8k, "gsm8k", "acc"),
+        Row("HumanEval 0-shot pass@1", humaneval, "humaneval", "pass@1"),
+        Row("MATH 4-shot", math_, note="no MATH task in this harness"),
+        Row("MBPP 3-shot", mbpp, note="no MBPP task in this harness"),
+        Row("BBH 3-shot", bbh, note="no BBH task in this harness"),
+    ), size)
+
+
+def _family_chat(size: str, model: str, bf16: tuple, int4: tuple, tools: tuple) -> Table:
+    """bf16, int4: (MMLU, C-Eval val, GSM8K, HumanEval); tools: (selection %, input Rouge-L, false positive %)."""
+    measured = (("MMLU", "mmlu", "acc"), ("C-Eval val", "ceval", "acc"), ("GSM8K", "gsm8k", "acc"),
+                ("HumanEval", "humaneval", "pass@1"))
+    rows = [Row(f"{label}", value, task, metric, note=CHAT_SHOTS)
+            for (label, task, metric), value in zip(measured, bf16)]
+    rows += [Row(f"Int4 {label}", value, task, metric, model=f"{model}-Int4", note=CHAT_SHOTS)
+             for (label, task, metric), value in zip(measured, int4)]
+    note = "Chinese tool-use benchmark v20231206 (README 'Tool Usage'); run with --tooluse-version v20231206"
+    rows += [Row("Tool selection", tools[0], "tooluse", "tool_selection", note=note),
+             Row("Tool input Rouge-L", round(100 * tools[1], 1), "tooluse", "tool_input_rouge_l", note=note),
+             Row("False positive", tools[2], "tooluse", "false_positive", note=note)]
+    return Table(f"{model} (BF16 and GPTQ Int4)", f"{README_REV}, 'Quantization' (GPTQ) and 'Tool Usage' tables",
+                 model, "chat", tuple(rows), size)
+
+
+def _family_long(size: str, model: str, cells: dict[str, dict[int, float]]) -> Table:
+    """Perplexity on arXiv per (long_ppl switch row, length); '-' cells of the README are left out."""
+    rows = tuple(Row(f"{switches} @ {length}", value, "long_ppl", "ppl", (switches, length))
+                 for switches, values in cells.items() for length, value in values.items())
+    return Table(f"{model} long-context perplexity on arXiv", f"{README_REV}, 'Long-Context Understanding' table",
+                 model, "fewshot", rows, size)
+
+
+WINDOWED = "dynamic_ntk+logn+window"
+FAMILY = {  # size -> its base, chat and long-context tables
+    "1.8B": (_family_base("1.8B", "Qwen-1_8B", 45.3, 56.1, 32.3, 2.3, 15.2, 14.2, 22.3, 52.1),
+             _family_chat("1.8B", "Qwen-1_8B-Chat", (43.3, 55.6, 33.7, 26.2), (42.9, 52.8, 31.2, 25.0),
+                          (85.0, 0.839, 27.6)),
+             _family_long("1.8B", "Qwen-1_8B", {
+                 "none": {1024: 5.00, 2048: 4.48, 4096: 4.13, 8192: 3.89, 16384: 17.42, 32768: 433.85},
+                 WINDOWED: {1024: 5.00, 2048: 4.48, 4096: 4.14, 8192: 3.93, 16384: 3.82, 32768: 3.83}})),
+    "14B": (_family_base("14B", "Qwen-14B", 66.3, 72.1, 61.3, 24.8, 32.3, 40.8, 53.4, 71.0),
+            _family_chat("14B", "Qwen-14B-Chat", (64.6, 69.8, 60.1, 43.9), (63.3, 69.0, 59.8, 45.7),
+                         (96.9, 0.917, 5.6)),
+            _family_long("14B", "Qwen-14B", {
+                "none": {2048: 3.46, 4096: 22.79, 8192: 334.65, 16384: 3168.35},
+                WINDOWED: {2048: 3.46, 4096: 3.29, 8192: 3.18, 16384: 3.42}})),
+    "72B": (_family_base("72B", "Qwen-72B", 77.4, 83.3, 78.9, 35.2, 35.4, 52.2, 67.7, 83.6),
+            _family_chat("72B", "Qwen-72B-Chat", (74.4, 80.1, 76.4, 64.6), (73.4, 80.1, 75.3, 61.6),
+                         (98.2, 0.927, 1.1)),
+            _family_long("72B", "Qwen-72B", {"none": {8192: 2.83, 16384: 2.73, 32768: 2.72}})),
+}
+
+TABLES = (BASE, CHAT, INT4, LONG_PPL, SPEED, *(table for tables in FAMILY.values() for table in tables))
 
 # Tool use (spec 4.6, 8.2, 8.4), per data version; v1's 9.7% is the HF-version rerun this task follows (8.5% in
 # the memo). Not in TABLES: the report has no tool-use table yet.
@@ -125,6 +207,7 @@ TOOLUSE = {"v20231206": {"tool_selection": 95.5, "tool_input_rouge_l": 90.0, "fa
 
 
 def reported(task: str, mode: str, metric: str) -> float | None:
-    """The published number of the original model (not a quantised one) for a task's whole-run metric."""
-    return next((row.reported for table in TABLES if table.mode in (None, mode) for row in table.rows
+    """The published number of the original Qwen-7B (not a quantised one) for a task's whole-run metric."""
+    return next((row.reported for table in TABLES if table.size == "7B" and table.mode in (None, mode)
+                 for row in table.rows
                  if (row.task, row.metric, row.part, row.model) == (task, metric, None, "")), None)

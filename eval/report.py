@@ -1,4 +1,4 @@
-"""python eval/runner.py report [RESULTS_DIR]: the published Qwen-7B tables beside this harness's runs.
+"""python eval/runner.py report [RESULTS_DIR]: the published Qwen tables beside this harness's runs.
 
 Finds every run (results.json) under RESULTS_DIR (default results/) and renders one Markdown table
 per published table (eval/published.py): reported number, measured number, difference, 95% confidence
@@ -7,8 +7,12 @@ of the whole benchmark). Each table names the published model and the measured o
 RESULTS_DIR/report-plots/ and are linked; the report goes to RESULTS_DIR/REPORT.md (atomically) and
 stdout. Nothing is written into a run directory (results/reference/ holds committed runs).
 
-Which run feeds a published row: same task, same mode (any mode for speed), and the same
-quantisation tag in the model name (int4 / int8 / nf4, or none) as the published model. When several
+Which run feeds a published row: same model size, same task, same mode (any mode for speed), and the same
+quantisation tag in the model name (int4 / int8 / nf4, or none) as the published model. The size comes from
+the model shape the run recorded (hidden size, layers, heads, MLP width), never from a name: a 14B checkpoint
+in a folder called Qwen-7B is compared with the 14B tables. A run without a recorded shape, or of a shape no
+release has (a test model), is compared with the Qwen-7B tables (its size shows as "unknown" under "Runs
+found"). When several
 runs qualify, the first by: run directory named <task>-<mode>[-<dtype>] (no switch overrides, native
 backend), then model named as published (case-insensitive), then path order. --model restricts the
 runs considered to the named models.
@@ -53,6 +57,11 @@ class Run:
     def model_name(self) -> str:
         return self.results.identity.get("model_name") or self.dir.parent.name
 
+    @property
+    def size(self) -> str | None:
+        """The released size of the model this run measured, from its recorded shape (None: none known)."""
+        return published.size_of(self.results.identity.get("shape"))
+
 
 @dataclass
 class Measured:
@@ -88,7 +97,7 @@ def quantisation(model_name: str) -> str:
 def choose_run(runs: list[Run], table: published.Table, row: published.Row) -> Run | None:
     model = row.model or table.model
     candidates = [r for r in runs if r.task == row.task and table.mode in (None, r.mode)
-                  and quantisation(r.model_name) == quantisation(model)]
+                  and quantisation(r.model_name) == quantisation(model) and (r.size or "7B") == table.size]
     return min(candidates, default=None, key=lambda r: (not plain_run(r), r.model_name.lower() != model.lower(),
                                                         str(r.dir)))
 
@@ -221,21 +230,26 @@ def render_table(table: published.Table, picks: list[Run | None], root: Path, pl
 
 def render_runs(runs: list[Run], root: Path, used: set[Path]) -> str:
     rows = [[f"`{run.dir.relative_to(root)}`", run.task, run.mode, run.model_name,
-             f"{run.results.n_done} of {run.results.n_docs}", "yes" if run.dir in used else "no"] for run in runs]
-    return "## Runs found\n\n" + render_markdown(Table(["run", "task", "mode", "model", "documents", "used"], rows))
+             f"{run.results.n_done} of {run.results.n_docs}", "yes" if run.dir in used else "no",
+             run.size or "unknown"] for run in runs]
+    columns = ["run", "task", "mode", "model", "documents", "used", "size (from the recorded shape)"]
+    return "## Runs found\n\n" + render_markdown(Table(columns, rows))
 
 
 def render_report(root: Path, runs: list[Run], with_plots: bool = True) -> str:
     plots: dict[Path, list[Path]] | None = {} if with_plots else None  # run dir -> its PNGs, drawn once
-    chosen = [(t, [choose_run(runs, t, row) if row.task else None for row in t.rows]) for t in published.TABLES]
+    sizes = {"7B"} | {run.size for run in runs}  # the 7B tables always; another size's once a run has it
+    chosen = [(t, [choose_run(runs, t, row) if row.task else None for row in t.rows])
+              for t in published.TABLES if t.size in sizes]
     used = {run.dir for _, picks in chosen for run in picks if run is not None}
-    header = ("# Reproduction report: published Qwen-7B numbers vs measured\n\n"
+    header = ("# Reproduction report: published Qwen numbers vs measured\n\n"
               f"{len(runs)} run(s) found under `{root}`. The metric column names the results.json metric "
               "measured: the original scripts' scoring (parity). 95% CI of the measured number: Wilson for "
               "micro-averaged accuracies (MMLU, GSM8K, HumanEval), Wilson at the effective number of documents "
               "for macro averages (C-Eval, CMMLU), percentile bootstrap over samples for perplexity. "
               "\"within CI\": the reported number lies inside it; judged only for a run of the whole benchmark "
-              "(not --limit, --subjects or partial). Each table compares with the published model it names. "
+              "(not --limit, --subjects or partial). Each table compares with the published model it names, and "
+              "takes only runs of that model's size (by the shape each run recorded). "
               "Matching rule: `python eval/runner.py report --help`.\n")
     tables = [render_table(t, picks, root, plots) for t, picks in chosen]
     return "\n".join([header, *tables, render_runs(runs, root, used)])

@@ -13,6 +13,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 if __name__ == "__main__" and not __package__:  # `python eval/runner.py`: run as the module, from the repository
@@ -72,6 +73,9 @@ def parser(prog: str = "python eval/runner.py") -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="most sequences per batch (default: sized from free memory)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="weights dtype; auto: bf16 where supported, else fp16 on a GPU, else fp32")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N processes of torchrun (heads, MLP and vocabulary; world = N x data "
+                        "parallel); part of the run's identity (see EVALUATION.md, 'Tensor parallel')")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: a GPU when there is one)")
     p.add_argument("--seed", type=int, default=1234, help="seed of python, numpy and torch (default 1234)")
     p.add_argument("--output-dir", default="results",
@@ -207,6 +211,11 @@ def run(args) -> int:
         started = time.time()
         backend, loaded = _load(load_args, model_id, group.ckpt, group.tok)
         load = time.time() - started
+        if ranks.tp is not None and ranks.tp.rank:  # tensor parallel: repeat the calls of the group's rank 0
+            from model.tensor_parallel import follow
+
+            follow(backend, ranks.tp)
+            continue
         for job in group.jobs:
             plan = job.plan
             plan.identity = {**loaded, **job.known}  # run.json checks the weights themselves once they are read
@@ -220,6 +229,10 @@ def run(args) -> int:
             if results is not None:  # rank 0
                 print(summary_line(plan, results))
                 finished.append(job)
+        if ranks.tp is not None:  # the group's other ranks stop repeating (a failed rank 0: torchrun stops them)
+            from model.tensor_parallel import release
+
+            release(ranks.tp)
     distributed.close(ranks)
     if finished:
         _last_words(args, finished)
@@ -252,7 +265,8 @@ def _plan_all(args, entries) -> dict[str | None, ModelGroup]:
     for entry in entries:
         task = get_task(entry.task)
         entry_args = argparse.Namespace(**{**vars(args), "mode": entry.mode, **entry.flags})
-        model_id = args.model or (None if args.dry_run and args.tokenizer else DEFAULT_MODELS[entry.mode])
+        default = entry.model or DEFAULT_MODELS[entry.mode]  # a family suite names its own model
+        model_id = args.model or (None if args.dry_run and args.tokenizer else default)
         if model_id not in groups:
             groups[model_id] = ModelGroup(_tokenizer(args.tokenizer or model_id, explicit=bool(args.tokenizer)))
         group = groups[model_id]
@@ -380,7 +394,7 @@ def _describe(args, model_id: str) -> tuple[Path, dict]:
     """The checkpoint, and the part of the model's identity known from its config without reading a weight
     (the weights' own fingerprint comes with the load)."""
     from model import ConfigError, ModelLoadError
-    from model.config import read_config, with_switches
+    from model.config import model_shape, read_config, with_switches
     from model.loading import resolve_checkpoint
 
     try:
@@ -389,7 +403,8 @@ def _describe(args, model_id: str) -> tuple[Path, dict]:
     except (ModelLoadError, ConfigError) as err:
         raise UserError(str(err)) from None
     return ckpt, {"backend": args.backend, "dtype": str(_dtype(args)),
-                  "switches": {"dynamic_ntk": a.use_dynamic_ntk, "logn": a.use_logn_attn, "windows": a.windows}}
+                  "switches": {"dynamic_ntk": a.use_dynamic_ntk, "logn": a.use_logn_attn, "windows": a.windows},
+                  "shape": model_shape(a), "tensor_parallel": args.tensor_parallel}
 
 
 def _load(args, model_id: str, ckpt: Path, tok) -> tuple[object, dict]:
@@ -399,12 +414,15 @@ def _load(args, model_id: str, ckpt: Path, tok) -> tuple[object, dict]:
     from eval.backends import HFBackend, NativeBackend
 
     from model.loading import resolve_device
+    from model.tensor_parallel import lead, load_tensor_parallel
 
     print(f"loading {model_id} ({dtype_name(_dtype(args))}, {resolve_device(_device(args))}) ...", flush=True)
     started = time.time()
+    tp = getattr(args, "tp_group", None)
+    load = qwen.load_model if tp is None else partial(load_tensor_parallel, g=tp)
     try:
-        native = qwen.load_model(ckpt, dtype=args.dtype, device=_device(args), dynamic_ntk=args.dynamic_ntk,
-                                 logn=args.logn, window_attn=args.window_attn)
+        native = load(ckpt, dtype=args.dtype, device=_device(args), dynamic_ntk=args.dynamic_ntk,
+                      logn=args.logn, window_attn=args.window_attn)
     except (qwen.ModelLoadError, qwen.ConfigError) as err:
         raise UserError(str(err)) from None
     print(f"loaded {model_id} in {time.time() - started:.1f} s", flush=True)
@@ -414,6 +432,8 @@ def _load(args, model_id: str, ckpt: Path, tok) -> tuple[object, dict]:
     else:
         backend = NativeBackend(native, tok, kernels=args.kernels, prefix_reuse=not args.no_prefix_reuse,
                                 fixed_new_tokens=args.fixed_new_tokens, **kw)
+    if tp is not None and tp.rank == 0:
+        lead(backend, tp)
     engine = getattr(backend, "mode", "default") + (f", {args.fixed_new_tokens} fixed new tokens"
                                                      if args.fixed_new_tokens else "")
     return backend, {"model": native.weights_fingerprint, "engine": engine}

@@ -85,6 +85,12 @@ def args_from_config(cfg: dict, source: str = "config.json") -> ModelArgs:
     return ModelArgs(**values)
 
 
+def model_shape(args: ModelArgs) -> dict:
+    """The sizes that tell the published models apart (recorded in every run: eval/report.py matches on them)."""
+    return {"dim": args.dim, "n_layer": args.n_layer, "n_head": args.n_head,
+            "intermediate_size": args.intermediate_size, "vocab_size": args.vocab_size}
+
+
 def read_config(path: Path) -> ModelArgs:
     try:
         cfg = json.loads(path.read_text())

@@ -117,9 +117,11 @@ class Engine:
         """fp32 logits of the choice tokens [b, c]. On a GPU a batched product would sum in an order that
         follows the batch shape; the host sums each row alone (numpy's pairwise order, fixed by the width)."""
         if self.device.type == "cpu":
-            return torch.einsum("bd,bcd->bc", last.float(), self.model.lm_head.weight[ids].float()).tolist()
-        for i in set(ids.flatten().tolist()) - self._head_rows.keys():
-            self._head_rows[i] = self.model.lm_head.weight[i].float().cpu().numpy()
+            return torch.einsum("bd,bcd->bc", last.float(), self.model.lm_head.rows(ids).float()).tolist()
+        missing = sorted(set(ids.flatten().tolist()) - self._head_rows.keys())
+        if missing:
+            rows = self.model.lm_head.rows(torch.tensor(missing, device=self.device)).float().cpu().numpy()
+            self._head_rows.update(zip(missing, rows))
         hidden = last.float().cpu().numpy()
         rows = np.stack([[self._head_rows[i] for i in row] for row in ids.tolist()])  # [b, c, d]
         return (hidden[:, None, :] * rows).sum(-1).tolist()

@@ -47,6 +47,7 @@ class Planner:
         self.max_batch = max_batch
         self.share_prefix = share_prefix
         self.budget: int | None = None  # bytes for activations and KV, measured once per request list
+        self.tensor_parallel = getattr(model, "tensor_parallel", None)  # a group whose ranks cut the same batches
 
     # ---- memory -----------------------------------------------------------------------------------
     def measure_budget(self) -> None:
@@ -58,6 +59,8 @@ class Planner:
         free, _ = torch.cuda.mem_get_info(self.device)
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         self.budget = int((free + cached) * MEMORY_FRACTION)  # blocks PyTorch holds unused are free too
+        if self.tensor_parallel is not None:  # every rank of a tensor-parallel group must cut the same batches
+            self.budget = self.tensor_parallel.smallest(self.budget)
 
     def kv_bytes_per_token(self) -> int:
         a = self.args

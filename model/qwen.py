@@ -106,6 +106,10 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor, ops: Ops) -> Tensor:
         return ops.linear(x, self.weight, self.bias)
 
+    def rows(self, ids: Tensor) -> Tensor:
+        """Weight rows of the given output ids (LM-head rows of token ids; tensor_parallel gathers them)."""
+        return self.weight[ids]
+
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):

@@ -289,14 +289,15 @@ def write_gptq_checkpoint(model: Qwen, directory, desc_act: bool, seed: int = 0)
     return expected
 
 
-def dequantized_reference(directory, expected: dict) -> Qwen:
-    """The same model in fp32 with plain nn.Linear projections holding the dequantized weights."""
+def dequantized_reference(directory, expected: dict, args=None) -> Qwen:
+    """The same model in fp32 with plain nn.Linear projections holding the dequantized weights (of the tiny
+    model's shape unless `args` says otherwise)."""
     state = {name: t.float() for name, t in load_file(directory / "model.safetensors").items()}
     for layer, weight in expected.items():
         for attr in ("qweight", "qzeros", "scales", "g_idx"):
             del state[f"{layer}.{attr}"]
         state[f"{layer}.weight"] = weight
-    model = Qwen(tiny_model().args)
+    model = Qwen(args or tiny_model().args)
     model.load_state_dict(state)
     return model.eval()
 
