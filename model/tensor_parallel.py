@@ -161,8 +161,8 @@ class VocabParallelHead(Linear):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.start, self.g = start, g
 
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.cat(self.g.gather(super().forward(x)), dim=-1)
+    def forward(self, x: Tensor, ops) -> Tensor:
+        return torch.cat(self.g.gather(super().forward(x, ops)), dim=-1)
 
     def rows(self, ids: Tensor) -> Tensor:
         local = ids - self.start
