@@ -16,7 +16,6 @@ runs considered to the named models.
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -26,32 +25,13 @@ import numpy as np
 
 from . import published
 from .api import AccuracyScores, PerplexityScores, Table, UserError
-from .compare import bootstrap_sums
 from .registry import get_task
-from .results import Results, atomic_write, read_results, read_run_records, render_markdown
+from .results import Results, Run, atomic_write, read_results, read_run, render_markdown
+from .stats import bootstrap_sums, macro_interval, wilson
 
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
 QUANTISATION_TAGS = ("int4", "int8", "nf4")
 PLOTS_DIR = "report-plots"
 PPL_BOOTSTRAP_ROUNDS = 2_000
-
-
-@dataclass
-class Run:
-    dir: Path
-    results: Results
-
-    @property
-    def task(self) -> str:
-        return self.results.task
-
-    @property
-    def mode(self) -> str:
-        return self.results.mode
-
-    @property
-    def model_name(self) -> str:
-        return self.results.identity.get("model_name") or self.dir.parent.name
 
 
 @dataclass
@@ -72,7 +52,7 @@ def find_runs(root: Path, models: list[str] | None = None) -> list[Run]:
     runs = []
     for path in sorted(root.rglob("results.json")):
         try:
-            runs.append(Run(path.parent, read_results(path.parent)))
+            runs.append(read_run(path.parent))
         except UserError as err:
             warnings.warn(f"{path}: skipped ({err})")
     if models:
@@ -114,16 +94,6 @@ def measure(run: Run, row: published.Row) -> Measured:
     return Measured(value, wilson(value, run.results.n_done))
 
 
-def wilson(percent: float, n: int) -> tuple[float, float] | None:
-    """Wilson score interval of an accuracy (in percent) over n documents."""
-    if n <= 0:
-        return None
-    p, z2 = percent / 100, Z95 ** 2
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return 100 * (centre - half), 100 * (centre + half)
-
-
 def grouped(run: Run, row: published.Row, spec: AccuracyScores) -> Measured:
     """The average or a category row of the run's table; Wilson intervals (macro: see macro_interval)."""
     table = run.results.table
@@ -141,20 +111,13 @@ def grouped(run: Run, row: published.Row, spec: AccuracyScores) -> Measured:
     return Measured(value, macro_interval(value, [per_subject[s]["n"] for s in subjects]))
 
 
-def macro_interval(value: float, sizes: list[int]) -> tuple[float, float]:
-    """A mean of S subject accuracies: Wilson at its effective size S^2 / sum(1/n_s) (the variance of the
-    mean is p(1-p)/n_eff at a common p), so a run where every subject scores 0 still gets an interval."""
-    return wilson(value, len(sizes) ** 2 / sum(1 / n for n in sizes))
-
-
 def perplexity(run: Run, row: published.Row, spec: PerplexityScores) -> Measured:
     """Token-weighted perplexity of one (switch row, length) cell; percentile bootstrap over its samples."""
     switches, length = row.part
     value = run.results.details["ppl"].get(switches, {}).get(str(length))
     if value is None:
         return Measured(None, note=f"length {length} not run")
-    records = [r.flat() for r in read_run_records(run.dir).records.values()]
-    columns = np.array([spec.cell(r, switches) for r in records if spec.length(r) == length], dtype=float)
+    columns = np.array([spec.cell(r, switches) for r in run.records.values() if spec.length(r) == length], dtype=float)
     if not len(columns):
         return Measured(value, note="no samples.jsonl: no interval")
     sums = bootstrap_sums(columns, PPL_BOOTSTRAP_ROUNDS)

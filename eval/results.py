@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import fcntl
+import functools
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import Table, UserError, stable_hash
-from .metrics import with_stderr
+from .stats import with_stderr
 
 SHARD_GLOB = "samples.rank*.jsonl"  # a torchrun job's rank k appends to samples.rank<k>.jsonl
 RECORD_FIELDS = ("doc_id", "subject", "prompt_hash", "n_tokens", "truncated", "doc", "responses")
@@ -225,6 +226,45 @@ def read_run_records(run_dir: Path) -> Saved:
     for path in sorted(run_dir.glob(SHARD_GLOB)):
         saved.merge(read_samples(path), str(path))
     return saved
+
+
+@dataclass
+class Run:
+    """A run directory as `report` and `compare` read it (they never write one)."""
+
+    dir: Path
+    identity: dict
+    results: Results | None  # None until an invocation has finished
+
+    @property
+    def task(self) -> str:
+        return self.identity.get("task", "?")
+
+    @property
+    def mode(self) -> str:
+        return self.identity.get("mode", "?")
+
+    @property
+    def model_name(self) -> str:
+        return self.identity.get("model_name") or self.dir.parent.name
+
+    @property
+    def finished(self) -> bool:
+        return self.results is not None and not self.results.partial
+
+    @functools.cached_property
+    def records(self) -> dict[str, dict]:
+        """Each document's record as tasks read it (Record.flat), by doc_id in file order; read on first use."""
+        return {doc_id: record.flat() for doc_id, record in read_run_records(self.dir).records.items()}
+
+
+def read_run(run_dir: Path) -> Run:
+    """The run in run_dir. Its identity is run.json's (the data files of every invocation), or results.json's
+    for a table kept without its records (results/reference/)."""
+    results = read_results(run_dir)
+    if results is not None and not (run_dir / "run.json").exists():
+        return Run(run_dir, results.identity, results)
+    return Run(run_dir, read_info(run_dir).identity, results)
 
 
 # ---- writing ---------------------------------------------------------------------------------------------

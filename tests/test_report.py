@@ -7,7 +7,8 @@ from PIL import Image
 import fixtures
 from eval.api import Doc
 from eval.plots import DPI, FIGSIZE
-from eval.report import plot_run, wilson
+from eval.report import plot_run
+from eval.stats import wilson
 from eval.runner import main
 from eval.tasks import ceval, gsm8k, long_ppl, mmlu
 
