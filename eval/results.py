@@ -268,14 +268,17 @@ def read_run(run_dir: Path) -> Run:
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a uniquely named temporary file and rename, so readers never see half a file."""
+def atomic_write(path: Path, content: str | bytes) -> None:
+    """Write via a uniquely named temporary file and rename, so readers never see half a file. The file gets
+    the mode a plain open() would give it (0644 under umask 022), not the temporary file's 0600."""
+    data = content.encode("utf-8") if isinstance(content, str) else content
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            with open(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            with open(fd, "wb") as f:
+                f.write(data)
                 f.flush()
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
@@ -284,6 +287,12 @@ def atomic_write(path: Path, text: str) -> None:
         _fsync_dir(path.parent)
     except OSError as err:
         raise UserError(f"cannot write {path} ({err.strerror}); the records saved so far are kept") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:
