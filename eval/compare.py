@@ -59,11 +59,16 @@ def pair_runs(base: Path, new: Path) -> tuple[list[tuple[Path, Path]], list[str]
     return [(base_dirs[name], new_dirs[name]) for name in names], notes
 
 
+def require_same_task(base: Run, new: Run) -> None:
+    """Runs of two tasks or modes measure different things: refused before anything else is looked at."""
+    if (base.task, base.mode) != (new.task, new.mode):
+        what = "different tasks" if base.task != new.task else "different modes"
+        raise UserError(f"cannot compare {base.task} ({base.mode}) in {base.dir} "
+                        f"with {new.task} ({new.mode}) in {new.dir}: {what}")
+
+
 def comparable(base: Run, new: Run, shared: list[str], allow_different: bool) -> list[str]:
     """Why the two runs' scores are not comparable; raises unless `allow_different`."""
-    if (base.task, base.mode) != (new.task, new.mode):
-        raise UserError(f"cannot compare {base.task} ({base.mode}) in {base.dir} "
-                        f"with {new.task} ({new.mode}) in {new.dir}")
     reasons = []
     base_files, new_files = base.identity.get("data", {}), new.identity.get("data", {})
     changed = sorted(f for f in set(base_files) & set(new_files) if base_files[f] != new_files[f])
@@ -236,6 +241,7 @@ def main(argv) -> int:
     regressions, sections = [], []
     for base_dir, new_dir in pairs:
         base, new = read_run(base_dir), read_run(new_dir)
+        require_same_task(base, new)
         if get_task(base.task).paired_scores(base.mode) is None:
             notes.append(f"{base_dir.name}: {base.task} has no per-document scores to compare")
             continue

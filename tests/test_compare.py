@@ -97,6 +97,17 @@ def test_different_tasks_or_missing_runs_are_user_errors(tmp_path, capsys):
     assert "cannot compare mmlu (fewshot)" in capsys.readouterr().err
 
 
+def test_runs_of_two_tasks_are_named_as_such(tmp_path, capsys):
+    """An mmlu and a gsm8k run share no documents; what differs is the task, and the refusal says so."""
+    mmlu = write_run(tmp_path / "base" / "mmlu-fewshot", mc_records())
+    gsm8k = write_run(tmp_path / "new" / "gsm8k-fewshot", [{"doc_id": "gsm8k/0", "parity": {"correct": True}}],
+                      task="gsm8k")
+    assert compare(mmlu, gsm8k) == 2
+    err = capsys.readouterr().err
+    assert "different tasks" in err and "mmlu (fewshot)" in err and "gsm8k (fewshot)" in err
+    assert "share no documents" not in err
+
+
 def test_result_directories_are_paired_by_run_name(tmp_path, capsys):
     for side, flips in (("base", ()), ("new", ("mmlu/anatomy/0",))):
         write_run(tmp_path / side / f"{side}-model" / "mmlu-fewshot", mc_records(wrong=set(flips)))
