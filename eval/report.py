@@ -9,15 +9,17 @@ stdout. Nothing is written into a run directory (results/reference/ holds commit
 
 Which run feeds a published row: same task, same mode (any mode for speed), and the same
 quantisation tag in the model name (int4 / int8 / nf4, or none) as the published model. When several
-runs qualify, the first by: run directory named <task>-<mode>[-<dtype>] (no switch overrides, native
-backend), then model named as published (case-insensitive), then path order. --model restricts the
-runs considered to the named models.
+runs qualify, the first by: a run of the suite that asks for the report (a suite's own runs), then
+run directory named <task>-<mode>[-<dtype>] (no switch overrides, native backend), then a run of the
+whole benchmark (not --limit, --subjects or partial), then model named as published
+(case-insensitive), then path order. --model restricts the runs considered to the named models.
 """
 from __future__ import annotations
 
 import argparse
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,27 +51,35 @@ def plot_run(run_dir: Path, results: Results | None = None) -> list[Path]:
 
 # ---- finding and matching runs -----------------------------------------------------------------------
 def find_runs(root: Path, models: list[str] | None = None) -> list[Run]:
+    """The runs under root (of `models` only, when given); none is an error: there is nothing to report."""
     runs = []
     for path in sorted(root.rglob("results.json")):
         try:
             runs.append(read_run(path.parent))
         except UserError as err:
             warnings.warn(f"{path}: skipped ({err})")
-    if models:
-        wanted = {m.lower() for m in models}
-        runs = [r for r in runs if r.model_name.lower() in wanted]
-    return runs
+    if not runs:
+        raise UserError(f"no run (results.json) under {root}: run some tasks first, or pass RESULTS_DIR")
+    wanted = {m.lower() for m in models or ()}
+    kept = [r for r in runs if not wanted or r.model_name.lower() in wanted]
+    if not kept:
+        found = ", ".join(sorted({r.model_name for r in runs}))
+        raise UserError(f"--model {' '.join(models)}: no run of it under {root} (runs found of: {found})")
+    return kept
 
 
 def quantisation(model_name: str) -> str:
     return next((tag for tag in QUANTISATION_TAGS if tag in model_name.lower()), "")
 
 
-def choose_run(runs: list[Run], table: published.Table, row: published.Row) -> Run | None:
+def choose_run(runs: list[Run], table: published.Table, row: published.Row, own: set[Path]) -> Run | None:
+    """The run that feeds a published row (the matching rule in this module's docstring); `own`: the
+    resolved directories of the suite's runs, which come first."""
     model = row.model or table.model
     candidates = [r for r in runs if r.task == row.task and table.mode in (None, r.mode)
                   and quantisation(r.model_name) == quantisation(model)]
-    return min(candidates, default=None, key=lambda r: (not plain_run(r), r.model_name.lower() != model.lower(),
+    return min(candidates, default=None, key=lambda r: (r.dir.resolve() not in own, not plain_run(r),
+                                                        bool(run_notes(r)), r.model_name.lower() != model.lower(),
                                                         str(r.dir)))
 
 
@@ -188,9 +198,11 @@ def render_runs(runs: list[Run], root: Path, used: set[Path]) -> str:
     return "## Runs found\n\n" + render_markdown(Table(["run", "task", "mode", "model", "documents", "used"], rows))
 
 
-def render_report(root: Path, runs: list[Run], with_plots: bool = True) -> str:
+def render_report(root: Path, runs: list[Run], with_plots: bool = True, own: Iterable[Path] = ()) -> str:
+    """The report's Markdown; `own`: run directories preferred for their rows (a suite's runs)."""
     plots: dict[Path, list[Path]] | None = {} if with_plots else None  # run dir -> its PNGs, drawn once
-    chosen = [(t, [choose_run(runs, t, row) if row.task else None for row in t.rows]) for t in published.TABLES]
+    own = {Path(d).resolve() for d in own}
+    chosen = [(t, [choose_run(runs, t, row, own) if row.task else None for row in t.rows]) for t in published.TABLES]
     used = {run.dir for _, picks in chosen for run in picks if run is not None}
     header = ("# Reproduction report: published Qwen-7B numbers vs measured\n\n"
               f"{len(runs)} run(s) found under `{root}`. The metric column names the results.json metric "
@@ -218,7 +230,17 @@ def main(argv) -> int:
     root = args.results_dir
     if not root.is_dir():
         raise UserError(f"{root} is not a directory (run some tasks first, or pass RESULTS_DIR)")
-    text = render_report(root, find_runs(root, args.model), with_plots=not args.no_plots)
-    atomic_write(root / "REPORT.md", text)
-    print(text)
+    write_report(root, args.model, with_plots=not args.no_plots)
     return 0
+
+
+def write_report(root: Path, models: list[str] | None = None, *, own: Iterable[Path] = (),
+                 with_plots: bool = True) -> Path:
+    """root/REPORT.md (atomically), printed, and where it went. A suite passes its runs' directories as
+    `own`: its rows then show its runs, not an older run of the same model."""
+    text = render_report(root, find_runs(root, models), with_plots, own)
+    path = root / "REPORT.md"
+    atomic_write(path, text)
+    print(text)
+    print(f"report written to {path}")
+    return path
