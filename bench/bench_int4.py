@@ -1,6 +1,6 @@
 """Int4 (GPTQ) beside BF16 on one GPU: the README's speed and memory table, with random Qwen-7B-shaped weights.
 
-    python bench/bench_int4.py --vocab ../shared/qwen/qwen.tiktoken --out int4_results.json [--desc-act]
+    python -m bench.bench_int4 --vocab ../shared/qwen/qwen.tiktoken [--desc-act]
     python bench/bench_int4.py --smoke    # a small model (on the CPU when there is no GPU): the script's flow only
 
 Prints a markdown table and writes every number (checks, profile rows, the row sweep) to --out as JSON.
@@ -34,13 +34,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.common import default_out, print_table, write_json
+from eval.backends import NativeBackend, profile
+from eval.tasks import profile as profile_task
+from model import ModelArgs, Qwen, QwenTokenizer, init_weights
+from model import gptq, gptq_triton
+from model.engine import Engine
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from eval.backends import NativeBackend, profile  # noqa: E402
-from eval.tasks import profile as profile_task  # noqa: E402
-from model import ModelArgs, Qwen, QwenTokenizer, init_weights  # noqa: E402
-from model import gptq, gptq_triton  # noqa: E402
-from model.engine import Engine  # noqa: E402
 
 torch.set_grad_enabled(False)
 SMOKE = "--smoke" in sys.argv
@@ -232,22 +233,22 @@ def decode_step_projections(sweep: dict) -> dict:
     return out
 
 
-def print_table(bf16: dict, int4: dict) -> None:
-    print("\n| measurement | BF16 tok/s | BF16 peak GB | Int4 tok/s | Int4 peak GB | published BF16 tok/s / GB "
-          "| published Int4 tok/s / GB |")
-    print("|---|---|---|---|---|---|---|")
+def print_comparison(bf16: dict, int4: dict) -> None:
+    rows = []
     for key, (pub_bf16, pub_int4) in PUBLISHED.items():
         if key not in bf16 or key not in int4:
             continue
         cells = [bf16[key]["tokens_per_s"], bf16[key]["peak_gb"], int4[key]["tokens_per_s"], int4[key]["peak_gb"]]
         published = [" / ".join("-" if v is None else str(v) for v in pub) for pub in (pub_bf16, pub_int4)]
-        print(f"| {key} | " + " | ".join(str(c) for c in cells) + f" | {published[0]} | {published[1]} |")
+        rows.append([key, *cells, *published])
+    print_table(("measurement", "BF16 tok/s", "BF16 peak GB", "Int4 tok/s", "Int4 peak GB",
+                 "published BF16 tok/s / GB", "published Int4 tok/s / GB"), rows)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--vocab", default=str(REPO.parent / "shared" / "qwen" / "qwen.tiktoken"))
-    p.add_argument("--out", default="int4_results.json")
+    p.add_argument("--out", default=default_out("bench_int4.json"))
     p.add_argument("--desc-act", action="store_true", help="act-order groups (the fused path then permutes inputs)")
     p.add_argument("--smoke", action="store_true", help="a small model: checks the script, measures nothing")
     p.add_argument("--parts", default="bf16,int4,tinygemm,sweep", help="which stages, in this order")
@@ -261,7 +262,7 @@ def main():
               "fused_max_rows": gptq.FUSED_MAX_ROWS, "parts": parts}
 
     def save():
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
 
     cuda = DEVICE.type == "cuda"
     if "sweep" in parts and cuda:  # no model in memory: first
@@ -296,7 +297,7 @@ def main():
         del model
         free()
     if "bf16" in result and "int4" in result:
-        print_table(result["bf16"], result["int4"])
+        print_comparison(result["bf16"], result["int4"])
 
 
 def free() -> None:

@@ -7,8 +7,8 @@ served whole; and the library kernels (cuBLAS, flash attention), today's fastest
 compared document by document with the invariant automatic run: a document differs when any choice
 logit, parity probability or generated token differs by a bit.
 
-    PYTHONPATH=. python bench/determinism.py --data-dir DATA --vocab qwen.tiktoken --out det.json
-    PYTHONPATH=. python bench/determinism.py --parts kernels      # tile and prefix bit checks, matmul speed
+    python -m bench.determinism --data-dir DATA --vocab qwen.tiktoken
+    python -m bench.determinism --parts kernels      # tile and prefix bit checks, matmul speed
 
 Data parallelism (1 vs 2 ranks) goes through the CLI: see bench/RESULTS.md for the commands.
 """
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import torch
 
-from bench_speed import timed  # this script's folder is on the path when run as bench/determinism.py
+from bench.bench_speed import timed
+from bench.common import default_out, print_table, write_json
 from eval.data import DataSource
 from eval.tasks import gsm8k, mmlu
 from model import ModelArgs, Qwen, QwenTokenizer, init_weights
@@ -173,7 +173,7 @@ def main():
     p.add_argument("--gsm8k-limit", type=int, help="problems (default: all 1,319)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--smoke", action="store_true", help="a small model: checks the script")
-    p.add_argument("--out", default="determinism.json")
+    p.add_argument("--out", default=default_out("determinism.json"))
     args = p.parse_args()
     rows: list = []
     parts = args.parts.split(",")
@@ -194,11 +194,9 @@ def main():
         compare_ways("gsm8k", ways(56, 112), lambda w: generate_records(model, reqs, w, args.new_tokens), rows)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print("\n| part | way | documents | differ from invariant auto | seconds |\n|---|---|---|---|---|")
-    for r in rows:
-        if r["part"] in ("mmlu", "gsm8k"):
-            print(f"| {r['part']} | {r['way']} | {r['docs']} | {r['differ']} | {r['seconds']} |")
+    write_json(args.out, result)
+    print_table(("part", "way", "documents", "differ from invariant auto", "seconds"),
+                [[r["part"], r["way"], r["docs"], r["differ"], r["seconds"]] for r in rows if r["part"] in ("mmlu", "gsm8k")])
 
 
 if __name__ == "__main__":

@@ -3,15 +3,12 @@
 A mid-size random Qwen in fp32 and bf16: fused shared-prefix attention vs the plain math path,
 CUDA-graphed decoding vs eager, engine results vs full forwards. Prints one line per check.
 """
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import ModelArgs, Qwen, init_weights  # noqa: E402
-from model.engine import Engine  # noqa: E402
+from model import ModelArgs, Qwen, init_weights
+from model.engine import Engine
 
 torch.set_grad_enabled(False)
 

@@ -1,6 +1,6 @@
 """Int4 on a trained model: the GPU kernels against the dequantizing reference, on held-out arXiv text.
 
-    python bench/int4_check.py --model DIR --papers DIR --out int4_check.json [--sym]
+    python -m bench.int4_check --model DIR --papers DIR [--sym]
 
 DIR is an unpacked tiny-qwen-256 (README: gunzip model.safetensors.gz beside its json and tiktoken files);
 --papers holds the 12 held-out `korzen_groundtruth` papers it never saw in training (their .body.txt files).
@@ -22,18 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from model import load_model, load_tokenizer  # noqa: E402
-from model import gptq  # noqa: E402
-from model.engine import Engine  # noqa: E402
+from bench.common import default_out, write_json
+from model import load_model, load_tokenizer
+from model import gptq
+from model.engine import Engine
 
 torch.set_grad_enabled(False)
 GROUP_SIZE = 64
@@ -151,7 +149,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
     p.add_argument("--papers", required=True, help="the korzen_groundtruth folder (held-out .body.txt files)")
-    p.add_argument("--out", default="int4_check.json")
+    p.add_argument("--out", default=default_out("int4_check.json"))
     p.add_argument("--sym", action="store_true", help="symmetric rounding (zero 8) instead of min/max")
     args = p.parse_args()
     model = load_model(args.model, dtype="bf16", device="cuda")
@@ -181,7 +179,7 @@ def main():
         print(name, {k: v for k, v in result[name].items() if "position" not in k}, flush=True)
     result["triton, 8 rows vs triton"] = compare(runs["triton, 8 rows"], runs["triton"])
     print("triton, 8 rows vs triton", result["triton, 8 rows vs triton"], flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
