@@ -3,7 +3,7 @@
 Speed does not depend on weight values, so no checkpoint is needed. Both paths share the same
 weight tensors. Real benchmark data gives the real prompt lengths.
 
-    python bench/bench_speed.py --data-dir DIR --vocab qwen.tiktoken --parts mmlu,gsm8k --out results.json
+    python -m bench.bench_speed --data-dir DIR --vocab qwen.tiktoken --parts mmlu,gsm8k
 
 Parts: mmlu (full 5-shot, 14,042 questions), gsm8k (1,319 prompts x 512 and x 256 fixed new tokens),
 humaneval (164 x 512), long_ppl (16,384-token samples), profile (the README speed/memory table),
@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eval.api import LoglikelihoodRequest  # noqa: E402
-from eval.backends import HFBackend, NativeBackend, profile  # noqa: E402
-from eval.data import DataSource  # noqa: E402
-from eval.tasks import gsm8k, humaneval, mmlu  # noqa: E402
-from eval.tasks import profile as profile_task  # noqa: E402
-from model import ModelArgs, Qwen, QwenTokenizer, init_weights  # noqa: E402
+from bench.common import default_out, print_table, write_json
+from eval.api import LoglikelihoodRequest
+from eval.backends import HFBackend, NativeBackend, profile
+from eval.data import DataSource
+from eval.tasks import gsm8k, humaneval, mmlu
+from eval.tasks import profile as profile_task
+from model import ModelArgs, Qwen, QwenTokenizer, init_weights
 
 torch.set_grad_enabled(False)
 SMOKE = "--smoke" in sys.argv  # a small model on a few requests: checks the script before the real run
@@ -200,7 +199,7 @@ def main():
     p.add_argument("--data-dir", required=True)
     p.add_argument("--vocab", required=True)
     p.add_argument("--parts", default="mmlu,flips,gsm8k,humaneval,long_ppl,profile")
-    p.add_argument("--out", default="bench_results.json")
+    p.add_argument("--out", default=default_out("bench_speed.json"))
     p.add_argument("--smoke", action="store_true", help="a small model on a few requests")
     args = p.parse_args()
     bench = Bench(args)
@@ -209,10 +208,9 @@ def main():
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "ceilings": {"tflops": round(bench.peak[0] / 1e12), "tb_s": round(bench.peak[1] / 1e12, 2)},
               "rows": bench.rows, "notes": bench.notes}
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print("\n| task | work | native s | baseline s | ratio | roofline | baseline |\n|---|---|---|---|---|---|---|")
-    for r in bench.rows:
-        print(f"| {r['task']} | {r['work']} | {r['native_s']} | {r['baseline_s']} | {r['ratio']} | {r['roofline']} | {r['baseline']} |")
+    write_json(args.out, result)
+    columns = ("task", "work", "native_s", "baseline_s", "ratio", "roofline", "baseline")
+    print_table(columns, [[r[c] for c in columns] for r in bench.rows])
 
 
 if __name__ == "__main__":

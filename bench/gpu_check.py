@@ -4,15 +4,12 @@ A mid-size random Qwen in fp32 and bf16, with each op set (fast, invariant): fus
 vs the plain reference path, CUDA-graphed decoding vs eager (the invariant decode step is captured too),
 engine results vs full forwards. Prints one line per check.
 """
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import ModelArgs, Qwen, init_weights, ops  # noqa: E402
-from model.engine import Engine  # noqa: E402
+from model import ModelArgs, Qwen, init_weights, ops
+from model.engine import Engine
 
 torch.set_grad_enabled(False)
 

@@ -1,7 +1,7 @@
 """The peer users would otherwise run: batched `transformers` (the hf backend, batched as
 lm-evaluation-harness's HF backend batches) on a subset of MMLU and GSM8K, timed and extrapolated.
 
-    python3 bench/peer_hf.py --model CKPT --data-dir DATA --out peer_hf.json --ignore-stops
+    python -m bench.peer_hf --model CKPT --data-dir DATA --ignore-stops
 
 MMLU: 5-shot choice scoring (one forward per question, last-position logits) of --mmlu questions spread
 evenly over the test set, so their prompt lengths follow the whole set's; extrapolated to 14,042 questions.
@@ -15,28 +15,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from eval.backends import HFBackend  # noqa: E402
-from eval.data import DataSource  # noqa: E402
-from eval.registry import get_task  # noqa: E402
-from model import load_model, load_tokenizer  # noqa: E402
+from bench.common import default_out, print_table, write_json
+from eval.backends import HFBackend
+from eval.data import DataSource
+from eval.registry import get_task
+from model import load_model, load_tokenizer
 
 FULL = {"mmlu": 14042, "gsm8k": 1319}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python3 bench/peer_hf.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.peer_hf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--data-dir", required=True, help="root of the original benchmark files")
-    p.add_argument("--out", required=True, help="JSON file for the numbers")
+    p.add_argument("--out", default=default_out("peer_hf.json"), help="JSON file for the numbers")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--batch-size", type=int, help="rows per batch (default: sized from free memory, at most 64)")
@@ -116,7 +115,9 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "transformers": transformers.__version__, "model": args.model,
               "dtype": args.dtype, "batch_size": args.batch_size or "auto", "new_tokens": args.new_tokens,
               "ignore_stops": args.ignore_stops, "load_s": round(load_s, 1), "rows": rows}
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
+    columns = ("task", "items", "full_items", "seconds", "extrapolated_s")
+    print_table(columns, [[row[c] for c in columns] for row in rows])
     print(f"wrote {args.out}")
     return 0
 

@@ -1,23 +1,20 @@
 """Where the engine's time goes on a GPU (a diagnostic, not a benchmark): kernel table of an MMLU
 slice and of GSM8K decode steps, 7.7B random weights.
 
-    python bench/profile_engine.py --data-dir DIR --vocab qwen.tiktoken
+    python -m bench.profile_engine --data-dir DIR --vocab qwen.tiktoken
 """
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_speed import build_model, timed  # noqa: E402
-from eval.backends import NativeBackend  # noqa: E402
-from eval.data import DataSource  # noqa: E402
-from eval.tasks import gsm8k, mmlu  # noqa: E402
-from model import QwenTokenizer  # noqa: E402
+from bench.bench_speed import build_model, timed
+from eval.backends import NativeBackend
+from eval.data import DataSource
+from eval.tasks import gsm8k, mmlu
+from model import QwenTokenizer
 
 
 def table(prof, n=18):

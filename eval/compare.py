@@ -6,7 +6,8 @@ Per task, on the documents both runs hold: the headline score of each run, the d
 test (exact McNemar for right/wrong scores, paired bootstrap otherwise) and the documents that
 flipped; the same per category (MMLU, C-Eval, CMMLU) and per long_ppl length, for information.
 The gate looks at headline scores only: a drop of at least --max-drop points is a regression (exit 1);
-with --alpha, only when the paired test also gives p < alpha. Runs whose prompts or data differ are refused unless --allow-different-prompts.
+with --alpha, only when the paired test also gives p < alpha. Runs whose prompts or data differ are
+refused unless --allow-different-prompts.
 """
 from __future__ import annotations
 
@@ -21,35 +22,11 @@ import numpy as np
 from .api import AccuracyScores, PerplexityScores, Table, UserError
 from .metrics import average
 from .registry import get_task
-from .results import read_info, read_results, read_run_records, render_markdown
-
-BOOTSTRAP_ROUNDS = 10_000
+from .results import Run, read_run, render_markdown
+from .stats import bootstrap_p, bootstrap_sums, mcnemar_exact
 
 
 # ---- runs ---------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    dir: Path
-    identity: dict
-    records: dict[str, dict]  # by doc_id, in file order
-    finished: bool  # results.json exists and is not partial
-
-    @property
-    def task(self) -> str:
-        return self.identity.get("task", "?")
-
-    @property
-    def mode(self) -> str:
-        return self.identity.get("mode", "?")
-
-
-def load_run(run_dir: Path) -> Run:
-    identity = read_info(run_dir).identity
-    results = read_results(run_dir)
-    records = {doc_id: r.flat() for doc_id, r in read_run_records(run_dir).records.items()}
-    return Run(run_dir, identity, records, results is not None and not results.partial)
-
-
 def run_dirs(path: Path) -> dict[str, Path]:
     """Run directories at or below `path`, by name."""
     if not path.is_dir():
@@ -82,11 +59,16 @@ def pair_runs(base: Path, new: Path) -> tuple[list[tuple[Path, Path]], list[str]
     return [(base_dirs[name], new_dirs[name]) for name in names], notes
 
 
+def require_same_task(base: Run, new: Run) -> None:
+    """Runs of two tasks or modes measure different things: refused before anything else is looked at."""
+    if (base.task, base.mode) != (new.task, new.mode):
+        what = "different tasks" if base.task != new.task else "different modes"
+        raise UserError(f"cannot compare {base.task} ({base.mode}) in {base.dir} "
+                        f"with {new.task} ({new.mode}) in {new.dir}: {what}")
+
+
 def comparable(base: Run, new: Run, shared: list[str], allow_different: bool) -> list[str]:
     """Why the two runs' scores are not comparable; raises unless `allow_different`."""
-    if (base.task, base.mode) != (new.task, new.mode):
-        raise UserError(f"cannot compare {base.task} ({base.mode}) in {base.dir} "
-                        f"with {new.task} ({new.mode}) in {new.dir}")
     reasons = []
     base_files, new_files = base.identity.get("data", {}), new.identity.get("data", {})
     changed = sorted(f for f in set(base_files) & set(new_files) if base_files[f] != new_files[f])
@@ -101,37 +83,6 @@ def comparable(base: Run, new: Run, shared: list[str], allow_different: bool) ->
         raise UserError(f"{base.task} ({base.mode}): refusing to compare {base.dir} with {new.dir}: "
                         f"{'; '.join(reasons)}. Pass --allow-different-prompts to compare anyway.")
     return reasons
-
-
-# ---- statistics ----------------------------------------------------------------------------------
-def mcnemar_exact(worse: int, better: int) -> float:
-    """Two-sided exact McNemar test: under no change, each discordant document flips either way with p = 1/2."""
-    n = worse + better
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(worse, better) + 1))
-    return min(1.0, 2 * tail / 2 ** n)  # exact integer arithmetic: no underflow for thousands of flips
-
-
-def bootstrap_sums(columns: np.ndarray, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> np.ndarray:
-    """Column sums of `rounds` resamples of the rows (documents) with replacement: [rounds, n_columns].
-
-    Resampling whole rows keeps each document's base and new values together (a paired bootstrap)."""
-    rng = np.random.default_rng(seed)  # fixed: the same runs always give the same p-values and intervals
-    n = len(columns)
-    chunk = max(1, 1_000_000 // n)  # bounds memory to about chunk x n x n_columns numbers at a time
-    sums = [columns[rng.integers(0, n, size=(min(chunk, rounds - start), n))].sum(axis=1)
-            for start in range(0, rounds, chunk)]
-    return np.concatenate(sums)
-
-
-def bootstrap_p(observed: float, replicates: np.ndarray) -> float:
-    """Two-sided p-value of a difference against zero: the replicates, centred on the observed
-    difference, stand in for its distribution under no change."""
-    if observed == 0:
-        return 1.0
-    extreme = int(np.sum(np.abs(replicates - observed) >= abs(observed)))
-    return (extreme + 1) / (len(replicates) + 1)
 
 
 # ---- comparisons -------------------------------------------------------------------------------------
@@ -289,7 +240,8 @@ def main(argv) -> int:
     pairs, notes = pair_runs(args.base, args.new)
     regressions, sections = [], []
     for base_dir, new_dir in pairs:
-        base, new = load_run(base_dir), load_run(new_dir)
+        base, new = read_run(base_dir), read_run(new_dir)
+        require_same_task(base, new)
         if get_task(base.task).paired_scores(base.mode) is None:
             notes.append(f"{base_dir.name}: {base.task} has no per-document scores to compare")
             continue

@@ -1,9 +1,8 @@
-"""Metrics shared by the tasks: accuracy aggregation, pass@k, confidence intervals."""
+"""Scoring shared by the tasks: accuracy aggregation and pass@k. Part of every task's scorer fingerprint
+(eval/provenance.py); the statistics of the numbers (standard errors, intervals, tests) are in eval/stats.py."""
 from __future__ import annotations
 
 import math
-
-from .api import Table
 
 
 def average(by_subject: dict[str, tuple[float, int]], averaging: str) -> float:
@@ -22,26 +21,3 @@ def pass_at_k(n: int, c: int, k: int) -> float:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
-
-def standard_error(percent: float, n: int) -> float | None:
-    """Standard error (in points) of a mean of n right/wrong scores, as lm-evaluation-harness gives it:
-    the sample standard deviation over sqrt(n). None below two documents."""
-    if n < 2:
-        return None
-    p = percent / 100
-    return 100 * math.sqrt(p * (1 - p) / (n - 1))
-
-
-def with_stderr(table):
-    """The table with a "stderr" column after its headline metric, for tables shaped name, n, metric (in
-    percent), ...; any other table unchanged. A macro-averaged or several-sample row gets the same formula
-    at its n, an approximation."""
-    if table.columns[1:2] != ["n"] or len(table.columns) < 3 or "stderr" in table.columns:
-        return table
-    rows = []
-    for row in table.rows:
-        value, n = row[2], row[1]
-        numeric = isinstance(value, (int, float)) and isinstance(n, int) and 0 <= value <= 100
-        se = standard_error(value, n) if numeric else None
-        rows.append(row[:3] + ["" if se is None else se] + row[3:])
-    return Table(table.columns[:3] + ["stderr"] + table.columns[3:], rows)

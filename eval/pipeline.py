@@ -15,7 +15,7 @@ from . import api
 from .api import Doc, Request, UserError, serve, stable_hash
 from .cli_checks import check_subjects
 from .distributed import SINGLE, Ranks, assign, doc_cost, log_to
-from .metrics import with_stderr
+from .stats import with_stderr
 from .provenance import provenance, scorer_fingerprint
 from .results import (Part, Record, Results, RunInfo, RunStore, Saved, append_lines, atomic_write, drop_shards,
                       read_info, read_results, read_samples, render_markdown, shard_path)

@@ -7,15 +7,14 @@ fixed size (FIGSIZE x DPI pixels).
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
 from matplotlib import ticker
 from matplotlib.figure import Figure
 
-from .results import Results
+from .results import Results, atomic_write
 
 FIGSIZE, DPI = (8.0, 4.5), 100  # 800 x 450 pixels: no tight bounding box, so the size never varies
 
@@ -70,13 +69,8 @@ def _title(results: Results) -> str:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    """Render to a uniquely named temporary file and rename, so a reader never sees half an image."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with open(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Render to PNG in memory, then the one atomic writer: a reader never sees half an image."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write(path, png.getvalue())
     return path

@@ -12,17 +12,17 @@ quantisation tag in the model name (int4 / int8 / nf4, or none) as the published
 the model shape the run recorded (hidden size, layers, heads, MLP width), never from a name: a 14B checkpoint
 in a folder called Qwen-7B is compared with the 14B tables. A run without a recorded shape, or of a shape no
 release has (a test model), is compared with the Qwen-7B tables (its size shows as "unknown" under "Runs
-found"). When several
-runs qualify, the first by: run directory named <task>-<mode>[-<dtype>] (no switch overrides, native
-backend), then model named as published (case-insensitive), then path order. --model restricts the
-runs considered to the named models.
+found"). When several runs qualify, the first by: a run of the suite that asks for the report (a suite's own
+runs), then run directory named <task>-<mode>[-<dtype>] (no switch overrides, native backend), then a run of
+the whole benchmark (not --limit, --subjects or partial), then model named as published (case-insensitive),
+then path order. --model restricts the runs considered to the named models.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,37 +30,13 @@ import numpy as np
 
 from . import published
 from .api import AccuracyScores, PerplexityScores, Table, UserError
-from .compare import bootstrap_sums
 from .registry import get_task
-from .results import Results, atomic_write, read_results, read_run_records, render_markdown
+from .results import Results, Run, atomic_write, read_results, read_run, render_markdown
+from .stats import bootstrap_sums, macro_interval, wilson
 
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
 QUANTISATION_TAGS = ("int4", "int8", "nf4")
 PLOTS_DIR = "report-plots"
 PPL_BOOTSTRAP_ROUNDS = 2_000
-
-
-@dataclass
-class Run:
-    dir: Path
-    results: Results
-
-    @property
-    def task(self) -> str:
-        return self.results.task
-
-    @property
-    def mode(self) -> str:
-        return self.results.mode
-
-    @property
-    def model_name(self) -> str:
-        return self.results.identity.get("model_name") or self.dir.parent.name
-
-    @property
-    def size(self) -> str | None:
-        """The released size of the model this run measured, from its recorded shape (None: none known)."""
-        return published.size_of(self.results.identity.get("shape"))
 
 
 @dataclass
@@ -78,27 +54,40 @@ def plot_run(run_dir: Path, results: Results | None = None) -> list[Path]:
 
 # ---- finding and matching runs -----------------------------------------------------------------------
 def find_runs(root: Path, models: list[str] | None = None) -> list[Run]:
+    """The runs under root (of `models` only, when given); none is an error: there is nothing to report."""
     runs = []
     for path in sorted(root.rglob("results.json")):
         try:
-            runs.append(Run(path.parent, read_results(path.parent)))
+            runs.append(read_run(path.parent))
         except UserError as err:
             warnings.warn(f"{path}: skipped ({err})")
-    if models:
-        wanted = {m.lower() for m in models}
-        runs = [r for r in runs if r.model_name.lower() in wanted]
-    return runs
+    if not runs:
+        raise UserError(f"no run (results.json) under {root}: run some tasks first, or pass RESULTS_DIR")
+    wanted = {m.lower() for m in models or ()}
+    kept = [r for r in runs if not wanted or r.model_name.lower() in wanted]
+    if not kept:
+        found = ", ".join(sorted({r.model_name for r in runs}))
+        raise UserError(f"--model {' '.join(models)}: no run of it under {root} (runs found of: {found})")
+    return kept
 
 
 def quantisation(model_name: str) -> str:
     return next((tag for tag in QUANTISATION_TAGS if tag in model_name.lower()), "")
 
 
-def choose_run(runs: list[Run], table: published.Table, row: published.Row) -> Run | None:
+def run_size(run: Run) -> str | None:
+    """The released size of the model a run measured, from its recorded shape (None: none known)."""
+    return published.size_of(run.identity.get("shape"))
+
+
+def choose_run(runs: list[Run], table: published.Table, row: published.Row, own: set[Path]) -> Run | None:
+    """The run that feeds a published row (the matching rule in this module's docstring); `own`: the
+    resolved directories of the suite's runs, which come first."""
     model = row.model or table.model
     candidates = [r for r in runs if r.task == row.task and table.mode in (None, r.mode)
-                  and quantisation(r.model_name) == quantisation(model) and (r.size or "7B") == table.size]
-    return min(candidates, default=None, key=lambda r: (not plain_run(r), r.model_name.lower() != model.lower(),
+                  and quantisation(r.model_name) == quantisation(model) and (run_size(r) or "7B") == table.size]
+    return min(candidates, default=None, key=lambda r: (r.dir.resolve() not in own, not plain_run(r),
+                                                        bool(run_notes(r)), r.model_name.lower() != model.lower(),
                                                         str(r.dir)))
 
 
@@ -123,16 +112,6 @@ def measure(run: Run, row: published.Row) -> Measured:
     return Measured(value, wilson(value, run.results.n_done))
 
 
-def wilson(percent: float, n: int) -> tuple[float, float] | None:
-    """Wilson score interval of an accuracy (in percent) over n documents."""
-    if n <= 0:
-        return None
-    p, z2 = percent / 100, Z95 ** 2
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return 100 * (centre - half), 100 * (centre + half)
-
-
 def grouped(run: Run, row: published.Row, spec: AccuracyScores) -> Measured:
     """The average or a category row of the run's table; Wilson intervals (macro: see macro_interval)."""
     table = run.results.table
@@ -150,20 +129,13 @@ def grouped(run: Run, row: published.Row, spec: AccuracyScores) -> Measured:
     return Measured(value, macro_interval(value, [per_subject[s]["n"] for s in subjects]))
 
 
-def macro_interval(value: float, sizes: list[int]) -> tuple[float, float]:
-    """A mean of S subject accuracies: Wilson at its effective size S^2 / sum(1/n_s) (the variance of the
-    mean is p(1-p)/n_eff at a common p), so a run where every subject scores 0 still gets an interval."""
-    return wilson(value, len(sizes) ** 2 / sum(1 / n for n in sizes))
-
-
 def perplexity(run: Run, row: published.Row, spec: PerplexityScores) -> Measured:
     """Token-weighted perplexity of one (switch row, length) cell; percentile bootstrap over its samples."""
     switches, length = row.part
     value = run.results.details["ppl"].get(switches, {}).get(str(length))
     if value is None:
         return Measured(None, note=f"length {length} not run")
-    records = [r.flat() for r in read_run_records(run.dir).records.values()]
-    columns = np.array([spec.cell(r, switches) for r in records if spec.length(r) == length], dtype=float)
+    columns = np.array([spec.cell(r, switches) for r in run.records.values() if spec.length(r) == length], dtype=float)
     if not len(columns):
         return Measured(value, note="no samples.jsonl: no interval")
     sums = bootstrap_sums(columns, PPL_BOOTSTRAP_ROUNDS)
@@ -231,15 +203,17 @@ def render_table(table: published.Table, picks: list[Run | None], root: Path, pl
 def render_runs(runs: list[Run], root: Path, used: set[Path]) -> str:
     rows = [[f"`{run.dir.relative_to(root)}`", run.task, run.mode, run.model_name,
              f"{run.results.n_done} of {run.results.n_docs}", "yes" if run.dir in used else "no",
-             run.size or "unknown"] for run in runs]
+             run_size(run) or "unknown"] for run in runs]
     columns = ["run", "task", "mode", "model", "documents", "used", "size (from the recorded shape)"]
     return "## Runs found\n\n" + render_markdown(Table(columns, rows))
 
 
-def render_report(root: Path, runs: list[Run], with_plots: bool = True) -> str:
+def render_report(root: Path, runs: list[Run], with_plots: bool = True, own: Iterable[Path] = ()) -> str:
+    """The report's Markdown; `own`: run directories preferred for their rows (a suite's runs)."""
     plots: dict[Path, list[Path]] | None = {} if with_plots else None  # run dir -> its PNGs, drawn once
-    sizes = {"7B"} | {run.size for run in runs}  # the 7B tables always; another size's once a run has it
-    chosen = [(t, [choose_run(runs, t, row) if row.task else None for row in t.rows])
+    own = {Path(d).resolve() for d in own}
+    sizes = {"7B"} | {run_size(run) for run in runs}  # the 7B tables always; another size's once a run has it
+    chosen = [(t, [choose_run(runs, t, row, own) if row.task else None for row in t.rows])
               for t in published.TABLES if t.size in sizes]
     used = {run.dir for _, picks in chosen for run in picks if run is not None}
     header = ("# Reproduction report: published Qwen numbers vs measured\n\n"
@@ -269,7 +243,17 @@ def main(argv) -> int:
     root = args.results_dir
     if not root.is_dir():
         raise UserError(f"{root} is not a directory (run some tasks first, or pass RESULTS_DIR)")
-    text = render_report(root, find_runs(root, args.model), with_plots=not args.no_plots)
-    atomic_write(root / "REPORT.md", text)
-    print(text)
+    write_report(root, args.model, with_plots=not args.no_plots)
     return 0
+
+
+def write_report(root: Path, models: list[str] | None = None, *, own: Iterable[Path] = (),
+                 with_plots: bool = True) -> Path:
+    """root/REPORT.md (atomically), printed, and where it went. A suite passes its runs' directories as
+    `own`: its rows then show its runs, not an older run of the same model."""
+    text = render_report(root, find_runs(root, models), with_plots, own)
+    path = root / "REPORT.md"
+    atomic_write(path, text)
+    print(text)
+    print(f"report written to {path}")
+    return path

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import fcntl
+import functools
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .api import Table, UserError, stable_hash
-from .metrics import with_stderr
+from .stats import with_stderr
 
 SHARD_GLOB = "samples.rank*.jsonl"  # a torchrun job's rank k appends to samples.rank<k>.jsonl
 RECORD_FIELDS = ("doc_id", "subject", "prompt_hash", "n_tokens", "truncated", "doc", "responses")
@@ -227,15 +228,57 @@ def read_run_records(run_dir: Path) -> Saved:
     return saved
 
 
+@dataclass
+class Run:
+    """A run directory as `report` and `compare` read it (they never write one)."""
+
+    dir: Path
+    identity: dict
+    results: Results | None  # None until an invocation has finished
+
+    @property
+    def task(self) -> str:
+        return self.identity.get("task", "?")
+
+    @property
+    def mode(self) -> str:
+        return self.identity.get("mode", "?")
+
+    @property
+    def model_name(self) -> str:
+        return self.identity.get("model_name") or self.dir.parent.name
+
+    @property
+    def finished(self) -> bool:
+        return self.results is not None and not self.results.partial
+
+    @functools.cached_property
+    def records(self) -> dict[str, dict]:
+        """Each document's record as tasks read it (Record.flat), by doc_id in file order; read on first use."""
+        return {doc_id: record.flat() for doc_id, record in read_run_records(self.dir).records.items()}
+
+
+def read_run(run_dir: Path) -> Run:
+    """The run in run_dir. Its identity is run.json's (the data files of every invocation), or results.json's
+    for a table kept without its records (results/reference/)."""
+    results = read_results(run_dir)
+    if results is not None and not (run_dir / "run.json").exists():
+        return Run(run_dir, results.identity, results)
+    return Run(run_dir, read_info(run_dir).identity, results)
+
+
 # ---- writing ---------------------------------------------------------------------------------------------
-def atomic_write(path: Path, text: str) -> None:
-    """Write via a uniquely named temporary file and rename, so readers never see half a file."""
+def atomic_write(path: Path, content: str | bytes) -> None:
+    """Write via a uniquely named temporary file and rename, so readers never see half a file. The file gets
+    the mode a plain open() would give it (0644 under umask 022), not the temporary file's 0600."""
+    data = content.encode("utf-8") if isinstance(content, str) else content
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            with open(fd, "w", encoding="utf-8") as f:
-                f.write(text)
+            with open(fd, "wb") as f:
+                f.write(data)
                 f.flush()
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
@@ -244,6 +287,12 @@ def atomic_write(path: Path, text: str) -> None:
         _fsync_dir(path.parent)
     except OSError as err:
         raise UserError(f"cannot write {path} ({err.strerror}); the records saved so far are kept") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

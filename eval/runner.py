@@ -25,7 +25,7 @@ from eval import distributed
 from eval.api import UserError
 from eval.cli_checks import check_flags, check_same_configuration
 from eval.data import DataSource
-from eval.metrics import with_stderr
+from eval.stats import with_stderr
 from eval.pipeline import execute, plan_task, rescore, write_dry_run
 from eval.provenance import task_identity
 from eval.registry import get_task, task_names

@@ -1,10 +1,17 @@
-"""Shared fixtures: a tiny random checkpoint with the real vocabulary, and a data root."""
+"""Shared fixtures: the real tokenizer, a tiny random checkpoint with its vocabulary, and a data root."""
 from pathlib import Path
 
 import pytest
 
-from checkpoints import tiny_model, write_checkpoint
+from checkpoints import tiny_model, vocab_file, write_checkpoint
 from fixtures import fixture_root
+from model import QwenTokenizer
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The real Qwen tokenizer (qwen.tiktoken); it holds no state, so one serves every test."""
+    return QwenTokenizer(vocab_file())
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +25,18 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def data_root(tmp_path_factory) -> Path:
     """Small benchmark files in the release layouts (tests never depend on ../shared being there)."""
     return fixture_root(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(params=["namespaces", "basic"])
+def mode(request, monkeypatch) -> str:
+    """Run a sandbox test under each isolation mode this machine supports (basic mode always works)."""
+    from eval.sandbox import supervisor
+
+    namespaces = request.param == "namespaces"
+    if namespaces and not supervisor.namespaces_work():
+        pytest.skip("this machine does not permit the namespaces (see isolation_summary())")
+    monkeypatch.setattr(supervisor, "namespaces_work", lambda: namespaces)
+    return request.param
 
 
 SLOW_FIXTURES = {"tiny_checkpoint"}  # a checkpoint on disk means the CLI end to end (model loads, runs, resumes)

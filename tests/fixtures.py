@@ -4,7 +4,10 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import time
 from pathlib import Path
+
+import pytest
 
 from checkpoints import SHARED
 from eval.api import Doc, GenerateResponse, Table
@@ -150,3 +153,16 @@ def find_run(out: Path, name: str) -> Path:
     found = sorted(p for p in out.glob(f"*/{name}") if p.is_dir())
     assert len(found) == 1, f"expected one run {name} under {out}, found {found}"
     return found[0]
+
+
+def wait_for_lines(path: Path, n: int, proc, timeout: float = 120.0) -> None:
+    """Until `path` holds n lines (a run killed then has saved that many records); fails when `proc` ends
+    first, with what it printed (its stderr, or its stdout where stderr goes there)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and path.read_bytes().count(b"\n") >= n:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before {n} records in {path.name}: {(proc.stderr or proc.stdout).read()}")
+        time.sleep(0.002)
+    pytest.fail(f"timed out waiting for {n} records in {path}")

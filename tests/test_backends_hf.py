@@ -9,19 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoints import tiny_model, vocab_file
+from checkpoints import tiny_model
 from fixtures import find_run
 from eval.api import ChoiceRequest, GenerateRequest, LoglikelihoodRequest
 from eval.backends import HFBackend, NativeBackend, stop_rules_met
 from eval.runner import main
-from model import QwenTokenizer
 
 CHOICES = (32, 33, 34, 35)  # "A".."D"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return QwenTokenizer(vocab_file())
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import pytest
 
 import fixtures
-from eval.compare import mcnemar_exact
+from eval.stats import mcnemar_exact
 from eval.runner import main
 
 SUBJECTS = ("anatomy", "philosophy")
@@ -97,6 +97,17 @@ def test_different_tasks_or_missing_runs_are_user_errors(tmp_path, capsys):
     assert "cannot compare mmlu (fewshot)" in capsys.readouterr().err
 
 
+def test_runs_of_two_tasks_are_named_as_such(tmp_path, capsys):
+    """An mmlu and a gsm8k run share no documents; what differs is the task, and the refusal says so."""
+    mmlu = write_run(tmp_path / "base" / "mmlu-fewshot", mc_records())
+    gsm8k = write_run(tmp_path / "new" / "gsm8k-fewshot", [{"doc_id": "gsm8k/0", "parity": {"correct": True}}],
+                      task="gsm8k")
+    assert compare(mmlu, gsm8k) == 2
+    err = capsys.readouterr().err
+    assert "different tasks" in err and "mmlu (fewshot)" in err and "gsm8k (fewshot)" in err
+    assert "share no documents" not in err
+
+
 def test_result_directories_are_paired_by_run_name(tmp_path, capsys):
     for side, flips in (("base", ()), ("new", ("mmlu/anatomy/0",))):
         write_run(tmp_path / side / f"{side}-model" / "mmlu-fewshot", mc_records(wrong=set(flips)))
@@ -139,14 +150,6 @@ def test_perplexity_is_compared_per_document_nll(tmp_path, capsys, new_nll, expe
     assert "| ppl none (all lengths) | 16 |" in out and "| ppl dynamic_ntk @ 512 | 8 |" in out
     if expected:  # perplexity up by exp(0.1) - 1 = 10.5%
         assert "| ppl none (all lengths) | 16 | 4.64 | 5.13 | +0.49 | 10.52% | bootstrap |" in out
-
-
-def test_exact_mcnemar_values():
-    assert mcnemar_exact(0, 0) == 1.0
-    assert mcnemar_exact(0, 5) == mcnemar_exact(5, 0) == 2 / 32
-    assert mcnemar_exact(1, 9) == 2 * (1 + 10) / 1024
-    assert mcnemar_exact(3, 3) == 1.0
-    assert 0 < mcnemar_exact(3000, 3300) < 0.001  # thousands of flips: no underflow
 
 
 def test_runs_at_two_batch_sizes_are_identical(tiny_checkpoint, data_root, tmp_path, capsys):

@@ -3,7 +3,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from eval.api import UserError
 from eval.results import Record, append_lines, read_samples
 from eval.runner import main
 from eval.run_layout import model_folder
-from fixtures import find_run, write_gsm8k, write_mmlu
+from fixtures import find_run, wait_for_lines, write_gsm8k, write_mmlu
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,17 +32,6 @@ def cli_args(checkpoint, data, out, *extra):
 def start(args):
     return subprocess.Popen([sys.executable, str(REPO / "eval" / "runner.py"), *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_lines(path: Path, n: int, proc, timeout=120.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if path.exists() and path.read_bytes().count(b"\n") >= n:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"run ended before {n} records: {proc.stderr.read()}")
-        time.sleep(0.002)
-    pytest.fail("timed out waiting for records")
 
 
 @pytest.fixture(scope="module")

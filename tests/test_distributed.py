@@ -15,7 +15,7 @@ from eval.distributed import TIMEOUT_ENV, assign, doc_cost
 from eval.api import ChoiceRequest, GenerateRequest
 from eval.runner import main
 from eval.run_layout import model_folder
-from fixtures import find_run, write_mmlu
+from fixtures import find_run, wait_for_lines, write_mmlu
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ("samples.jsonl", "table.md", "table.csv")
@@ -51,17 +51,6 @@ def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
         if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
             return int(pid)
     raise AssertionError(f"no worker with RANK={rank} among {children}")
-
-
-def wait_for_lines(path: Path, n: int, proc, timeout=60.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if path.exists() and path.read_bytes().count(b"\n") >= n:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"run ended before {n} records in {path.name}: {proc.stdout.read()}")
-        time.sleep(0.002)
-    pytest.fail(f"timed out waiting for {path}")
 
 
 # ---- sharding -------------------------------------------------------------------------------------------

@@ -4,22 +4,15 @@ import json
 
 import pytest
 
-from checkpoints import vocab_file
 from eval.api import Doc, GenerateResponse, UserError
 from eval.backends import stop_rules_met
 from eval.data import DataSource
 from eval.pipeline import execute, plan_task
 from eval.tasks import gsm8k
 from fixtures import SHARED_DATA, OracleBackend, write_gsm8k
-from model import QwenTokenizer
 
 TASK = gsm8k.TASK
 SHARED_GSM8K = SHARED_DATA / "gsm8k"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return QwenTokenizer(vocab_file())
 
 
 @pytest.fixture

@@ -4,20 +4,13 @@ import json
 
 import pytest
 
-from checkpoints import vocab_file
 from eval.api import GenerateResponse, UserError
 from eval.backends import stop_rules_met
 from eval.data import DataSource
 from eval.tasks import humaneval
 from fixtures import SHARED_DATA, write_humaneval
-from model import QwenTokenizer
 
 TASK = humaneval.TASK
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return QwenTokenizer(vocab_file())
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,14 @@ import math
 
 import pytest
 
-from checkpoints import tiny_model, vocab_file
+from checkpoints import tiny_model
 from eval.api import Doc, LoglikelihoodResponse, UserError, serve
 from eval.backends import NativeBackend
 from eval.data import DataSource
 from eval.pipeline import plan_task
 from eval.tasks.long_ppl import ROWS, TASK, sample_starts
-from model import QwenTokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 60  # 601 tokens with the Qwen vocabulary
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return QwenTokenizer(vocab_file())
 
 
 @pytest.fixture

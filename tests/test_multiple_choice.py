@@ -3,19 +3,12 @@ import csv
 
 import pytest
 
-from checkpoints import vocab_file
 from eval.api import ChoiceResponse, Doc, GenerateResponse, UserError
 from eval.data import DataSource
 from eval.tasks import ceval, cmmlu, mmlu
 from fixtures import SHARED_DATA, write_ceval, write_cmmlu, write_mmlu
-from model import QwenTokenizer
 
 MMLU, CEVAL, CMMLU = mmlu.TASK, ceval.TASK, cmmlu.TASK
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return QwenTokenizer(vocab_file())
 
 
 @pytest.fixture

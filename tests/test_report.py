@@ -7,7 +7,9 @@ from PIL import Image
 import fixtures
 from eval.api import Doc
 from eval.plots import DPI, FIGSIZE
-from eval.report import plot_run, wilson
+from eval import report as reporting
+from eval.report import plot_run
+from eval.stats import wilson
 from eval.runner import main
 from eval.tasks import ceval, gsm8k, long_ppl, mmlu
 
@@ -53,8 +55,15 @@ def report(root, capsys, *extra):
     assert main(["report", str(root), *extra]) == 0
     printed = capsys.readouterr().out
     written = (root / "REPORT.md").read_text()
-    assert printed.strip() == written.strip()
+    assert printed == f"{written}\nreport written to {root / 'REPORT.md'}\n"
     return written
+
+
+def limited(run_dir, limit=2):
+    """The run as a `--limit` invocation leaves it."""
+    results = run_dir / "results.json"
+    results.write_text(results.read_text().replace('"config": {}', f'"config": {{"limit": {limit}}}'))
+    return run_dir
 
 
 def table_row(text, label):
@@ -103,8 +112,7 @@ def test_macro_interval_does_not_collapse_when_every_subject_is_zero(tmp_path, c
 
 def test_a_subset_run_is_never_within_ci_and_the_models_are_named(tmp_path, capsys):
     gsm8k_run(tmp_path, "tiny-qwen-256", n_correct=0, n_done=2, n_docs=2)  # 0.00: Wilson [0, 65.8] holds 51.6
-    results = tmp_path / "tiny-qwen-256" / "gsm8k-fewshot" / "results.json"
-    results.write_text(results.read_text().replace('"config": {}', '"config": {"limit": 2}'))
+    limited(tmp_path / "tiny-qwen-256" / "gsm8k-fewshot")
     text = report(tmp_path, capsys)
     row = table_row(text, "GSM8K 8-shot")
     assert row[3] == "0.00" and row[6] == "n/a: not the whole benchmark"
@@ -123,6 +131,40 @@ def test_chat_and_int4_rows_match_by_mode_and_model_name(tmp_path, capsys):
     assert table_row(text, "MMLU 5-shot")[7] == "`other-model/mmlu-fewshot-bf16`"  # the plain <task>-<mode> run wins
     only = report(tmp_path, capsys, "--model", "Qwen-7B")
     assert table_row(only, "MMLU 5-shot")[7] == "`Qwen-7B/mmlu-fewshot-ntk_off-bf16`"
+
+
+def test_a_whole_run_is_preferred_over_a_limit_or_partial_one(tmp_path, capsys):
+    limited(multiple_choice_run(tmp_path, "Qwen-7B", {"anatomy": 10}, name="mmlu-fewshot-bf16"))  # first by path
+    multiple_choice_run(tmp_path, "Qwen-7B", {"anatomy": 60}, name="mmlu-fewshot-fp32")
+    gsm8k_run(tmp_path, "Qwen-7B", n_correct=1, n_done=2, n_docs=10)  # partial, first by path
+    whole = gsm8k_run(tmp_path / "later", "Qwen-7B", n_correct=5, n_done=10, n_docs=10)
+    text = report(tmp_path, capsys)
+    assert table_row(text, "MMLU 5-shot")[7] == "`Qwen-7B/mmlu-fewshot-fp32`"
+    assert table_row(text, "GSM8K 8-shot")[7] == f"`{whole.relative_to(tmp_path)}`"
+    assert "| `Qwen-7B/mmlu-fewshot-bf16` | mmlu | fewshot | Qwen-7B | 100 of 100 | no |" in text
+
+
+def test_a_suites_own_runs_feed_its_rows_and_are_marked_used(tmp_path, capsys):
+    """A `--limit 2` suite beside an older whole bf16 run of the same model: the report of the suite is
+    about the suite's runs."""
+    multiple_choice_run(tmp_path, "tiny", {"anatomy": 60}, name="mmlu-fewshot-bf16")
+    own = limited(multiple_choice_run(tmp_path, "tiny", {"anatomy": 10}, name="mmlu-fewshot-fp32"))
+    path = reporting.write_report(tmp_path, ["tiny"], own=[own], with_plots=False)
+    text = path.read_text()
+    assert path == tmp_path / "REPORT.md" and capsys.readouterr().out.endswith(f"report written to {path}\n")
+    assert table_row(text, "MMLU 5-shot")[7] == "`tiny/mmlu-fewshot-fp32`"
+    assert "| `tiny/mmlu-fewshot-fp32` | mmlu | fewshot | tiny | 100 of 100 | yes |" in text
+    assert "| `tiny/mmlu-fewshot-bf16` | mmlu | fewshot | tiny | 100 of 100 | no |" in text
+
+
+def test_a_model_with_no_run_is_an_error_and_keeps_the_report(tmp_path, capsys):
+    multiple_choice_run(tmp_path, "Qwen-7B", {"anatomy": 60})
+    before = report(tmp_path, capsys)
+    assert main(["report", str(tmp_path), "--model", "Qwen-14B"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert "Qwen-14B" in err and "Qwen-7B" in err  # the models that have runs
+    assert (tmp_path / "REPORT.md").read_text() == before
 
 
 def test_perplexity_cells_get_a_bootstrap_interval(tmp_path, capsys):

@@ -7,19 +7,15 @@ import json
 import os
 import secrets
 import socket
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: eval/
-
-from eval import sandbox  # noqa: E402
-from eval.metrics import pass_at_k  # noqa: E402
-from eval.api import Doc  # noqa: E402
-from eval.sandbox import supervisor  # noqa: E402
-from eval.tasks import humaneval  # noqa: E402
+from eval import sandbox
+from eval.api import Doc
+from eval.metrics import pass_at_k
+from eval.tasks import humaneval
 
 ROOT = os.geteuid() == 0
 SHARED_HUMANEVAL = Path(__file__).resolve().parents[2] / "shared/data/humaneval/HumanEval.jsonl.gz"
@@ -42,16 +38,6 @@ def problems() -> list[dict]:
 
 def humaneval_program(problem: dict, completion: str) -> str:
     return problem["prompt"] + completion + "\n" + problem["test"] + "\n" + f"check({problem['entry_point']})"
-
-
-@pytest.fixture(params=["namespaces", "basic"])
-def mode(request, monkeypatch) -> str:
-    """Run a test under each isolation mode this machine supports (basic mode always works)."""
-    namespaces = request.param == "namespaces"
-    if namespaces and not supervisor.namespaces_work():
-        pytest.skip("this machine does not permit the namespaces (see isolation_summary())")
-    monkeypatch.setattr(supervisor, "namespaces_work", lambda: namespaces)
-    return request.param
 
 
 @pytest.mark.slow

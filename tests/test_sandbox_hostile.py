@@ -18,7 +18,6 @@ from eval.sandbox import cgroup, supervisor, wire
 from eval.sandbox.linux import SYSCALLS
 from eval.tasks import humaneval
 from fixtures import SHARED_DATA, write_humaneval
-from test_sandbox import mode  # noqa: F401  (the isolation-mode fixture)
 
 TASK = humaneval.TASK
 ROOT = os.geteuid() == 0

@@ -4,13 +4,8 @@ import json
 
 import pytest
 
-from checkpoints import SHARED, vocab_file
+from checkpoints import SHARED
 from model import QwenTokenizer, TokenizerError
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return QwenTokenizer(vocab_file())
 
 
 @pytest.mark.parametrize("text,ids", [

@@ -3,14 +3,12 @@ import json
 
 import pytest
 
-from checkpoints import vocab_file
 from fixtures import OracleBackend
 from eval.api import GenerateResponse, UserError
 from eval.backends import stop_rules_met
 from eval.data import DataSource
 from eval.pipeline import execute, plan_task
 from eval.tasks import tooluse
-from model import QwenTokenizer
 
 TOOLS = {"web_search": "Search the web. Parameters: [{\"name\": \"query\", \"type\": \"string\"}]",
          "image_gen": "Draw a picture. Parameters: [{\"name\": \"prompt\", \"type\": \"string\"}, "
@@ -44,11 +42,6 @@ def write_jobs(root, version="v20231206"):
         lines = "".join(json.dumps(job, ensure_ascii=False) + "\n" for job in jobs)
         (folder / tooluse.FILE.format(version=version, set=name)).write_text(lines, encoding="utf-8")
     return root
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return QwenTokenizer(vocab_file())
 
 
 @pytest.fixture
