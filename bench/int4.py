@@ -70,7 +70,8 @@ SHAPES = {  # (in, out) of each projection; w1 and w2 share a shape
 # (small BLOCK_M may compile to mma.sync, 64 and up to wgmma: if they round differently, only one family may
 # serve every row count, so 64-row tiles are timed at one row too)
 CANDIDATE_TILES = [(16, 16, 1, 4), (16, 16, 1, 8), (16, 16, 2, 6), (16, 16, 4, 6), (16, 16, 4, 8), (16, 32, 1, 6),
-                   (16, 32, 2, 6), (16, 32, 4, 4), (16, 32, 4, 8), (16, 64, 2, 6), (16, 64, 4, 4), (32, 32, 4, 4), (64, 16, 4, 4), (64, 32, 4, 6), (64, 64, 4, 4),
+                   (16, 32, 2, 6), (16, 32, 4, 4), (16, 32, 4, 8), (16, 64, 2, 6), (16, 64, 4, 4), (32, 32, 4, 4),
+                   (64, 16, 4, 4), (64, 32, 4, 6), (64, 64, 4, 4),
                    (64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3)]
 TIMED_ROWS = (1, 4, 16, 64, 256, 2048)
 

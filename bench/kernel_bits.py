@@ -6,8 +6,9 @@
 Products (kernels.linear, cuBLASLt pinned by kernels.pin_library_matmuls, and the Triton kernels.matmul):
 for every weight shape of the Qwen family, a product of each row count from 1 to --max-rows must give each
 row the bits it has in the product of --largest rows (the most rows one forward of the engine plans), for
-rows taken at two offsets. Triton tilings (small ones run mma.sync, large ones wgmma) must agree too. Decode attention (kernels.decode_attention): a row's output is the same alone, among other
-rows, in a cache of more slots, and with its prefix shared, at cache lengths across several splits.
+rows taken at two offsets. Triton tilings (small ones run mma.sync, large ones wgmma) must agree too.
+Decode attention (kernels.decode_attention): a row's output is the same alone, among other rows, in a
+cache of more slots, and with its prefix shared, at cache lengths across several splits.
 
 Timings (device time of CUDA-graphed calls, as in the engine's decode step): the pinned product and the
 Triton matmul in this process, the library's default cuBLAS (split-K allowed) in a child process, since
@@ -73,7 +74,7 @@ TRITON_TILES = [(16, 16, 4, 4), (16, 32, 4, 4), (16, 64, 4, 4), (32, 32, 4, 4), 
 
 def check_triton_tiles(shapes, gen) -> list[dict]:
     rows = []
-    for n, k, has_bias in shapes:
+    for n, k, _ in shapes:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
         x = torch.randn(300, k, device="cuda", dtype=torch.bfloat16, generator=gen)
         outs = {tile: kernels.matmul(x, w, tile=tile) for tile in TRITON_TILES}
