@@ -94,14 +94,12 @@ def run_programs(
     workers: int | None = None,
     progress: bool = False,
     limits: Limits | None = None,
-    hidden: Sequence[str] = (),
 ) -> list[Outcome]:
     """Run each program in its own sandbox; outcomes come back in input order.
 
     A str is a complete program run whole, for HumanEval's original way:
     prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})". A Checked program is
-    judged from outside its sandbox. `limits` default to DEFAULT_LIMITS; `hidden` names more
-    directories to hide (namespace mode).
+    judged from outside its sandbox. `limits` default to DEFAULT_LIMITS.
     Whatever a program does, it only changes its own Outcome.
     """
     if not _opted_in:
@@ -113,7 +111,7 @@ def run_programs(
     namespaces = supervisor.namespaces_work()
 
     def job(index: int, uid: int | None) -> Job:
-        return Job(programs[index], per_program[index], namespaces, uid, limits or DEFAULT_LIMITS, tuple(hidden))
+        return Job(programs[index], per_program[index], namespaces, uid, limits or DEFAULT_LIMITS)
 
     with supervisor.reserved_uids(workers) as uids:
         outcomes = _run_side_by_side(job, len(programs), uids, progress)
