@@ -110,6 +110,9 @@ def _run_init(request: LaunchRequest, reporter: Reporter, relay: tuple[int, int]
     so signals it sends itself behave as usual (PID 1 ignores them)."""
     os.close(relay[0])
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    # this namespace's own /proc, where the memory watch below finds the program's processes
+    linux.set_mount_attributes("/", 0, linux.MS_PRIVATE)
+    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, None)
 
     def program_main() -> None:
         os.close(relay[1])
@@ -345,6 +348,20 @@ def _mapped_shared_objects() -> set[str]:
     return {os.path.realpath(path) for path in paths if ".so" in os.path.basename(path) and os.path.isfile(path)}
 
 
+def _allowed_entries(path: str, hidden: tuple[str, ...]) -> list[str]:
+    """`path` itself, or, where a hidden directory lies below it, its entries without the way there."""
+    pending, allowed = [path], []
+    while pending:
+        current = pending.pop()
+        if current in hidden:
+            continue
+        if any(_within(directory, (current,)) for directory in hidden):
+            pending += [entry.path for entry in os.scandir(current)]
+        else:
+            allowed.append(current)
+    return allowed
+
+
 def _isolate(request: LaunchRequest) -> None:
     """Order matters: mounts need privileges, the uid change clears the parent-death signal, and
     the allowed paths are opened while they are still reachable."""
@@ -379,12 +396,10 @@ def _landlock_rules(view: View, workdir: str) -> list[tuple[int, int]]:
     hierarchies, so the standard library is allowed entry by entry, without its site-packages.
     Without Landlock none of this holds (EVALUATION.md says what stays open then)."""
     read_directory, read_file = linux.READ_FILE | linux.READ_DIR, linux.READ_FILE
-    paths = {path: read_directory if os.path.isdir(path) else read_file for path in view.readable}
-    for directory in {os.path.dirname(hidden) for hidden in view.hidden}:
-        del paths[directory]
-        for entry in os.scandir(directory):
-            if entry.path not in view.hidden:
-                paths[entry.path] = read_directory if entry.is_dir() else read_file
+    paths = {path: read_directory if os.path.isdir(path) else read_file
+             for readable in view.readable for path in _allowed_entries(readable, view.hidden)}
+    for readable in view.readable:  # imports list the directories: names below (not contents) stay listable
+        paths.setdefault(readable, linux.READ_DIR)
     paths.update({device: linux.READ_FILE | linux.WRITE_FILE for device in DEVICES if os.path.exists(device)})
     paths[workdir] = (1 << 16) - 1 & ~1  # everything but executing files
     return [(os.open(path, os.O_PATH | os.O_CLOEXEC), access) for path, access in paths.items()]
