@@ -343,9 +343,10 @@ def _within(path: str, directories: tuple[str, ...]) -> bool:
 
 
 def _mapped_shared_objects() -> set[str]:
+    """The files mapped into this process that look like shared objects (the kernel shows real paths)."""
     with open("/proc/self/maps") as maps:
-        paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "/" in line}
-    return {os.path.realpath(path) for path in paths if ".so" in os.path.basename(path) and os.path.isfile(path)}
+        paths = {line.split(maxsplit=5)[-1].rstrip("\n") for line in maps if "/" in line}
+    return {path for path in paths if ".so" in os.path.basename(path) and path.startswith("/")}
 
 
 def _allowed_entries(path: str, hidden: tuple[str, ...]) -> list[str]:

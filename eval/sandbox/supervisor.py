@@ -28,16 +28,7 @@ from typing import Callable, Iterator
 
 from . import cgroup
 from .tree import remove_tree
-from .wire import (
-    MESSAGE_LIMIT,
-    REPOSITORY,
-    LaunchRequest,
-    Limits,
-    LineBuffer,
-    ProtocolError,
-    load_record,
-    safe_text,
-)
+from .wire import MESSAGE_LIMIT, REPOSITORY, LaunchRequest, Limits, LineBuffer, ProtocolError, load_record, safe_text
 
 OUTPUT_LIMIT = 64 * 1024      # bytes of stdout / stderr kept while a program runs
 RESULT_LIMIT = 64 * 1024      # bytes read from the result pipe
