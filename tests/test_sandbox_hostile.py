@@ -11,6 +11,7 @@ import shutil
 import site
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -267,7 +268,11 @@ def test_the_harness_keyring_is_out_of_reach(docs, mode):
     if key < 0:
         pytest.skip(f"this test process cannot add a key: errno {ctypes.get_errno()}")
     try:
-        probe = "    raise RuntimeError('qsbx-harness-key' in open('/proc/keys').read())\n"
+        probe = ("    try:\n"
+                 "        keys = open('/proc/keys').read()\n"
+                 "    except OSError:\n"  # basic mode with Landlock: /proc is not readable at all
+                 "        keys = ''\n"
+                 "    raise RuntimeError('qsbx-harness-key' in keys)\n")
         [outcome] = scored(docs["HumanEval/0"], [probe])
         assert (outcome["error_type"], outcome["message"]) == ("RuntimeError", "False")
     finally:
@@ -291,24 +296,6 @@ def test_total_memory_of_all_children_is_capped(docs, mode, monkeypatch):
                       "        os.waitpid(child, 0)\n" + canonical(doc))
     [outcome] = scored(doc, [three_children])
     assert outcome["status"] == "crashed" and "512 MiB" in outcome["message"]  # the poll's or the kernel's
-
-
-@pytest.mark.skipif(not ROOT or cgroup.probe(2**30) is None, reason="a memory cgroup needs root and a hierarchy")
-def test_the_kernel_holds_a_program_and_its_children_to_the_limit(docs, mode, monkeypatch):
-    """Where a memory cgroup can be made (root here: cgroup v1), the program runs inside one whose limit is
-    the total: the kernel enforces it between two polls too."""
-    monkeypatch.setattr(sandbox, "DEFAULT_LIMITS", sandbox.Limits(total_memory_bytes=512 * 2**20))
-    read_own_limit = (
-        "    lines = open('/proc/self/cgroup').read().splitlines()\n"
-        "    v1 = [l for l in lines if l.split(':')[1] == 'memory']\n"
-        "    line = (v1 or [l for l in lines if l.startswith('0::')])[0]\n"
-        "    base, name = ('/sys/fs/cgroup/memory', 'memory.limit_in_bytes') if v1 else ('/sys/fs/cgroup', 'memory.max')\n"
-        "    raise RuntimeError(open(base + line.split(':', 2)[2] + '/' + name).read().strip())\n")
-    groups = cgroup.ROOT / "memory" / cgroup.GROUP, cgroup.ROOT / cgroup.GROUP
-    before = {p for g in groups for p in g.glob("[0-9]*")}
-    [outcome] = scored(docs["HumanEval/0"], [read_own_limit])
-    assert (outcome["error_type"], outcome["message"]) == ("RuntimeError", str(512 * 2**20))
-    assert {p for g in groups for p in g.glob("[0-9]*")} <= before  # the program's group is gone
 
 
 def test_a_hostile_neighbour_cannot_make_a_correct_program_time_out(docs, mode):
@@ -516,15 +503,24 @@ def test_host_wide_aio_and_pseudo_terminals_are_closed(docs, mode):
 
 @pytest.mark.skipif(not ROOT or cgroup.probe(2**30) is None, reason="a memory cgroup needs root and a hierarchy")
 def test_a_kill_by_the_memory_cgroup_names_the_limit(docs, mode, monkeypatch):
-    """6. Memory that no process's resident set shows (memfd pages) reaches the cgroup's limit; whichever
-    process the kernel kills, the outcome names the limit."""
+    """6. Where a memory cgroup can be made (root here: cgroup v1), the kernel holds the program to the
+    total: memory that no process's resident set shows (memfd pages, which the poll cannot see)
+    reaches the cgroup's limit. Whichever process the kernel kills, the outcome names the limit, and
+    the group is gone afterwards."""
     monkeypatch.setattr(sandbox, "DEFAULT_LIMITS", sandbox.Limits(total_memory_bytes=256 * 2**20))
+    groups = cgroup.ROOT / "memory" / cgroup.GROUP, cgroup.ROOT / cgroup.GROUP
+    before = {p for g in groups for p in g.glob("[0-9]*")}
     memfds = ("    import os\n"
               "    for fd in [os.memfd_create('x') for _ in range(40)]:\n"
               "        for _ in range(15):\n"
               "            os.write(fd, b'x' * 2**20)\n")
     [outcome] = scored(docs["HumanEval/0"], [memfds])
     assert outcome["status"] == "crashed" and "256 MiB" in outcome["message"]
+    for _ in range(50):  # under load, killed processes can take more than the second remove() waits
+        if not cgroup._remove_pending():
+            break
+        time.sleep(0.1)
+    assert {p for g in groups for p in g.glob("[0-9]*")} <= before
 
 
 @pytest.mark.skipif(not ROOT, reason="only root has privileges to drop")
