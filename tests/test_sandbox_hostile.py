@@ -387,7 +387,7 @@ def test_a_lone_surrogate_from_a_program_is_stored_safely(docs, mode):
 
 def test_a_record_holds_no_answer_key(docs):
     """2. samples.jsonl stores Doc.data: no test and no canonical solution there."""
-    assert all(set(doc.data) == {"task_id", "prompt", "entry_point"} for doc in docs.values())
+    assert all(set(doc.data) == {"task_id", "prompt", "entry_point", "test_hash"} for doc in docs.values())
 
 
 def test_a_program_sees_only_the_standard_library_and_its_scratch(docs, mode, readable_directory):

