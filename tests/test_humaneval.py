@@ -115,19 +115,19 @@ def test_code_extraction_rules(response, body):
 
 # ---- execution --------------------------------------------------------------------------------------
 def test_oracle_canonical_solutions_pass(docs, tok, allow_execution):
-    chosen = [d for d in docs.values() if _parity_keeps_whole(d.data["canonical_solution"])][:6]
-    records, scores = run(chosen, tok, "fewshot", lambda doc, r: doc.data["canonical_solution"])
+    chosen = [d for d in docs.values() if _parity_keeps_whole(TASK.answer_key(d)[1])][:6]
+    records, scores = run(chosen, tok, "fewshot", lambda doc, r: TASK.answer_key(doc)[1])
     assert scores.metrics == {"pass@1": 100.0, "pass@1_improved": 100.0, "failed": 0, "timed_out": 0, "crashed": 0}
     assert scores.table.rows[0][0].startswith("parity") and scores.table.rows[0][-1] == 24.4
     assert records[0]["parity"][0]["status"] == "passed"
-    fenced = lambda doc, r: f"Sure.\n```python\n{doc.data['prompt']}{doc.data['canonical_solution']}```\nIt works."
+    fenced = lambda doc, r: f"Sure.\n```python\n{doc.data['prompt']}{TASK.answer_key(doc)[1]}```\nIt works."
     _, chat = run(chosen, tok, "chat", fenced)
     assert (chat.metrics["pass@1"], chat.metrics["pass@1_v1"]) == (100.0, 100.0)
 
 
 def test_parity_cut_fails_a_body_with_a_blank_line(docs, tok, allow_execution):
     doc = docs["HumanEval/0"]  # its canonical solution has a blank line before `return False`
-    (record,), _ = run([doc], tok, "fewshot", lambda d, r: d.data["canonical_solution"])
+    (record,), _ = run([doc], tok, "fewshot", lambda d, r: TASK.answer_key(d)[1])
     assert record["parity"][0]["status"] == "failed" and record["improved"][0]["status"] == "passed"
 
 
@@ -142,7 +142,7 @@ def test_wrong_and_hanging_programs(docs, tok, allow_execution):
 
 def test_pass_at_k_with_samples(docs, tok, allow_execution):
     chosen = list(docs.values())[:2]
-    half_right = lambda d, r: d.data["canonical_solution"] if r.seed % 2 else "    return None\n"
+    half_right = lambda d, r: TASK.answer_key(d)[1] if r.seed % 2 else "    return None\n"
     records, scores = run(chosen, tok, "fewshot", half_right, {"samples": 10})
     assert len(records[0]["improved"]) == 10
     assert scores.table.columns[2:4] == ["pass@1", "pass@10"] and "pass@100" not in scores.table.columns

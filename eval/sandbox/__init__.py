@@ -4,10 +4,11 @@ Each program runs in a fresh child process (eval/sandbox/launcher.py) that isola
 the untrusted code starts:
 
 * namespace mode (chosen when the kernel permits it): new network, PID, mount, IPC and UTS
-  namespaces (plus a user namespace when not root); a read-only view of the file system with a
-  private, size- and inode-limited tmpfs working directory; homes, this checkout and the data
-  directories hidden; a fresh /proc.
-* basic mode (fallback): no namespaces; SysV IPC objects and /tmp litter removed afterwards.
+  namespaces (plus a user namespace when not root); its own root holding only the standard library
+  (read-only, without site-packages), a few device nodes, a fresh /proc and a size- and
+  inode-limited tmpfs working directory.
+* basic mode (fallback): no namespaces; Landlock (where offered) allows reading the same standard
+  library and writing only the working directory; SysV IPC objects and /tmp litter removed afterwards.
 * always: a dedicated unprivileged uid per worker when running as root, resource limits, a cap on
   the memory of all the program's processes together, a seccomp filter (linux.py), a fresh
   session keyring, a minimal environment, stdin from /dev/null, captured and capped output, and
@@ -25,7 +26,7 @@ import os
 import queue
 from typing import Callable, Sequence
 
-from . import cgroup, supervisor
+from . import cgroup, linux, supervisor
 from .supervisor import UID_CANDIDATES, Checked, Job, Outcome, SandboxError
 from .wire import MEMORY_POLL_SECONDS, MESSAGE_LIMIT, Limits
 
@@ -72,14 +73,14 @@ def isolation_summary() -> dict[str, str]:
         "mode": "namespaces" if namespaces else "basic",
         "network": network_isolation(),
         "seccomp": "on: no sockets, ptrace, keyring, new namespaces (any clone variant), mounts, bpf, "
-                   "queued signals, signals to the harness",
+                   "io_uring and AIO, queued signals, signals to the harness",
         "user": "dedicated unprivileged uid per worker" if root else "the caller's uid",
         "processes": "PID namespace" if namespaces else (
             "killed by uid after each program" if root else "process group + subreaper (best effort)"),
-        "filesystem": "read-only; private tmpfs working directory (size and inode limits); homes, checkout and "
-                      "data hidden" if namespaces else (
-                          "cannot modify what the dedicated uid does not own; IPC objects and /tmp files removed"
-                          if root else "not isolated; IPC objects removed"),
+        "filesystem": "allow-list: own root with the standard library read-only and a private tmpfs working "
+                      "directory (size and inode limits)" if namespaces else (
+                          "Landlock allow-list: the standard library read-only, the working directory writable"
+                          if linux.landlock_abi() >= 1 else "not isolated (no Landlock); IPC objects removed"),
         "memory": f"{limits.memory_bytes / 2**30:g} GiB address space per process; {limits.total_memory_bytes / 2**30:g}"
                   f" GiB resident for all processes together, polled every {MEMORY_POLL_SECONDS:g} s; "
                   + ((root and cgroup.probe(limits.total_memory_bytes)) or "no memory cgroup (the poll alone)"),
@@ -94,14 +95,12 @@ def run_programs(
     workers: int | None = None,
     progress: bool = False,
     limits: Limits | None = None,
-    hidden: Sequence[str] = (),
 ) -> list[Outcome]:
     """Run each program in its own sandbox; outcomes come back in input order.
 
     A str is a complete program run whole, for HumanEval's original way:
     prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})". A Checked program is
-    judged from outside its sandbox. `limits` default to DEFAULT_LIMITS; `hidden` names more
-    directories to hide (namespace mode).
+    judged from outside its sandbox. `limits` default to DEFAULT_LIMITS.
     Whatever a program does, it only changes its own Outcome.
     """
     if not _opted_in:
@@ -113,7 +112,7 @@ def run_programs(
     namespaces = supervisor.namespaces_work()
 
     def job(index: int, uid: int | None) -> Job:
-        return Job(programs[index], per_program[index], namespaces, uid, limits or DEFAULT_LIMITS, tuple(hidden))
+        return Job(programs[index], per_program[index], namespaces, uid, limits or DEFAULT_LIMITS)
 
     with supervisor.reserved_uids(workers) as uids:
         outcomes = _run_side_by_side(job, len(programs), uids, progress)

@@ -77,15 +77,21 @@ class MemoryCgroup:
 _PENDING: set[Path] = set()  # groups whose last processes were still being reaped
 
 
-def remove(name: str) -> None:
-    """Delete a program's group once its processes are gone. The harness does it: inside the sandbox
-    the mounts, /sys/fs/cgroup included, are read-only by then. Killed processes can take a moment to
-    leave the group, so a busy group is retried for a second, then at the next call and at exit."""
-    _PENDING.update(path for path in (ROOT / GROUP / name, ROOT / "memory" / GROUP / name) if path.is_dir())
+def remove(name: str) -> bool:
+    """Delete a program's group once its processes are gone; True if the kernel killed one of them
+    for the group's limit (whichever it picked: the program, a child, or the launcher). The harness
+    does it: inside the sandbox the mounts, /sys/fs/cgroup included, are read-only by then. Killed
+    processes can take a moment to leave the group, so a busy group is retried for a second, then
+    at the next call and at exit."""
+    groups = [MemoryCgroup(path, version) for path, version in ((ROOT / GROUP / name, 2),
+                                                                (ROOT / "memory" / GROUP / name, 1)) if path.is_dir()]
+    killed = any(group.killed_for_memory() for group in groups)
+    _PENDING.update(group.path for group in groups)
     for _ in range(10):
         if not _remove_pending():
-            return
+            break
         time.sleep(0.1)
+    return killed
 
 
 def _remove_pending() -> bool:

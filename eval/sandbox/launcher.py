@@ -13,20 +13,36 @@ import contextlib
 import os
 import resource
 import select
-import shutil
 import signal
+import site
 import sys
 import traceback
 import types
+from dataclasses import dataclass
 from typing import Callable
 
 from . import linux
 from .cgroup import MemoryCgroup
-from .wire import (MEMORY_POLL_SECONDS, MESSAGE_LIMIT, RECORD_LIMIT, REPOSITORY, LaunchRequest, Limits, ProtocolError,
-                   Unencodable, decode_value, dump_record, encode_value, failure_record, load_record)
+from .tree import remove_tree
+from .wire import (
+    MEMORY_POLL_SECONDS,
+    MESSAGE_LIMIT,
+    RECORD_LIMIT,
+    REPOSITORY,
+    LaunchRequest,
+    Limits,
+    ProtocolError,
+    Unencodable,
+    decode_value,
+    dump_record,
+    encode_value,
+    failure_record,
+    load_record,
+)
 
 PROGRAM_FILENAME = "<program>"
 SANDBOX_FAILED = 125
+OOM_NEVER = -1000  # /proc/PID/oom_score_adj that the out-of-memory killer never picks
 
 
 class Reporter:
@@ -56,6 +72,7 @@ def main() -> None:
     memory = MemoryCgroup.create(str(os.getpid()), request.limits.total_memory_bytes) if os.geteuid() == 0 else None
     if memory is not None:
         memory.enter()
+        _set_oom_score_adjustment(OOM_NEVER)  # the kernel picks the program's processes, not this one or init
     if request.namespaces:
         try:
             _enter_namespaces()
@@ -93,6 +110,9 @@ def _run_init(request: LaunchRequest, reporter: Reporter, relay: tuple[int, int]
     so signals it sends itself behave as usual (PID 1 ignores them)."""
     os.close(relay[0])
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    # this namespace's own /proc, where the memory watch below finds the program's processes
+    linux.set_mount_attributes("/", 0, linux.MS_PRIVATE)
+    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, None)
 
     def program_main() -> None:
         os.close(relay[1])
@@ -199,14 +219,20 @@ def _exit_like(status: int) -> None:
 # ---- clean-up (basic mode: nothing private to the program dies with a namespace) ---------------
 def _clean_up(child: int, request: LaunchRequest, ipc_before: set[tuple[str, int]]) -> None:
     """Nothing of the program may outlive it: its group, its uid, its files in the shared
-    temporary directories and its SysV IPC objects (basic mode), the children left to us."""
+    temporary directories and its SysV IPC objects (basic mode), the children left to us. Each
+    step runs whatever the one before met."""
     _kill_tree(child)
     if not request.namespaces:
-        if request.uid is not None:
-            _kill_processes_of_uid(request.uid)
-            _remove_files_of_uid(request.uid, keep=request.workdir)
         owner = request.uid if request.uid is not None else os.getuid()
-        _remove_ipc_objects(_ipc_objects(owner) - ipc_before)
+        steps = [lambda: _remove_ipc_objects(_ipc_objects(owner) - ipc_before)]
+        if request.uid is not None:
+            steps[:0] = [lambda: _kill_processes_of_uid(request.uid),
+                         lambda: _remove_files_of_uid(request.uid, keep=request.workdir)]
+        for step in steps:
+            try:
+                step()
+            except Exception:  # reported on stderr; the next step still runs
+                traceback.print_exc()
     _kill_and_reap_children()
 
 
@@ -233,7 +259,7 @@ def _remove_files_of_uid(uid: int, keep: str) -> None:
                 if entry.stat(follow_symlinks=False).st_uid != uid or entry.path == keep:
                     continue
                 if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)  # never follows symlinks
+                    remove_tree(entry.path)
                 else:
                     os.unlink(entry.path)
 
@@ -284,16 +310,73 @@ def _child_pids() -> list[int]:
 
 
 # ---- isolation steps ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class View:
+    """What a program may see of the file system: an allow-list."""
+
+    readable: tuple[str, ...]  # the standard library and the shared libraries it loads (real paths)
+    hidden: tuple[str, ...]    # directories inside those that stay out of sight (site-packages)
+    imports: tuple[str, ...]   # the program's sys.path
+
+
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")  # no /dev/ptmx, no /dev/pts
+
+
+def standard_library_view() -> View:
+    """The directory of the standard library without its site-packages, the directories of the shared
+    objects this interpreter has loaded (libc, libffi, ...: where the standard library's extension
+    modules find theirs) and the dynamic linker's cache. Nothing else: no data, no results, no
+    installed packages, no homes."""
+    stdlib = os.path.realpath(os.path.dirname(os.__file__))
+    sites = tuple(os.path.realpath(path) for path in (*site.getsitepackages(), site.getusersitepackages()))
+    libraries = {os.path.dirname(path) for path in _mapped_shared_objects()}
+    readable = {stdlib, *(path for path in libraries if not _within(path, (*sites, REPOSITORY)))}
+    readable.update(path for path in ("/etc/ld.so.cache", *sys.path) if path.endswith((".cache", ".zip"))
+                    and os.path.isfile(path))
+    imports = tuple(entry for entry in sys.path if entry and _within(os.path.realpath(entry), tuple(readable))
+                    and not _within(os.path.realpath(entry), sites))
+    return View(tuple(sorted(readable)), tuple(sorted(path for path in sites if _within(path, (stdlib,)))), imports)
+
+
+def _within(path: str, directories: tuple[str, ...]) -> bool:
+    return any(path == directory or path.startswith(directory.rstrip(os.sep) + os.sep) for directory in directories)
+
+
+def _mapped_shared_objects() -> set[str]:
+    """The files mapped into this process that look like shared objects (the kernel shows real paths)."""
+    with open("/proc/self/maps") as maps:
+        paths = {line.split(maxsplit=5)[-1].rstrip("\n") for line in maps if "/" in line}
+    return {path for path in paths if ".so" in os.path.basename(path) and path.startswith("/")}
+
+
+def _allowed_entries(path: str, hidden: tuple[str, ...]) -> list[str]:
+    """`path` itself, or, where a hidden directory lies below it, its entries without the way there."""
+    pending, allowed = [path], []
+    while pending:
+        current = pending.pop()
+        if current in hidden:
+            continue
+        if any(_within(directory, (current,)) for directory in hidden):
+            pending += [entry.path for entry in os.scandir(current)]
+        else:
+            allowed.append(current)
+    return allowed
+
+
 def _isolate(request: LaunchRequest) -> None:
     """Order matters: mounts need privileges, the uid change clears the parent-death signal, and
-    import directories are opened while they are still reachable."""
+    the allowed paths are opened while they are still reachable."""
     os.setpgid(0, 0)
-    sys.path[:] = [entry for entry in sys.path if entry not in ("", REPOSITORY)]  # the harness's code
-    import_directories = _open_import_directories()
+    _set_oom_score_adjustment(0)
+    view = standard_library_view()
+    sys.path[:] = list(view.imports)  # not the harness's code, not installed packages
     program_uid = request.uid if request.uid is not None else os.getuid()
     process_limit = _count_processes_of(program_uid) + request.limits.processes
+    import_directories = {} if request.namespaces else _open_import_directories()
     if request.namespaces:
-        _build_private_filesystem(request)
+        _build_private_filesystem(request, view)
+    elif linux.landlock_abi() >= 1:  # rules from paths opened while still privileged
+        linux.restrict_filesystem(_landlock_rules(view, request.workdir))
     os.chdir(request.workdir)
     with contextlib.suppress(OSError):  # e.g. Docker's profile denies keyctl already: nothing to reach then
         linux.join_new_session_keyring()  # not the harness's keys (keyctl is denied from here on)
@@ -307,6 +390,20 @@ def _isolate(request: LaunchRequest) -> None:
     _apply_limits(request.limits, request.cpu_seconds, process_limit)
     linux.install_syscall_filter(request.protected_pids)
     _reroute_imports(import_directories)
+
+
+def _landlock_rules(view: View, workdir: str) -> list[tuple[int, int]]:
+    """Basic mode: the view as Landlock rules, opened while still privileged. Landlock allows whole
+    hierarchies, so the standard library is allowed entry by entry, without its site-packages.
+    Without Landlock none of this holds (EVALUATION.md says what stays open then)."""
+    read_directory, read_file = linux.READ_FILE | linux.READ_DIR, linux.READ_FILE
+    paths = {path: read_directory if os.path.isdir(path) else read_file
+             for readable in view.readable for path in _allowed_entries(readable, view.hidden)}
+    for readable in view.readable:  # imports list the directories: names below (not contents) stay listable
+        paths.setdefault(readable, linux.READ_DIR)
+    paths.update({device: linux.READ_FILE | linux.WRITE_FILE for device in DEVICES if os.path.exists(device)})
+    paths[workdir] = (1 << 16) - 1 & ~1  # everything but executing files
+    return [(os.open(path, os.O_PATH | os.O_CLOEXEC), access) for path, access in paths.items()]
 
 
 def _enter_namespaces() -> None:
@@ -324,23 +421,54 @@ def _enter_namespaces() -> None:
                 mapping.write(content)
 
 
-def _build_private_filesystem(request: LaunchRequest) -> None:
-    """Everything read-only and private to this mount namespace; a fresh /proc that shows only
-    the sandbox; empty homes and data directories; a size- and inode-limited tmpfs as working
-    directory and /dev/shm."""
-    linux.make_mounts_read_only()
-    linux.mount("proc", "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, None)
-    for directory in sorted(request.hidden_directories, reverse=True):  # inner ones while still reachable
-        if os.path.isdir(directory):
-            linux.mount("tmpfs", directory, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "size=64k,nr_inodes=16,mode=0755")
-    os.makedirs(request.workdir, exist_ok=True)  # it may sit inside a hidden directory
+def _build_private_filesystem(request: LaunchRequest, view: View) -> None:
+    """A new root of the program's own (pivot_root): an empty read-only tmpfs holding read-only binds
+    of the view, empty read-only tmpfs over its hidden directories, a few device nodes (no /dev/ptmx),
+    a fresh /proc that shows only the sandbox, and size- and inode-limited tmpfs as the working
+    directory and /dev/shm. The launcher and init keep the host's root."""
+    linux.unshare(linux.CLONE_NEWNS)
+    linux.set_mount_attributes("/", 0, linux.MS_PRIVATE)
+    root = request.workdir  # empty here; the new root is mounted on it
+    private = linux.MS_NOSUID | linux.MS_NODEV
+    linux.mount("tmpfs", root, "tmpfs", private, "size=1m,nr_inodes=4096,mode=0755")
+    for name in os.listdir("/"):  # /lib -> usr/lib and the like, so the linker's cached paths resolve
+        if os.path.islink("/" + name):
+            os.symlink(os.readlink("/" + name), os.path.join(root, name))
+    read_only = linux.MOUNT_ATTR_RDONLY | linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV
+    for path in view.readable:
+        _bind(path, root + path, read_only)
+    for path in view.hidden:
+        linux.mount("tmpfs", root + path, "tmpfs", private | linux.MS_RDONLY, "size=4k,nr_inodes=1,mode=0755")
+    for device in filter(os.path.exists, DEVICES):
+        _bind(device, root + device, linux.MOUNT_ATTR_NOSUID)
     owner = request.uid if request.uid is not None else os.getuid()
     group = request.uid if request.uid is not None else os.getgid()
-    limits = request.limits
-    scratch = f"size={limits.scratch_bytes},nr_inodes={limits.scratch_inodes},uid={owner},gid={group}"
-    linux.mount("tmpfs", request.workdir, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, f"{scratch},mode=0700")
-    if os.path.isdir("/dev/shm"):
-        linux.mount("tmpfs", "/dev/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, f"{scratch},mode=1777")
+    scratch = f"size={request.limits.scratch_bytes},nr_inodes={request.limits.scratch_inodes},uid={owner},gid={group}"
+    for path, mode in ((request.workdir, "0700"), ("/dev/shm", "1777")):
+        os.makedirs(root + path, exist_ok=True)
+        linux.mount("tmpfs", root + path, "tmpfs", private, f"{scratch},mode={mode}")
+    os.makedirs(root + "/proc")
+    linux.mount("proc", root + "/proc", "proc", private | linux.MS_NOEXEC, None)
+    os.chdir(root)
+    linux.pivot_root_here()
+    linux.mount("none", "/", "", linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY | private, None)
+
+
+def _bind(source: str, target: str, attributes: int) -> None:
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "a").close()
+    linux.mount(source, target, "", linux.MS_BIND | linux.MS_REC, None)
+    linux.set_mount_attributes(target, attributes)
+
+
+def _set_oom_score_adjustment(value: int) -> None:
+    """Lowering it needs CAP_SYS_RESOURCE, which some containers withhold; the harness then still
+    names the limit (cgroup.remove)."""
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adjustment:
+        adjustment.write(str(value))
 
 
 def _count_processes_of(uid: int) -> int:
@@ -356,23 +484,20 @@ def _count_processes_of(uid: int) -> int:
 
 def _apply_limits(limits: Limits, cpu_seconds: int, process_limit: int) -> None:
     """Hard limits equal soft ones (CPU: +1 s, so SIGXCPU comes first) and cannot be raised."""
-    for which, *wanted in (
+    linux.set_limits([
         (resource.RLIMIT_CPU, cpu_seconds, cpu_seconds + 1),
         (resource.RLIMIT_AS, limits.memory_bytes, limits.memory_bytes),
         (resource.RLIMIT_FSIZE, limits.file_size_bytes, limits.file_size_bytes),
         (resource.RLIMIT_NOFILE, limits.open_files, limits.open_files),
         (resource.RLIMIT_NPROC, process_limit, process_limit),
         (resource.RLIMIT_CORE, 0, 0),
-    ):
-        allowed = resource.getrlimit(which)[1]  # an unprivileged process cannot go above it
-        if allowed != resource.RLIM_INFINITY:
-            wanted = [min(value, allowed) for value in wanted]
-        resource.setrlimit(which, tuple(wanted))
+    ])
 
 
 def _open_import_directories() -> dict[str, int]:
-    """Opened while still privileged: the dedicated uid may not be allowed to traverse to the
-    interpreter (e.g. /root/.pyenv), and namespace mode hides home directories."""
+    """Basic mode: opened while still privileged, since the dedicated uid may not be allowed to
+    traverse to the interpreter (e.g. /root/.pyenv). Only the view's import directories; Landlock
+    checks what is opened below them, so `..` leads nowhere."""
     return {entry: os.open(entry, os.O_PATH | os.O_DIRECTORY)
             for entry in dict.fromkeys(sys.path) if entry and os.path.isdir(entry)}
 
@@ -410,8 +535,9 @@ def _execute_whole_program(source: str, token: str | None, reporter: Reporter) -
 
 
 def _serve_candidate(request: LaunchRequest, reporter: Reporter) -> None:
-    """Define the candidate, then answer each call from the checker with plain data. Nothing
-    here can make a pass: the checker decides, in a process this one cannot reach."""
+    """Define the candidate, read every call the checker makes, then answer each with plain data.
+    Nothing here can make a pass, and no answer changes which calls come: the checker decides
+    after this process and all it started have ended, in a process this one cannot reach."""
     program_pid = os.getpid()
     try:
         namespace = _run_as_main(request.source)
@@ -422,13 +548,14 @@ def _serve_candidate(request: LaunchRequest, reporter: Reporter) -> None:
         _flush_and_exit(1)
     if os.getpid() != program_pid:  # a copy the program forked while being defined
         os._exit(0)
-    calls, replies = os.fdopen(request.call_fd, "rb"), request.reply_fd
-    while line := calls.readline(RECORD_LIMIT + 1):
+    with os.fdopen(request.call_fd, "rb") as call_stream:  # every call first: the checker closes the pipe
+        calls = call_stream.read().splitlines(keepends=True)
+    for line in calls:
         reply = _answer(namespace, request.entry_point, line)
         if os.getpid() != program_pid:  # a forked copy returned from the candidate: it must not answer
             os._exit(0)
         while reply:
-            reply = reply[os.write(replies, reply):]
+            reply = reply[os.write(request.reply_fd, reply):]
     _flush_and_exit(0)
 
 

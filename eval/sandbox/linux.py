@@ -3,8 +3,8 @@
 The filter follows Docker's default profile where it matters for a single untrusted program:
 no sockets, no ptrace or cross-process memory access, no kernel keyring, no new namespaces
 (unshare, setns, clone with CLONE_NEW* flags; clone3 answers ENOSYS so libc falls back to clone,
-whose flags a classic-BPF filter can read), no mounts, no bpf/perf/userfaultfd, no io_uring, no
-queued signals, and no ordinary signals to the harness, the launcher or every process at once.
+whose flags a classic-BPF filter can read), no mounts, no bpf/perf/userfaultfd, no io_uring or AIO
+contexts (host-wide pools), no queued signals, and no ordinary signals to the harness, the launcher or every process at once.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import errno
 import functools
 import os
 import platform
+import resource
 import struct
 
 # unshare / clone flags
@@ -20,13 +21,21 @@ CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x0200000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 CLONE_NEW_ANY = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET
 # mount
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x40000
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, AT_FDCWD, AT_RECURSIVE = 0x1, 0x2, -100, 0x8000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    0x1, 0x2, 0x4, 0x8, 0x20, 0x1000, 0x4000, 0x40000)
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, AT_FDCWD, AT_RECURSIVE = 0x1, 0x2, 0x4, -100, 0x8000
+MNT_DETACH = 2
 MOUNT_SETATTR = 442  # the same number on x86_64 and aarch64
 # prctl
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 22, 36, 38
 # keyctl: give the program a fresh, empty session keyring instead of the harness's
 KEYCTL_JOIN_SESSION_KEYRING = 1
+# Landlock (include/uapi/linux/landlock.h): the same numbers on x86_64 and aarch64
+LANDLOCK_CREATE_RULESET, LANDLOCK_ADD_RULE, LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LANDLOCK_CREATE_RULESET_VERSION, LANDLOCK_RULE_PATH_BENEATH = 1, 1
+READ_FILE, READ_DIR, WRITE_FILE = 1 << 2, 1 << 3, 1 << 1
+FILE_ACCESS = 1 << 0 | 1 << 1 | 1 << 2 | 1 << 14 | 1 << 15  # execute, write, read, truncate, ioctl_dev
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1, 2
 # seccomp / classic BPF
 SECCOMP_MODE_FILTER, SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO = 2, 0x7FFF0000, 0x00050000
 BPF_LOAD, BPF_JEQ, BPF_JGE, BPF_JSET, BPF_RETURN = 0x20, 0x15, 0x35, 0x45, 0x06  # ld [k]; jeq/jge/jset #k; ret #k
@@ -37,17 +46,17 @@ X32_SYSCALL_BIT = 0x40000000
 _SHARED_NUMBERS = dict(io_uring_setup=425, pidfd_send_signal=424, pidfd_open=434, clone3=435, open_tree=428,
                        move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433)
 SYSCALLS = {
-    "x86_64": dict(_SHARED_NUMBERS, audit_arch=0xC000003E, socket=41, ptrace=101, process_vm_readv=310,
+    "x86_64": dict(_SHARED_NUMBERS, audit_arch=0xC000003E, socket=41, ptrace=101, process_vm_readv=310, io_setup=206,
                    process_vm_writev=311, tkill=200, unshare=272, setns=308, kill=62, tgkill=234, clone=56,
                    add_key=248, request_key=249, keyctl=250, rt_sigqueueinfo=129, rt_tgsigqueueinfo=297,
                    mount=165, umount2=166, pivot_root=155, bpf=321, perf_event_open=298, userfaultfd=323),
-    "aarch64": dict(_SHARED_NUMBERS, audit_arch=0xC00000B7, socket=198, ptrace=117, process_vm_readv=270,
+    "aarch64": dict(_SHARED_NUMBERS, audit_arch=0xC00000B7, socket=198, ptrace=117, process_vm_readv=270, io_setup=0,
                     process_vm_writev=271, tkill=130, unshare=97, setns=268, kill=129, tgkill=131, clone=220,
                     add_key=217, request_key=218, keyctl=219, rt_sigqueueinfo=138, rt_tgsigqueueinfo=240,
                     mount=40, umount2=39, pivot_root=41, bpf=280, perf_event_open=241, userfaultfd=282),
 }
 DENIED_SYSCALLS = (
-    "socket", "ptrace", "process_vm_readv", "process_vm_writev", "io_uring_setup", "pidfd_send_signal", "tkill",
+    "socket", "ptrace", "process_vm_readv", "process_vm_writev", "io_setup", "io_uring_setup", "pidfd_send_signal", "tkill",
     "unshare", "setns", "add_key", "request_key", "keyctl", "rt_sigqueueinfo", "rt_tgsigqueueinfo",
     "mount", "umount2", "pivot_root", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick",
     "bpf", "perf_event_open", "userfaultfd",
@@ -69,18 +78,68 @@ def prctl(option: int, value: int) -> None:
     check_libc(f"prctl {option}", libc().prctl(option, ctypes.c_ulong(value), 0, 0, 0))
 
 
+def set_limits(limits: list[tuple[int, int, int]]) -> None:
+    """(resource, soft, hard) each; never above the hard limit already in force, which an unprivileged
+    process cannot raise."""
+    for which, soft, hard in limits:
+        allowed = resource.getrlimit(which)[1]
+        if allowed != resource.RLIM_INFINITY:
+            soft, hard = min(soft, allowed), min(hard, allowed)
+        resource.setrlimit(which, (soft, hard))
+
+
 def mount(source: str, target: str, fstype: str, flags: int, options: str | None) -> None:
     result = libc().mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
                           options.encode() if options else None)
     check_libc(f"mount {target}", result)
 
 
-def make_mounts_read_only() -> None:
-    """Everything read-only, nosuid and private to this mount namespace, recursively."""
-    attributes = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, MS_PRIVATE, 0)
+def set_mount_attributes(path: str, attributes: int, propagation: int = 0) -> None:
+    """mount_setattr on the mount at `path` and every mount below it."""
+    settings = (ctypes.c_uint64 * 4)(attributes, 0, propagation, 0)
     check_libc("mount_setattr", libc().syscall(
-        ctypes.c_long(MOUNT_SETATTR), ctypes.c_long(AT_FDCWD), b"/", ctypes.c_long(AT_RECURSIVE),
-        attributes, ctypes.c_long(ctypes.sizeof(attributes))))
+        ctypes.c_long(MOUNT_SETATTR), ctypes.c_long(AT_FDCWD), path.encode(), ctypes.c_long(AT_RECURSIVE),
+        settings, ctypes.c_long(ctypes.sizeof(settings))))
+
+
+def unshare(flags: int) -> None:
+    check_libc("unshare", libc().unshare(flags))
+
+
+def pivot_root_here() -> None:
+    """The current directory becomes / and the old root is detached (pivot_root(".", "."))."""
+    check_libc("pivot_root", libc().syscall(ctypes.c_long(SYSCALLS[platform.machine()]["pivot_root"]), b".", b"."))
+    check_libc("umount2", libc().umount2(b".", MNT_DETACH))
+
+
+def landlock_abi() -> int:
+    """The Landlock ABI version this kernel offers; 0 where it offers none."""
+    return max(0, libc().syscall(ctypes.c_long(LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
+                                 ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION)))
+
+
+def restrict_filesystem(rules: list[tuple[int, int]]) -> None:
+    """Landlock: from now on this process and its children may reach only what `rules` allow, each an
+    (O_PATH descriptor, access rights) pair, closed here; with ABI 6, no signals to processes outside
+    the domain and no abstract unix sockets either. Sets no_new_privs."""
+    abi = landlock_abi()
+    handled = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
+    fields = [handled, 0] + ([SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL] if abi >= 6 else [])
+    attributes = ctypes.create_string_buffer(struct.pack(f"{len(fields)}Q", *fields))
+    ruleset = libc().syscall(ctypes.c_long(LANDLOCK_CREATE_RULESET), attributes, ctypes.c_size_t(len(attributes.raw)),
+                             ctypes.c_uint32(0))
+    check_libc("landlock_create_ruleset", ruleset)
+    try:
+        for fd, access in rules:
+            rule = ctypes.create_string_buffer(struct.pack("=Qi", access & handled, fd))
+            check_libc("landlock_add_rule", libc().syscall(ctypes.c_long(LANDLOCK_ADD_RULE), ctypes.c_int(ruleset),
+                                                           ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), rule, ctypes.c_uint32(0)))
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        check_libc("landlock_restrict_self", libc().syscall(ctypes.c_long(LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset),
+                                                             ctypes.c_uint32(0)))
+    finally:
+        for fd in (ruleset, *(fd for fd, _ in rules)):
+            os.close(fd)
 
 
 def join_new_session_keyring() -> None:

@@ -16,24 +16,25 @@ import math
 import os
 import pwd
 import selectors
-import shutil
 import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from . import cgroup
-from .wire import MESSAGE_LIMIT, REPOSITORY, LaunchRequest, Limits, LineBuffer, ProtocolError, load_record
+from .tree import remove_tree
+from .wire import MESSAGE_LIMIT, REPOSITORY, LaunchRequest, Limits, LineBuffer, ProtocolError, load_record, safe_text
 
 OUTPUT_LIMIT = 64 * 1024      # bytes of stdout / stderr kept while a program runs
 RESULT_LIMIT = 64 * 1024      # bytes read from the result pipe
 SETUP_TIMEOUT = 30.0          # launcher start-up and isolation, before the program's clock starts
 KILL_GRACE = 5.0              # for the launcher to kill and reap a timed-out program
-EXIT_GRACE = 1.0              # for a judged candidate to end by itself (it ends when the checker's pipe closes)
+CHECK_GRACE = 2.0             # beyond the timeout, for the checker's replay once the program ended
 DRAIN_GRACE = 1.0             # for the last output after the launcher exited
 UID_CANDIDATES = range(61000, 62000)
 
@@ -70,7 +71,6 @@ class Job:
     namespaces: bool
     uid: int | None           # dedicated uid when the harness runs as root
     limits: Limits
-    hidden: tuple[str, ...]   # directories hidden from the program (namespace mode)
 
 
 # ---- choosing the isolation and the uids ----------------------------------------------------------
@@ -81,7 +81,7 @@ def namespaces_work() -> bool:
     with reserved_uids(1) as [uid]:
         for namespaces in (True, False):
             try:
-                outcome, _ = run_one(Job("pass", 10.0, namespaces, uid, Limits(), ()))
+                outcome, _ = run_one(Job("pass", 10.0, namespaces, uid, Limits()))
             except SandboxError as error:
                 errors.append(str(error))
                 continue
@@ -172,20 +172,16 @@ def run_one(job: Job) -> tuple[Outcome, bool]:
         token = os.urandom(16).hex() if isinstance(job.program, str) else None
         observation = _supervise(job, workdir, token)
     finally:
-        _remove_tree(workdir)
-    return classify(observation, token, job.timeout), observation.timed_out
+        _remove_workdir(workdir)
+    return classify(observation, token, job.timeout, job.limits.total_memory_bytes), observation.timed_out
 
 
-def _remove_tree(path: str) -> None:
+def _remove_workdir(path: str) -> None:
+    """Never raises: what a program left in its working directory cannot abort the scoring."""
     try:
-        shutil.rmtree(path)
-    except OSError:  # the program revoked permissions inside its own directory (basic mode)
-        os.chmod(path, 0o700)
-        for directory, subdirectories, _ in os.walk(path):
-            for name in subdirectories:
-                if not os.path.islink(os.path.join(directory, name)):
-                    os.chmod(os.path.join(directory, name), 0o700)
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
+    except OSError as error:
+        warnings.warn(f"sandbox: could not remove {path}: {error}", RuntimeWarning, stacklevel=2)
 
 
 def _python(module: str, workdir: str, *flags: str, **options) -> subprocess.Popen:
@@ -198,10 +194,21 @@ def _python(module: str, workdir: str, *flags: str, **options) -> subprocess.Pop
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **options)
 
 
-def _send(process: subprocess.Popen, data: bytes) -> None:
+def _send(process: subprocess.Popen, data: bytes, close: bool = True) -> None:
     with contextlib.suppress(BrokenPipeError):  # a process that died at start-up: see its stderr
-        with process.stdin:
-            process.stdin.write(data)
+        process.stdin.write(data)
+        process.stdin.flush()
+    if close:
+        _close_stdin(process)
+
+
+def _close_stdin(process: subprocess.Popen) -> None:
+    with contextlib.suppress(BrokenPipeError):
+        process.stdin.close()
+
+
+def _cpu_seconds(timeout: float) -> int:
+    return math.ceil(timeout) + 1
 
 
 def _program_environment(workdir: str) -> dict[str, str]:
@@ -210,16 +217,6 @@ def _program_environment(workdir: str) -> dict[str, str]:
         "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
         "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8",
     }
-
-
-def hidden_directories(extra: tuple[str, ...]) -> list[str]:
-    """Homes, this checkout (earlier runs' samples hold answers), the shared data directory
-    beside it, and what the caller names."""
-    paths = {"/home", "/root", os.path.expanduser("~"), REPOSITORY,
-             os.path.join(os.path.dirname(REPOSITORY), "shared"), *extra}
-    with contextlib.suppress(KeyError):  # a uid without a passwd entry (some containers)
-        paths.add(pwd.getpwuid(os.geteuid()).pw_dir)
-    return sorted(os.path.realpath(path) for path in paths if os.path.realpath(path) != "/" and os.path.isdir(path))
 
 
 @dataclass
@@ -232,6 +229,8 @@ class Observation:
     duration: float
     stderr: bytes
     stdout: bytes
+    check_timed_out: bool = False  # the checker's replay ran out of time on the candidate's answers
+    memory_killed: bool = False    # the kernel killed a process of the program for the memory cgroup's limit
 
 
 def _start(job: Job, workdir: str, token: str | None) -> tuple[subprocess.Popen, subprocess.Popen | None, int]:
@@ -246,8 +245,10 @@ def _start(job: Job, workdir: str, token: str | None) -> tuple[subprocess.Popen,
         if checked:
             # -S: no site-packages, which halves its start-up; a check uses the standard library only
             checker = _python("checker", workdir, "-S", pass_fds=(call_write, reply_read))
-            _send(checker, json.dumps({"check": checked.check, "entry_point": checked.entry_point,
-                                       "call_fd": call_write, "reply_fd": reply_read}).encode())
+            request = {"check": checked.check, "entry_point": checked.entry_point, "call_fd": call_write,
+                       "reply_fd": reply_read, "cpu_seconds": _cpu_seconds(job.timeout),
+                       "memory_bytes": job.limits.memory_bytes}
+            _send(checker, json.dumps(request).encode() + b"\n", close=False)  # closed: the go-ahead to judge
         try:
             launcher = _python("launcher", workdir,
                                pass_fds=tuple(fd for fd in (result_write, call_read, reply_write) if fd is not None))
@@ -258,31 +259,40 @@ def _start(job: Job, workdir: str, token: str | None) -> tuple[subprocess.Popen,
         protected = {os.getpid(), os.getpgrp(), launcher.pid} | ({checker.pid} if checker else set())
         _send(launcher, LaunchRequest(
             source=checked.candidate if checked else job.program, workdir=workdir, result_fd=result_write,
-            namespaces=job.namespaces, uid=job.uid, limits=job.limits, cpu_seconds=math.ceil(job.timeout) + 1,
-            protected_pids=sorted(protected), hidden_directories=hidden_directories(job.hidden), token=token,
+            namespaces=job.namespaces, uid=job.uid, limits=job.limits, cpu_seconds=_cpu_seconds(job.timeout),
+            protected_pids=sorted(protected), token=token,
             entry_point=checked.entry_point if checked else None, call_fd=call_read, reply_fd=reply_write,
         ).to_json())
         return launcher, checker, os.dup(result_read)
 
 
 def _supervise(job: Job, workdir: str, token: str | None) -> Observation:
+    """The program runs until its launcher exits (everything it started is gone by then) or the
+    deadline; only then is a Checked program's check replayed (checker.py): while the program runs,
+    nothing it can observe depends on its answers."""
     launcher, checker, result_read = _start(job, workdir, token)
     supervision = _Supervision(launcher, result_read, checker)
+    check_timed_out = False
     try:
         supervision.wait_for_start()
-        deadline = supervision.started_at + job.timeout
-        timed_out = not supervision.pump(supervision.judged, deadline)
-        supervision.stop(job.uid, grace=0.0 if timed_out else EXIT_GRACE)
+        timed_out = not supervision.pump(supervision.program_ended, supervision.started_at + job.timeout)
+        supervision.stop_launcher(job.uid)
+        if checker and not timed_out:
+            _close_stdin(checker)
+            check_timed_out = not supervision.pump(lambda: checker in supervision.exited,
+                                                   time.monotonic() + job.timeout + CHECK_GRACE)
+        supervision.stop_checker()
         supervision.pump(lambda: supervision.open_pipes == 0, time.monotonic() + DRAIN_GRACE)
     except BaseException:
-        supervision.stop(job.uid)
+        supervision.stop_launcher(job.uid)
+        supervision.stop_checker()
         raise
     finally:
         supervision.close()
-        cgroup.remove(str(launcher.pid))
+        memory_killed = cgroup.remove(str(launcher.pid))
     return Observation(supervision.records, supervision.verdict, supervision.checker_stderr.data,
                        launcher.returncode, timed_out, supervision.duration,
-                       supervision.stderr.data, supervision.stdout.data)
+                       supervision.stderr.data, supervision.stdout.data, check_timed_out, memory_killed)
 
 
 def _pipe(fds: contextlib.ExitStack) -> tuple[int, int]:
@@ -370,9 +380,8 @@ class _Supervision:
     def duration(self) -> float:
         return (self.finished_at or time.monotonic()) - (self.started_at or time.monotonic())
 
-    def judged(self) -> bool:
-        """The checker decided (or ended), or, for a whole program, the launcher exited."""
-        return (self.checker or self.launcher) in self.exited
+    def program_ended(self) -> bool:
+        return self.launcher in self.exited
 
     def pump(self, done: Callable[[], bool], deadline: float) -> bool:
         """Handle pipe data and exit events until done() (True) or the deadline (False)."""
@@ -394,15 +403,15 @@ class _Supervision:
         reason = self.records.setup_error() or self.stderr.data.decode(errors="replace")[-MESSAGE_LIMIT:]
         raise SandboxError(f"sandbox set-up failed: {reason}")
 
-    def stop(self, uid: int | None, grace: float = 0.0) -> None:
-        """End the checker; give the launcher `grace` seconds to end by itself (so that its exit
-        status is the program's own), then ask it to kill the program; kill it too if it does
-        not manage."""
-        self._mark_finished()
+    def stop_checker(self) -> None:
         if self.checker and self.checker not in self.exited:
             _kill(self.checker)
             self.exited.add(self.checker)
-        if self.pump(lambda: self.launcher in self.exited, time.monotonic() + grace):
+
+    def stop_launcher(self, uid: int | None) -> None:
+        """Ask the launcher to kill the program (and clean up); kill it too if it does not manage."""
+        self._mark_finished()
+        if self.launcher in self.exited:
             return
         self.launcher.send_signal(signal.SIGTERM)
         if self.pump(lambda: self.launcher in self.exited, time.monotonic() + KILL_GRACE):
@@ -440,13 +449,12 @@ class _Supervision:
         for line in self.verdicts.feed(chunk):
             with contextlib.suppress(ProtocolError):
                 self.verdict = self.verdict or load_record(line)
-        self._mark_finished()
 
     def _on_exit(self, process: subprocess.Popen, pidfd: int) -> None:
         self.selector.unregister(pidfd)
         process.wait()
         self.exited.add(process)
-        if process is (self.checker or self.launcher):
+        if process is self.launcher:
             self._mark_finished()
 
     def _mark_finished(self) -> None:
@@ -455,7 +463,7 @@ class _Supervision:
 
 
 # ---- the outcome ----------------------------------------------------------------------------------
-def classify(observation: Observation, token: str | None, timeout: float) -> Outcome:
+def classify(observation: Observation, token: str | None, timeout: float, memory_limit: int) -> Outcome:
     """Checked: the checker's verdict. Whole program: a pass needs the token. Otherwise timeout,
     memory limit, reported failure, signal, plain exit."""
     records, duration, verdict = observation.records, observation.duration, observation.verdict or {}
@@ -464,6 +472,9 @@ def classify(observation: Observation, token: str | None, timeout: float) -> Out
         return Outcome("passed", None, None, duration)
     if observation.timed_out:
         return Outcome("timed_out", None, f"exceeded the {timeout:g} s wall-clock limit", duration)
+    if observation.check_timed_out:
+        return Outcome("timed_out", None, f"the check did not finish on the candidate's answers within "
+                                          f"{timeout + CHECK_GRACE:g} s", duration)
     if verdict.get("kind") == "failed":
         return Outcome("failed", _capped(verdict.get("error_type"), 100), _capped(verdict.get("message"), MESSAGE_LIMIT),
                        duration)
@@ -472,6 +483,9 @@ def classify(observation: Observation, token: str | None, timeout: float) -> Out
     limits = records.after_start("limit")
     if limits:
         return Outcome("crashed", None, _capped(limits[-1].get("message"), MESSAGE_LIMIT), duration)
+    if observation.memory_killed:
+        return Outcome("crashed", None, "the kernel killed a process of the program: together they reached the "
+                                        f"memory cgroup's limit of {memory_limit / 2**20:.0f} MiB", duration)
     failures = records.after_start("failed")
     if failures:
         error_type, message = failures[-1].get("error_type"), failures[-1].get("message")
@@ -506,7 +520,8 @@ def _explained(what: str, output: bytes) -> str:
 
 
 def _capped(text: object, limit: int) -> str | None:
+    """Text from a program or a record, storable (safe_text) and at most `limit` characters."""
     if text is None:
         return None
-    text = str(text)
+    text = safe_text(text)
     return text if len(text) <= limit else text[: limit - 3] + "..."

