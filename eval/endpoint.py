@@ -150,7 +150,7 @@ class Endpoint:
         return {"choice": choice, "generate": "completions / chat completions",
                 "loglikelihood": "echo" if self.can.echo else "unavailable (no echo)"}
 
-    def backend(self, tokenizer, progress: bool = True) -> "ApiBackend":
+    def backend(self, tokenizer, progress: bool = True) -> ApiBackend:
         return ApiBackend(self, tokenizer, progress=progress)
 
     def identity_after_load(self) -> dict:

@@ -78,7 +78,7 @@ class OpenAIServer:
         self.url = ""
 
     # ---- lifecycle --------------------------------------------------------------------------------------
-    def __enter__(self) -> "OpenAIServer":
+    def __enter__(self) -> OpenAIServer:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
