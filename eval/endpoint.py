@@ -36,7 +36,7 @@ from .api import (ChoiceRequest, ChoiceResponse, GenerateRequest, GenerateRespon
                   LoglikelihoodResponse, UserError)
 from .cli_checks import did_you_mean
 
-TOP_LOGPROBS = (20, 5)  # asked for in this order: vLLM's default ceiling, then OpenAI's
+TOP_LOGPROBS = (20, 5, 1)  # asked for in this order: vLLM's default ceiling, OpenAI's, the least
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 RETRIES = 8
 BACKOFF = 0.5  # seconds; doubled per retry (the first retry is immediate), with as much jitter
@@ -177,7 +177,7 @@ def connect(args, *, backoff: float = BACKOFF) -> Endpoint:
     model = args.api_model or names[0]
     entry = next(m for m in listed if m.get("id") == model)
     client = Client(args.base_url, key, connections=args.concurrency, backoff=backoff)
-    return Endpoint(client, model, stable_fields(entry), probe(check, model), args.concurrency)
+    return Endpoint(client, model, stable_fields(entry), probe(client, model), args.concurrency)
 
 
 def stable_fields(entry: dict) -> dict:
