@@ -30,7 +30,7 @@ class Behaviour:
     failure_rate: float = 0.0  # the share of POSTs answered 429 or 500 ...
     max_failures: int = 0  # ... at most this many times in all
     seed: int = 0
-    hang_after: int | None = None  # completions answered before every later one hangs
+    hang_after: int | None = None  # POSTs answered before the later ones hang (until this is set to None)
 
 
 class ServedModel:
@@ -87,6 +87,7 @@ class OpenAIServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.behaviour.hang_after = None  # a hanging handler ends, so the server can close
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
@@ -110,8 +111,8 @@ class OpenAIServer:
         if request.method == "POST" and self.failures < b.max_failures and self.rng.random() < b.failure_rate:
             self.failures += 1
             return _error(self.rng.choice((429, 500)), "busy")
-        if request.method == "POST" and b.hang_after is not None and self.answered >= b.hang_after:
-            await asyncio.sleep(3600)
+        while request.method == "POST" and b.hang_after is not None and self.answered >= b.hang_after:
+            await asyncio.sleep(0.05)  # no answer until the test lifts hang_after
         response = await handler(request)
         self.answered += request.method == "POST"
         return response

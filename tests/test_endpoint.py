@@ -3,27 +3,31 @@ serves a model through the native engine: the api backend must give the native b
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import math
+import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
-from checkpoints import tiny_model, vocab_file
-from openai_server import Behaviour, OpenAIServer, ServedModel
 
+from checkpoints import REPO, SHARED, tiny_model, vocab_file
 from eval import runner
-from eval.api import (
-    ChoiceRequest,
-    GenerateRequest,
-    LoglikelihoodRequest,
-    UserError,
-    chat_request,
-)
+from eval.api import ChoiceRequest, GenerateRequest, LoglikelihoodRequest, UserError, chat_request
 from eval.backends import NativeBackend, stop_rules_met
 from eval.data import DataSource
 from eval.endpoint import Capabilities, chatml_messages, connect, stop_rules_cut
 from eval.pipeline import plan_task
 from eval.registry import get_task
-from model import QwenTokenizer
+from fixtures import find_run
+from model import QwenTokenizer, load_model
+from openai_server import Behaviour, OpenAIServer, ServedModel
 
 KEY = "sk-test-0123456789"  # never to be found in a run's files or output
 CHOICE_STRINGS = (" A", " B", " C", " D")
@@ -161,3 +165,109 @@ def test_endpoint_mistakes_give_one_line_and_exit_2(case, served, tmp_path, caps
                 "no key": "rejected the key", "dead port": "no answer", "unknown model": "did you mean 'tiny-random'"}
     assert expected[case] in err and KEY not in err + out
     assert not list(tmp_path.iterdir())  # nothing planned, nothing written
+
+
+# ---- end to end through the command line, on a trained model --------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(request, tmp_path_factory) -> Path:
+    """tiny-qwen-256 unpacked (a trained model, so generations stop and vary), else a tiny random one."""
+    shared = SHARED / "models" / "tiny-qwen-256"
+    if not shared.exists():
+        return request.getfixturevalue("tiny_checkpoint")
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny-qwen-256"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json"):
+        shutil.copy(shared / name, folder / name)
+    with gzip.open(shared / "model.safetensors.gz") as packed, open(folder / "model.safetensors", "wb") as out:
+        shutil.copyfileobj(packed, out)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(checkpoint, tok) -> ServedModel:
+    return ServedModel(load_model(checkpoint, dtype="fp32", device="cpu"), tok, "tiny-qwen-256")
+
+
+E2E_RUNS = {  # mode -> tasks, each a few documents of the fixture data
+    "fewshot": "mmlu,ceval,gsm8k,humaneval,long_ppl",
+    "chat": "cmmlu,gsm8k",
+}
+
+
+def cli_args(out: Path, data_root: Path, mode: str, *extra: str) -> list[str]:
+    return ["--task", E2E_RUNS[mode], "--mode", mode, "--data-dir", str(data_root), "--limit", "2", "--lengths",
+            "64,128", "--allow-code-execution", "--no-progress", "--output-dir", str(out), *extra]
+
+
+def api_flags(url: str) -> list[str]:
+    return ["--backend", "api", "--base-url", url, "--api-key-env", "QWEN_EVAL_TEST_KEY", "--tokenizer",
+            str(vocab_file()), "--concurrency", "3"]
+
+
+def records(run_dir: Path) -> dict[str, dict]:
+    lines = (run_dir / "samples.jsonl").read_text().splitlines()
+    return {r["doc_id"]: r for r in map(json.loads, lines)}
+
+
+def assert_same_scores(api: dict, native: dict) -> None:
+    """Every document's scores; a choice's log-probabilities are its logits shifted by one constant."""
+    assert api.keys() == native.keys() and api
+    for doc_id, n in native.items():
+        a_scores, n_scores = dict(api[doc_id]["scores"]), dict(n["scores"])
+        if "logits" in n_scores:
+            shift = [x - y for x, y in zip(a_scores.pop("logits"), n_scores.pop("logits"))]
+            assert max(shift) - min(shift) < 1e-3, doc_id
+            assert a_scores.pop("parity_probs") == pytest.approx(n_scores.pop("parity_probs"), abs=1e-4), doc_id
+        if "rows" in n_scores:  # long_ppl: summed NLL within fp32 tolerance
+            for row, cell in n_scores.pop("rows").items():
+                assert a_scores["rows"][row]["n_tokens"] == cell["n_tokens"]
+                assert math.isclose(a_scores["rows"][row]["nll"], cell["nll"], rel_tol=1e-5), (doc_id, row)
+            a_scores.pop("rows")
+        assert a_scores == n_scores, doc_id
+
+
+@pytest.mark.slow
+def test_every_task_through_the_endpoint_equals_the_native_run(trained, checkpoint, data_root, tmp_path, capsys,
+                                                               monkeypatch):
+    monkeypatch.setenv("QWEN_EVAL_TEST_KEY", KEY)
+    with OpenAIServer(trained, Behaviour(key=KEY)) as server:
+        for mode in E2E_RUNS:
+            assert runner.main(cli_args(tmp_path / "native", data_root, mode, "--model", str(checkpoint))) == 0
+            assert runner.main(cli_args(tmp_path / "api", data_root, mode, *api_flags(server.url))) == 0
+    out = capsys.readouterr().out
+    assert "long_ppl (fewshot): a served model cannot switch" in out and KEY not in out
+    for mode, tasks in E2E_RUNS.items():
+        for task in tasks.split(","):
+            api_dir = find_run(tmp_path / "api", f"{task}-{mode}-api")
+            assert_same_scores(records(api_dir), records(find_run(tmp_path / "native", f"{task}-{mode}-fp32")))
+            identity = json.loads((api_dir / "run.json").read_text())["identity"]
+            assert identity["endpoint"]["url"] == server.url and identity["endpoint"]["model"] == "tiny-qwen-256"
+            assert identity["endpoint"]["served"]["choice"].startswith("logprobs (top 20")
+            assert identity["model"] is None and identity["backend"] == "api"
+    assert not [p for p in (tmp_path / "api").rglob("*") if p.is_file() and KEY.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_identical_files(trained, data_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QWEN_EVAL_TEST_KEY", KEY)
+    argv = ["--task", "gsm8k", "--data-dir", str(data_root), "--no-progress"]  # 3 documents
+    with OpenAIServer(trained, Behaviour(key=KEY, hang_after=3)) as server:  # the probe, then two documents
+        flags = [*api_flags(server.url)[:-1], "1"]  # one request at a time: the third document hangs
+        killed = subprocess.Popen([sys.executable, "-m", "eval.runner", *argv, *flags, "--output-dir",
+                                   str(tmp_path / "resumed")], cwd=REPO, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
+        samples = tmp_path / "resumed"
+        deadline = time.time() + 300
+        while server.answered < 3 or len(list(samples.rglob("samples.jsonl"))) < 1 or \
+                len(next(samples.rglob("samples.jsonl")).read_text().splitlines()) < 2:
+            assert time.time() < deadline and killed.poll() is None
+            time.sleep(0.2)
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+        server.behaviour.hang_after = None
+        assert runner.main([*argv, *flags, "--output-dir", str(tmp_path / "resumed")]) == 0
+        assert "resuming, 2 of 3 documents already done" in capsys.readouterr().out
+        assert runner.main([*argv, *flags, "--output-dir", str(tmp_path / "whole")]) == 0
+    resumed, whole = find_run(tmp_path / "resumed", "gsm8k-fewshot-api"), find_run(tmp_path / "whole", "gsm8k-fewshot-api")
+    for name in ("samples.jsonl", "table.md", "run.json"):
+        assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
