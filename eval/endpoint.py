@@ -240,9 +240,12 @@ class ApiBackend:
                 if on_done:
                     on_done([(i, out[i])])
                 bar.update()
+        except BaseException:  # an error or Ctrl-C: no new request starts, and the partial table need not wait
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # an error or Ctrl-C: no new request starts
             bar.close()
+        pool.shutdown()
         return out
 
     def _completion(self, body: dict) -> dict:
