@@ -233,7 +233,7 @@ class ApiBackend:
                    leave=False, dynamic_ncols=True)
         pool = ThreadPoolExecutor(self.endpoint.concurrency)
         try:
-            futures = {pool.submit(answer, r): i for i, r in enumerate(requests)}
+            futures = {pool.submit(self._checked, answer, r): i for i, r in enumerate(requests)}
             for future in as_completed(futures):
                 i = futures[future]
                 out[i] = future.result()
@@ -247,6 +247,13 @@ class ApiBackend:
             bar.close()
         pool.shutdown()
         return out
+
+    def _checked(self, answer, request):
+        try:
+            return answer(request)
+        except (KeyError, IndexError, TypeError, AttributeError) as err:  # a reply of another shape
+            raise EndpointError(f"--base-url {self.client.base_url}: a reply lacks the OpenAI field or entry "
+                                f"{err} (see EVALUATION.md, 'A served model', for what each task needs)") from None
 
     def _completion(self, body: dict) -> dict:
         return self.client.post("completions", {"model": self.endpoint.model, "temperature": 0, **body})

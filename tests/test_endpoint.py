@@ -167,6 +167,17 @@ def test_endpoint_mistakes_give_one_line_and_exit_2(case, served, tmp_path, caps
     assert not list(tmp_path.iterdir())  # nothing planned, nothing written
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--backend", "api"], "--backend api needs --base-url URL"),
+    (["--base-url", "http://127.0.0.1:1/v1"], "--base-url http://127.0.0.1:1/v1: only for --backend api"),
+    (["--backend", "api", "--base-url", "http://127.0.0.1:1/v1", "--concurrency", "0"], "--concurrency 0"),
+    (["--backend", "api", "--base-url", "http://127.0.0.1:1/v1", "--no-logn"], "--logn: a served model"),
+])
+def test_api_flag_mistakes_are_refused_before_connecting(flags, expected, tmp_path, capsys):
+    code, _, err = run_cli(["--task", "gsm8k", "--output-dir", str(tmp_path), *flags], capsys)
+    assert code == 2 and err.startswith(f"error: {expected}") and len(err.strip().splitlines()) == 1, err
+
+
 # ---- end to end through the command line, on a trained model --------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(request, tmp_path_factory) -> Path:
