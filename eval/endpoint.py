@@ -79,8 +79,8 @@ class Client:
         except requests.exceptions.RequestException as err:
             raise EndpointError(f"--base-url {self.base_url}: no answer from {url} ({_reason(err)})") from None
         if reply.status_code in (401, 403):
-            raise EndpointError(f"--base-url {self.base_url}: the endpoint rejected the key (HTTP {reply.status_code}); "
-                                "pass --api-key-env VAR naming the variable that holds a valid key")
+            raise EndpointError(f"--base-url {self.base_url}: the endpoint rejected the key (HTTP "
+                                f"{reply.status_code}); pass --api-key-env VAR naming the variable holding a valid key")
         if reply.status_code != 200:
             raise EndpointError(f"--base-url {self.base_url}: {method} {path} answered HTTP {reply.status_code}: "
                                 f"{_message(reply)}")

@@ -208,7 +208,8 @@ def run(args) -> int:
     ranks = distributed.setup(args, [job.plan for group in groups.values() for job in group.jobs])  # SINGLE: 1 process
     load_args = distributed.backend_args(args, ranks)
     for model_id, group in groups.items():  # every model described, every run directory checked, then loads
-        group.ckpt, known = endpoint.describe([j.plan for j in group.jobs]) if endpoint else _describe(load_args, model_id)
+        plans = [job.plan for job in group.jobs]
+        group.ckpt, known = endpoint.describe(plans) if endpoint else _describe(load_args, model_id)
         for job in group.jobs:
             plan = job.plan
             job.known = {**known, "model_name": job.model_name,

@@ -25,7 +25,8 @@ from eval.data import DataSource
 from eval.endpoint import Capabilities, chatml_messages, connect, stop_rules_cut
 from eval.pipeline import plan_task
 from eval.registry import get_task
-from fixtures import find_run
+from eval.report import find_runs, render_report
+from fixtures import find_run, write_run
 from model import QwenTokenizer, load_model
 from openai_server import Behaviour, OpenAIServer, ServedModel
 
@@ -151,7 +152,8 @@ def test_endpoint_mistakes_give_one_line_and_exit_2(case, served, tmp_path, caps
     monkeypatch.setenv("QWEN_EVAL_TEST_KEY", "sk-wrong" if case == "wrong key" else KEY)
     with OpenAIServer(served, Behaviour(key=KEY)) as server:
         url = server.url
-        flags = {"wrong key": ["--api-key-env", "QWEN_EVAL_TEST_KEY"], "unset variable": ["--api-key-env", "NO_SUCH_VAR"],
+        flags = {"wrong key": ["--api-key-env", "QWEN_EVAL_TEST_KEY"],
+                 "unset variable": ["--api-key-env", "NO_SUCH_VAR"],
                  "no key": [], "dead port": ["--api-key-env", "QWEN_EVAL_TEST_KEY"],
                  "unknown model": ["--api-key-env", "QWEN_EVAL_TEST_KEY", "--api-model", "tiny-randon"]}[case]
         if case == "dead port":
@@ -165,6 +167,16 @@ def test_endpoint_mistakes_give_one_line_and_exit_2(case, served, tmp_path, caps
                 "no key": "rejected the key", "dead port": "no answer", "unknown model": "did you mean 'tiny-random'"}
     assert expected[case] in err and KEY not in err + out
     assert not list(tmp_path.iterdir())  # nothing planned, nothing written
+
+
+@pytest.mark.parametrize("backend", ["api", "native"])
+def test_the_report_marks_api_runs_weights_not_fingerprinted(backend, tmp_path):
+    scores = {"parity": {"pred": 1, "correct": False}, "improved": {"pred": 1, "correct": False}}
+    write_run(tmp_path / "Qwen-7B" / "gsm8k-fewshot", "gsm8k", "fewshot", [{"doc_id": "gsm8k/0", **scores}],
+              identity={"backend": backend})
+    row = next(line for line in render_report(tmp_path, find_runs(tmp_path), with_plots=False).splitlines()
+               if line.startswith("| GSM8K 8-shot"))
+    assert ("weights not fingerprinted" in row) == (backend == "api")
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -280,7 +292,8 @@ def test_a_killed_run_resumes_to_identical_files(trained, data_root, tmp_path, c
         flags = [*api_flags(server.url)[:-1], "1"]  # one request at a time: the third document hangs
         killed = subprocess.Popen([sys.executable, "-m", "eval.runner", *argv, *flags, "--output-dir",
                                    str(tmp_path / "resumed")], cwd=REPO, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
+                                  stderr=subprocess.DEVNULL,
+                                  env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
         samples = tmp_path / "resumed"
         deadline = time.time() + 300
         while server.answered < 3 or len(list(samples.rglob("samples.jsonl"))) < 1 or \
@@ -293,6 +306,6 @@ def test_a_killed_run_resumes_to_identical_files(trained, data_root, tmp_path, c
         assert runner.main([*argv, *flags, "--output-dir", str(tmp_path / "resumed")]) == 0
         assert "resuming, 2 of 3 documents already done" in capsys.readouterr().out
         assert runner.main([*argv, *flags, "--output-dir", str(tmp_path / "whole")]) == 0
-    resumed, whole = find_run(tmp_path / "resumed", "gsm8k-fewshot-api"), find_run(tmp_path / "whole", "gsm8k-fewshot-api")
+    resumed, whole = (find_run(tmp_path / name, "gsm8k-fewshot-api") for name in ("resumed", "whole"))
     for name in ("samples.jsonl", "table.md", "run.json"):
         assert (resumed / name).read_bytes() == (whole / name).read_bytes(), name
