@@ -98,4 +98,13 @@ def check_flags(args) -> None:
     check_window_attn(args.window_attn)
     if args.device_map and args.backend != "hf":
         raise UserError("--device-map spreads a transformers model over GPUs: use it with --backend hf")
+    if (args.backend == "api") != bool(args.base_url):  # --backend api (eval/endpoint.py)
+        raise UserError("--backend api needs --base-url URL" if args.base_url is None
+                        else f"--base-url {args.base_url}: only for --backend api")
+    positive_int("--concurrency", args.concurrency)
+    if args.backend == "api":
+        for flag in ("dynamic_ntk", "logn", "window_attn"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')}: a served model's positions are set by its server; "
+                                "drop the flag with --backend api")
     check_writable("--output-dir", Path(args.output_dir))

@@ -156,7 +156,8 @@ def row_cells(row: published.Row, run: Run | None, root: Path, table_model: str)
         m = measure(run, row)
         other = run.model_name.lower() != (row.model or table_model).lower()
         notes = "; ".join(x for x in (run_notes(run), f"measured model: {run.model_name}" if other else "",
-                                      m.note, row.note) if x)
+                                      "weights not fingerprinted" if run.results.identity.get("backend") == "api"
+                                      else "", m.note, row.note) if x)
         measured = "-" if m.value is None else f"{m.value:.2f}"
         difference = "" if m.value is None else f"{m.value - row.reported:+.2f}"
         interval = f"[{m.interval[0]:.2f}, {m.interval[1]:.2f}]" if m.interval else ""

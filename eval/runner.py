@@ -57,8 +57,14 @@ def parser(prog: str = "python eval/runner.py") -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="qwen.tiktoken file or checkpoint dir (default: the model's)")
     p.add_argument("--mode", choices=["fewshot", "chat"], default="fewshot",
                    help="fewshot: the base model's few-shot prompts; chat: zero-shot ChatML (default fewshot)")
-    p.add_argument("--backend", choices=["native", "hf"], default="native",
-                   help="native engine, or plain transformers at batch 1 (the benchmark baseline)")
+    p.add_argument("--backend", choices=["native", "hf", "api"], default="native",
+                   help="native engine, plain transformers at batch 1 (the benchmark baseline), or a served model "
+                        "behind an OpenAI-compatible endpoint (--base-url)")
+    # --backend api (eval/endpoint.py)
+    p.add_argument("--base-url", metavar="URL", help="with --backend api: the endpoint, e.g. http://localhost:8000/v1")
+    p.add_argument("--api-model", metavar="NAME", help="the served model name (default: the only one /v1/models lists)")
+    p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoint's key")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (default 8)")
     p.add_argument("--device-map", choices=["auto"],
                    help="with --backend hf: place one model's layers over all GPUs of the node (accelerate)")
     p.add_argument("--dynamic-ntk", action=argparse.BooleanOptionalAction, default=None,
@@ -182,6 +188,12 @@ def run(args) -> int:
     if not args.task:
         raise UserError("no task given: pass --task NAME (see --list-tasks)")
     check_flags(args)  # from here on, whatever can fail on user input fails before any weight loads
+    endpoint = None
+    if args.backend == "api" and not args.dry_run:  # reachable, key accepted, model served: before any planning
+        from eval.endpoint import connect
+
+        endpoint = connect(args)
+        args.model = args.model or endpoint.model  # names the run folder; the tokenizer comes from it or --tokenizer
     entries = expand(args.task, args.mode)
     if any(get_task(e.task).executes_code for e in entries) and not args.dry_run:
         _require_code_execution(args)  # before any generation is spent
@@ -200,7 +212,8 @@ def run(args) -> int:
     ranks = distributed.setup(args, [job.plan for group in groups.values() for job in group.jobs])  # SINGLE: 1 process
     load_args = distributed.backend_args(args, ranks)
     for model_id, group in groups.items():  # every model described, every run directory checked, then loads
-        group.ckpt, known = _describe(load_args, model_id)
+        plans = [job.plan for job in group.jobs]
+        group.ckpt, known = endpoint.describe(plans) if endpoint else _describe(load_args, model_id)
         for job in group.jobs:
             plan = job.plan
             job.known = {**known, "model_name": job.model_name,
@@ -209,7 +222,8 @@ def run(args) -> int:
     finished = []
     for model_id, group in groups.items():
         started = time.time()
-        backend, loaded = _load(load_args, model_id, group.ckpt, group.tok)
+        backend, loaded = (endpoint.backend(group.tok, not args.no_progress), endpoint.identity_after_load()) \
+            if endpoint else _load(load_args, model_id, group.ckpt, group.tok)
         load = time.time() - started
         if ranks.tp is not None and ranks.tp.rank:  # tensor parallel: repeat the calls of the group's rank 0
             from model.tensor_parallel import follow
@@ -271,7 +285,7 @@ def _plan_all(args, entries) -> dict[str | None, ModelGroup]:
             groups[model_id] = ModelGroup(_tokenizer(args.tokenizer or model_id, explicit=bool(args.tokenizer)))
         group = groups[model_id]
         folder = run_folder(task.name, entry.mode, args, window_in_name=not task.sets_switches,
-                            dtype=None if args.dry_run else dtype_name(_dtype(args)))
+                            dtype=None if args.dry_run or args.backend == "api" else dtype_name(_dtype(args)))
         run_dir = Path(args.output_dir) / model_folder(model_id, args.tokenizer) / folder
         subjects = args.subjects.split(",") if args.subjects else None
         started = time.time()

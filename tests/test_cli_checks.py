@@ -78,7 +78,7 @@ def test_a_run_directory_keeps_one_configuration(tmp_path):
 
 def test_check_flags_runs_them_all(tmp_path):
     args = argparse.Namespace(limit=2, batch_size=None, samples=1, device="cpu", window_attn=None, device_map=None,
-                              backend="native", output_dir=str(tmp_path))
+                              backend="native", output_dir=str(tmp_path), base_url=None, concurrency=8)
     cli_checks.check_flags(args)
     with pytest.raises(UserError, match="^--device-map .* --backend hf"):
         cli_checks.check_flags(argparse.Namespace(**{**vars(args), "device_map": "auto"}))
