@@ -90,12 +90,10 @@ def check_same_configuration(run_dir: Path, known: dict, overwrite: bool) -> Non
     merged_identity({key: saved[key] for key in known if key in saved}, known, run_dir)
 
 
-def check_flags(args) -> None:
-    """Every check that needs only the parsed command line."""
-    for flag in ("limit", "batch_size", "samples"):
-        positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag, None))
-    check_device(args.device)
-    check_window_attn(args.window_attn)
-    if args.device_map and args.backend != "hf":
-        raise UserError("--device-map spreads a transformers model over GPUs: use it with --backend hf")
-    check_writable("--output-dir", Path(args.output_dir))
+def check_flags(config) -> None:
+    """Every check of the general settings that needs only the run configuration (options were checked as read)."""
+    for flag in ("limit", "batch_size"):
+        positive_int(f"--{flag.replace('_', '-')}", getattr(config, flag))
+    check_device(config.device)
+    check_window_attn(config.window_attn)
+    check_writable("--output-dir", Path(config.output_dir))

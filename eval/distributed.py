@@ -18,7 +18,7 @@ Only Python objects cross process boundaries, so the process group is gloo on CP
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -134,12 +134,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_launch(args) -> None:
-    if world_size() > 1 and (args.dry_run or args.rescore):
+def check_launch(config) -> None:
+    if world_size() > 1 and (config.dry_run or config.rescore):
         raise UserError("--dry-run and --rescore run in one process: start them with python, not torchrun")
 
 
-def setup(args, plans) -> Ranks:
+def setup(config, plans) -> Ranks:
     """Join torchrun's process group; SINGLE in a single process (WORLD_SIZE unset or 1)."""
     if world_size() <= 1:
         return SINGLE
@@ -150,7 +150,7 @@ def setup(args, plans) -> Ranks:
     import torch.distributed as dist
 
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = args.device
+    device = config.device
     if device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local}"
         torch.cuda.set_device(local)
@@ -167,12 +167,11 @@ def setup(args, plans) -> Ranks:
     return ranks
 
 
-def backend_args(args, ranks: Ranks):
-    """The arguments `_backend` loads the model with: this rank's device, a progress bar on rank 0 only."""
+def backend_config(config, ranks: Ranks):
+    """The run configuration this rank loads the model with: its own device, a progress bar on rank 0 only."""
     if ranks.world == 1:
-        return args
-    quiet = args.no_progress or ranks.rank > 0
-    return argparse.Namespace(**{**vars(args), "device": ranks.device, "no_progress": quiet})
+        return config
+    return dataclasses.replace(config, device=ranks.device, no_progress=config.no_progress or ranks.rank > 0)
 
 
 def close(ranks: Ranks) -> None:

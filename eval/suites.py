@@ -5,23 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import published
+from .registry import get_task
 
 
 @dataclass(frozen=True)
 class Entry:
     task: str
     mode: str
-    flags: dict = field(default_factory=dict, compare=False)  # runner flags (argparse dest) set for this run
-
-
-# Where the published number used other scoring than the runner's default (published.CHAT's note).
-PUBLISHED_FLAGS = {("ceval", "chat"): {"ceval_chat_rules": "2023-08-03"}}
+    flags: dict = field(default_factory=dict, compare=False)  # task options (by name) set for this run
 
 
 def table_entries(table: published.Table) -> tuple[Entry, ...]:
-    """One entry per task measured in the table (rows of another model, e.g. Int4, excluded)."""
+    """One entry per task measured in the table (rows of another model, e.g. Int4, excluded); each runs with the
+    options its task says the published number used (Task.published_options)."""
     tasks = dict.fromkeys(row.task for row in table.rows if row.task and not row.model)
-    return tuple(Entry(task, table.mode, PUBLISHED_FLAGS.get((task, table.mode), {})) for task in tasks)
+    return tuple(Entry(task, table.mode, get_task(task).published_options.get(table.mode, {})) for task in tasks)
 
 
 SUITES = {"qwen-7b-base": table_entries(published.BASE), "qwen-7b-chat": table_entries(published.CHAT)}

@@ -28,6 +28,7 @@ HARD = ("advanced_mathematics", "discrete_mathematics", "probability_and_statist
 class CEval(ChineseMultipleChoice):
     name, split, version = "ceval", "val", "qwen-2023-08"
     categories, extra_groups = CATEGORIES, {"Hard": HARD}
+    published_options = {"chat": {"ceval_chat_rules": "2023-08-03"}}  # published.CHAT's note: the earlier regexes
 
     def rows(self, data: DataSource, subject: str, split: str) -> list[dict]:
         if data.root is None:
