@@ -191,18 +191,23 @@ class Option:
         except ValueError:
             expected = {int: "an integer", float: "a number"}.get(self.type) or self.type.__doc__
             raise UserError(f"{self.flag_name} {raw!r}: expected {expected}") from None
-        self.validate(value)
+        self.validate(value, raw)
         return value
 
-    def validate(self, value: Any) -> None:
+    def validate(self, value: Any, shown: str | None = None) -> None:
         why = self.check(value) if self.check and value is not None else None
         if why:
-            raise UserError(f"{self.flag_name} {value}: {why}")
+            raise UserError(f"{self.flag_name} {value if shown is None else shown}: {why}")
 
 
 def comma_integers(text: str) -> list[int]:
     """comma-separated integers"""
     return [int(x) for x in text.split(",")]
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 document', '2 documents'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def positive(value) -> str | None:
@@ -226,6 +231,7 @@ class Task:
     sets_switches = False  # sets the model switches per request (long_ppl): --window-attn is an option, not a run
     option_names: tuple[str, ...] = ()  # the general run settings it reads (verbatim_csv, window_attn)
     options: tuple[Option, ...] = ()  # its own options: command-line flags, part of its runs' identity
+    unrecorded_fields: tuple[str, ...] = ()  # document fields its records leave out (a prefix every record repeats)
     published_options: dict[str, dict] = {}  # mode -> the option values its published number used (suites)
 
     def check_options(self, options: dict, mode: str) -> dict:
@@ -238,8 +244,8 @@ class Task:
         return serve(backend, requests, on_done)
 
     def record_fields(self, doc: Doc) -> dict:
-        """The document's fields saved in its record (a task leaves out what the record need not repeat)."""
-        return doc.data
+        """The document's fields saved in its record: all but `unrecorded_fields`."""
+        return {key: value for key, value in doc.data.items() if key not in self.unrecorded_fields}
 
     def bind(self, data: Any, tok: Any, options: dict) -> "Task":
         """This task over one data directory and tokenizer, for tasks whose documents depend on them."""

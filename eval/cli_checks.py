@@ -10,16 +10,17 @@ import tempfile
 from pathlib import Path
 
 from .api import UserError
-from .results import merged_identity, read_info
+from .results import RunStore, merged_identity, read_info, read_samples
 
 DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")
 WINDOW_PART = re.compile(r"(?:(\d+)x)?(\d+)")
 
 
 def did_you_mean(name: str, known) -> str:
-    """'; did you mean 'x'?' for the closest known name, or ''."""
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    """'; did you mean 'x'?' for the closest known name (case and dashes aside), or ''."""
+    folded = {k.lower().replace("-", ""): k for k in known}
+    close = difflib.get_close_matches(name.lower().replace("-", ""), list(folded), n=1)
+    return f"; did you mean {folded[close[0]]!r}?" if close else ""
 
 
 def positive_int(flag: str, value: int | None) -> None:
@@ -97,3 +98,33 @@ def check_flags(config) -> None:
     check_device(config.device)
     check_window_attn(config.window_attn)
     check_writable("--output-dir", Path(config.output_dir))
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Before the weights load: no other process writes the run directory, and its saved records can be read."""
+    if not run_dir.is_dir():
+        return
+    RunStore(run_dir).close()  # another writer holds the lock: one line naming its pid
+    if not overwrite:
+        read_samples(run_dir / "samples.jsonl")  # a corrupt record in the middle: one line naming its line
+
+
+def check_paths(model: str | None, tokenizer: str | None) -> None:
+    """A local --tokenizer that is not there, or a --model that cannot be a checkpoint folder: said first."""
+    if tokenizer and _local(tokenizer) and not Path(tokenizer).expanduser().exists():
+        raise UserError(f"--tokenizer {tokenizer}: no such file or folder")  # (a missing --model: the loader says)
+    if not model:
+        return
+    path = Path(model).expanduser()
+    if path.is_file():
+        raise UserError(f"--model {model}: a file; pass the checkpoint folder that holds it and config.json "
+                        f"({path.parent})")
+    packed = sorted(path.glob("*.safetensors.gz")) if path.is_dir() else []
+    if packed and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise UserError(f"--model {model}: holds only {packed[0].name}; unpack it first: "
+                        f"gunzip -c {packed[0]} > {packed[0].with_suffix('')}")
+
+
+def _local(value: str) -> bool:
+    """A path, not a hub id: absolute, ~ or ./ relative, or under a folder that exists here (scratch/missing)."""
+    return value.startswith(("/", "~", ".")) or Path(value).expanduser().parent.is_dir() and "/" in value

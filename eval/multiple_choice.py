@@ -27,6 +27,7 @@ class MultipleChoiceTask(Task):
     choice_strings: tuple[str, ...]  # tokenized for the choice ids
     max_prompt_tokens: int | None = None  # MMLU: longer prompts keep their last max-1 tokens
     modes = ("fewshot", "chat")
+    unrecorded_fields = ("fewshot",)  # the subject's few-shot prefix, the same in every record
     n_shots = 5
     option_names = ("verbatim_csv",)
 
@@ -98,10 +99,6 @@ class MultipleChoiceTask(Task):
         if text not in cache:
             cache[text] = tok.encode(text, nfc=True)
         return cache[text]
-
-    def record_fields(self, doc: Doc) -> dict:
-        """Without the few-shot prefix: every record of a subject would repeat it."""
-        return {key: value for key, value in doc.data.items() if key != "fewshot"}
 
     # ---- scoring --------------------------------------------------------------------------------
     def score(self, doc: Doc, responses: list, mode: str, options: dict) -> dict:

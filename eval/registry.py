@@ -13,10 +13,13 @@ def task_names() -> list[str]:
     return list(TASK_MODULES)
 
 
-def get_task(name: str):
+def get_task(name: str, suites=()):
+    """The task; an unknown name is one line with the closest task (or suite, where `suites` are named)."""
     if name not in TASK_MODULES:
-        raise UserError(f"unknown task {name!r}{did_you_mean(name, TASK_MODULES)} "
-                        f"(known: {', '.join(TASK_MODULES)}; see --list-tasks)")
+        known = [*TASK_MODULES, *suites]
+        also = f"; suites: {', '.join(suites)}" if suites else ""
+        raise UserError(f"unknown task {name!r}{did_you_mean(name, known)} "
+                        f"(known: {', '.join(TASK_MODULES)}{also}; see --list-tasks)")
     return importlib.import_module(f"eval.tasks.{name}").TASK
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import random
 import sys
@@ -21,15 +22,15 @@ if __name__ == "__main__" and not __package__:  # `python eval/runner.py`: run a
     path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
     os.execve(sys.executable, [sys.executable, "-m", "eval.runner", *sys.argv[1:]], {**os.environ, "PYTHONPATH": path})
 
-from eval import distributed
-from eval.api import UserError
-from eval.cli_checks import check_flags, check_same_configuration
+from eval import distributed, lm_eval_spellings
+from eval.api import UserError, counted
+from eval.cli_checks import check_flags, check_paths, check_run_dir, check_same_configuration
 from eval.data import DataSource
 from eval.metrics import with_stderr
 from eval.pipeline import execute, plan_task, rescore, write_dry_run
 from eval.provenance import task_identity
 from eval.registry import get_task, task_names, task_options
-from eval.results import read_info
+from eval.results import atomic_write, read_info, read_results
 from eval.run_layout import dtype_name, model_folder, run_folder
 from eval.run_config import BACKEND_OPTIONS, RunConfig, add_flags
 from eval.suites import SUITES, expand
@@ -43,7 +44,7 @@ USAGE = """%(prog)s --task NAME[,NAME] [--model PATH|HUB_ID] [--data-dir DIR] [o
 
 
 def parse_config(argv=None, prog="python eval/runner.py") -> RunConfig:
-    return RunConfig.from_args(parser(prog).parse_args(argv))
+    return RunConfig.from_args(parser(prog).parse_args(lm_eval_spellings.translate(sys.argv[1:] if argv is None else list(argv))))
 
 
 def parser(prog: str = "python eval/runner.py") -> argparse.ArgumentParser:
@@ -57,7 +58,8 @@ def parser(prog: str = "python eval/runner.py") -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["fewshot", "chat"],
                    help="fewshot: the base model's few-shot prompts; chat: zero-shot ChatML (default fewshot)")
     p.add_argument("--backend", choices=list(BACKEND_OPTIONS), default="native",
-                   help="native engine, or plain transformers at batch 1 (the benchmark baseline)")
+                   help="native engine, or plain transformers batched as lm-evaluation-harness batches (the "
+                        "benchmark baseline; --batch-size 1: one request at a time, as the original scripts)")
     p.add_argument("--dynamic-ntk", action=argparse.BooleanOptionalAction, default=None,
                    help="override the checkpoint config's use_dynamic_ntk")
     p.add_argument("--logn", action=argparse.BooleanOptionalAction, default=None,
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
         print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: finished documents are saved; run the same command again to resume", file=sys.stderr)
         return 130
 
 
@@ -152,17 +154,30 @@ def run(config: RunConfig) -> int:
     if config.list_tasks:
         return list_tasks()
     if config.rescore:
+        if config.dry_run or config.task:
+            raise UserError(f"--rescore re-scores the saved run {config.rescore} as it was made: drop "
+                            + ("--dry-run" if config.dry_run else "--task"))
         return rescore_run(config)
     if not config.task:
         raise UserError("no task given: pass --task NAME (see --list-tasks)")
     check_flags(config)  # from here on, whatever can fail on user input fails before any weight loads
-    entries = expand(config.task, config.mode or "fewshot")
+    check_paths(config.model, config.tokenizer)
+    entries = expand(config.task, config.mode)
+    _refuse_unread_options(config, {e.task for e in entries})
     if any(get_task(e.task).executes_code for e in entries) and not config.dry_run:
         _require_code_execution(config)  # before any generation is spent
     groups = _plan_all(config, entries)
     if config.dry_run:
         return dry_run(config, groups)
     return evaluate(config, groups)
+
+
+def _refuse_unread_options(config: RunConfig, tasks: set[str]) -> None:
+    """A task option given on the command line that no task of this run reads is a mistake, not a no-op."""
+    for name, (option, readers) in task_options().items():
+        if name in config.task_options and not tasks & set(readers):
+            raise UserError(f"{option.flag_name} is an option of {', '.join(readers)}, which this run does not "
+                            f"include (--task {','.join(config.task)}): drop it")
 
 
 def list_tasks() -> int:
@@ -186,7 +201,8 @@ def dry_run(config: RunConfig, groups: dict) -> int:
     for group in groups.values():
         for job in group.jobs:
             path = write_dry_run(job.plan, overwrite=config.overwrite)
-            print(f"{job.plan.task.name} ({job.plan.mode}): {sum(map(len, job.plan.requests))} requests -> {path}")
+            n = sum(map(len, job.plan.requests))
+            print(f"{job.plan.task.name} ({job.plan.mode}): {counted(n, 'request')} -> {shown_path(path)}")
     return 0
 
 
@@ -277,6 +293,7 @@ def _describe_group(config: RunConfig, model_id: str | None, group: ModelGroup) 
         job.known = {**known, "model_name": job.model_name,
                      **task_identity(plan.task, plan.mode, plan.options, plan.data_manifest["files"], group.tok)}
         check_same_configuration(plan.run_dir, job.known, config.overwrite)
+        check_run_dir(plan.run_dir, config.overwrite)
 
 
 def _serve_group(config: RunConfig, model_id: str | None, group: ModelGroup, ranks) -> list[Job]:
@@ -288,7 +305,8 @@ def _serve_group(config: RunConfig, model_id: str | None, group: ModelGroup, ran
     for job in group.jobs:
         plan = job.plan
         plan.identity = {**loaded, **job.known}  # run.json checks the weights themselves once they are read
-        plan.timings.update(load=load, warmup=0.0)  # no backend warms up apart: kernels compile inside serve
+        if job is group.jobs[0]:  # the model loads once, for all of the group's runs: counted in the first
+            plan.timings.update(load=load, warmup=0.0)  # no backend warms up apart: kernels compile inside serve
         if plan.task.executes_code:  # how model-written code was confined on this machine
             from eval.sandbox import isolation_summary
 
@@ -314,7 +332,16 @@ def summary_line(plan, results) -> str:
         headline = f"{name} {value:.2f}" if isinstance(value, float) else f"{name} {value}"
     skipped = plan.data_manifest.get("skipped_rows") or []
     skips = f"; {len(skipped)} bad data rows skipped (listed in table.md)" if skipped else ""
-    return f"{plan.task.name} ({plan.mode}): {headline} on {results.n_done} documents{skips} -> {plan.run_dir}"
+    cut = sum(any(r.truncated for r in requests) for requests in plan.requests)
+    cuts = f"; {cut} truncated prompt{'' if cut == 1 else 's'} (see table.md)" if cut else ""
+    return (f"{plan.task.name} ({plan.mode}): {headline} on {counted(results.n_done, 'document')}{skips}{cuts} -> "
+            f"{shown_path(plan.run_dir)}")
+
+
+def shown_path(path) -> str:
+    """A path on one terminal line: one holding a newline or another control character is quoted, escaped."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
 
 
 def _last_words(config: RunConfig, jobs: list[Job]) -> None:
@@ -325,8 +352,44 @@ def _last_words(config: RunConfig, jobs: list[Job]) -> None:
         root = Path(config.output_dir)
         print(report.render_report(root, report.find_runs(root, sorted({j.model_name for j in jobs})),
                                    with_plots=False))
-    folders = sorted({str(j.plan.run_dir.parent) for j in jobs})
-    print(f"results written to {', '.join(folders)}/ ({', '.join(j.plan.run_dir.name for j in jobs)})")
+    for folder, runs in _by_folder(jobs).items():
+        summary = write_summary(folder, runs)
+        print(f"summary of this invocation's {counted(len(runs), 'run')}: {shown_path(summary)}")
+    folders = sorted({shown_path(j.plan.run_dir.parent) for j in jobs})
+    print(f"results written to {', '.join(folders)}/ ({', '.join(shown_path(j.plan.run_dir.name) for j in jobs)})")
+
+
+def _by_folder(jobs: list[Job]) -> dict[Path, list[Job]]:
+    folders: dict[Path, list[Job]] = {}
+    for job in jobs:
+        folders.setdefault(job.plan.run_dir.parent, []).append(job)
+    return folders
+
+
+def write_summary(folder: Path, jobs: list[Job]) -> Path:
+    """summary.json beside the run folders, as lm-evaluation-harness users expect its results JSON: each run of
+    the folder by name, its headline metrics with their standard errors; this invocation's runs replace theirs."""
+    path = folder / "summary.json"
+    runs = json.loads(path.read_text(encoding="utf-8")).get("runs", {}) if path.exists() else {}
+    for job in jobs:
+        results = read_results(job.plan.run_dir)
+        runs[job.plan.run_dir.name] = {"task": results.task, "mode": results.mode, "n": results.n_done,
+                                       "partial": results.partial, **headline_metrics(results)}
+    atomic_write(path, json.dumps({"model": jobs[0].model_name, "runs": dict(sorted(runs.items()))}, indent=2,
+                                  ensure_ascii=False, default=str) + "\n")
+    return path
+
+
+def headline_metrics(results) -> dict:
+    """The run's headline metrics; beside each one a table row shows with a standard error, `<metric>_stderr`."""
+    table = with_stderr(results.table)
+    errors = {row[2]: row[3] for row in table.rows if "stderr" in table.columns and row[3] != ""}
+    out = {}
+    for name, value in results.metrics.items():
+        out[name] = value
+        if isinstance(value, float) and value in errors:
+            out[f"{name}_stderr"] = errors[value]
+    return out
 
 
 def _run_task(run_dir: Path) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import published
+from .api import UserError
 from .registry import get_task
 
 
@@ -28,11 +29,17 @@ SUITES["all"] = (SUITES["qwen-7b-base"] + table_entries(published.LONG_PPL) + SU
                  + (Entry("tooluse", "chat"),))
 
 
-def expand(names: list[str], mode: str) -> list[Entry]:
-    """Suite names become their entries; a plain task name runs in `mode`. Repeats are dropped."""
+def expand(names: list[str], mode: str | None) -> list[Entry]:
+    """Suite names become their entries; a plain task name runs in `mode` (None: not given, fewshot). Repeats are
+    dropped. A suite sets its tasks' modes: a --mode it does not use is refused, as is an unknown name."""
     entries = []
     for name in names:
-        for entry in SUITES.get(name, (Entry(name, mode),)):
+        if name not in SUITES:
+            get_task(name, suites=SUITES)  # an unknown name: one line with the closest task or suite
+        elif mode is not None and {e.mode for e in SUITES[name]} != {mode}:
+            raise UserError(f"--mode {mode}: suite {name} sets each task's mode "
+                            f"({', '.join(sorted({e.mode for e in SUITES[name]}))}); drop --mode")
+        for entry in SUITES.get(name, (Entry(name, mode or "fewshot"),)):
             if entry not in entries:
                 entries.append(entry)
     return entries
