@@ -213,7 +213,8 @@ def evaluate(config: RunConfig, groups: dict) -> int:
     for model_id, group in groups.items():  # before any weights load
         refuse_unapplied_switches(config, model_id, [job.plan for job in group.jobs])
     _seed(config.seed)
-    ranks = distributed.setup(config, [job.plan for group in groups.values() for job in group.jobs])  # SINGLE: 1 process
+    plans = [job.plan for group in groups.values() for job in group.jobs]
+    ranks = distributed.setup(config, plans)  # SINGLE in one process
     load_config = distributed.backend_config(config, ranks)
     for model_id, group in groups.items():  # every model described, every run directory checked, then loads
         _describe_group(load_config, model_id, group)

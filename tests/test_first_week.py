@@ -17,8 +17,10 @@ from test_first_hour import base, error_of, no_weights, only_run_dir, replaced, 
 # ---- items 1, 2, 6, 10: one line and exit 2 before any weight loads ------------------------------------------
 @pytest.mark.parametrize("flags,message", [
     (["--task", "humaneval", "--timeout", "-3"], "--timeout -3: expected a number above 0"),  # 1
-    (["--task", "humaneval", "--temperature", "0.5", "--allow-code-execution"], "--temperature applies when sampling: add --samples N"),  # 2
-    (["--task", "humaneval", "--samples", "2", "--temperature", "-1", "--allow-code-execution"], "--temperature -1: expected a number above 0"),
+    (["--task", "humaneval", "--temperature", "0.5", "--allow-code-execution"],
+     "--temperature applies when sampling: add --samples N"),  # 2
+    (["--task", "humaneval", "--samples", "2", "--temperature", "-1", "--allow-code-execution"],
+     "--temperature -1: expected a number above 0"),
     (["--temperature", "0.5"], "--temperature is an option of humaneval, which this run does not include"),  # 2, 6
     (["--lengths", "64"], "--lengths is an option of long_ppl, which this run does not include"),  # 6
     (["--task", "qwen-7b-base", "--mode", "chat"], "--mode chat: suite qwen-7b-base sets each task's mode"),  # 6
@@ -40,7 +42,8 @@ def test_mistakes_are_one_line_before_any_weight(flags, message, base, capsys, n
 
 
 def test_dry_run_with_rescore_is_refused(tmp_path, capsys):  # 6
-    assert error_of(capsys, "--rescore", tmp_path, "--dry-run").startswith(f"--rescore re-scores the saved run {tmp_path}")
+    err = error_of(capsys, "--rescore", tmp_path, "--dry-run")
+    assert err.startswith(f"--rescore re-scores the saved run {tmp_path}")
 
 
 def test_model_paths_that_cannot_be_a_checkpoint(tiny_checkpoint, base, tmp_path, capsys, no_weights):  # 10
