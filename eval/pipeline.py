@@ -333,7 +333,7 @@ def tabulate(plan: Plan, saved: Saved, config: dict | None, previous: Results | 
         timings = {**previous.timings, **{k: round(previous.timings.get(k, 0.0) + v, 2) for k, v in spent.items()}}
     prompts = stable_hash(sorted(stable_hash([r.prompt for r in rs]) for rs in plan.requests))
     origin = {**provenance(plan.data_manifest, prompts), **plan.environment}
-    seconds = (previous.seconds if previous else 0.0) + (0.0 if rescoring else sum(timings.values()))
+    seconds = (previous.seconds if previous else 0.0) + (0.0 if rescoring else sum(spent.values()))
     if rescoring:  # the run's own provenance and timings stay; this re-scoring is added to them
         origin = {**previous.provenance, "rescored": origin}
         timings = {**previous.timings, "rescore": timings}
