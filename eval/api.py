@@ -160,6 +160,61 @@ class PerplexityScores:
     length: Callable[[dict], int]  # a record's sample length (cells are reported per length)
 
 
+@dataclass(frozen=True)
+class Option:
+    """A run option a task (or backend) reads, declared beside its code. The registry makes it a command-line
+    flag (`flag`, or --<name with dashes>) and checks its value before any weight loads; the task's runs record it
+    in their identity. default None: absent from the options unless given."""
+
+    name: str  # the key in the options dict
+    help: str
+    type: Callable[[str], Any] = str  # bool: a switch (--flag, no value)
+    default: Any = None
+    choices: tuple = ()
+    check: Callable[[Any], str | None] | None = None  # a value -> what is wrong with it, or None
+    flag: str = ""
+    metavar: str | None = None
+
+    @property
+    def flag_name(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        """The argparse destination (the flag's spelling, which may differ from the option's name)."""
+        return self.flag_name[2:].replace("-", "_")
+
+    def parse(self, raw: str) -> Any:
+        """A flag's text as the option's value, checked; a mistake is one line naming the flag."""
+        try:
+            value = self.type(raw)
+        except ValueError:
+            expected = {int: "an integer", float: "a number"}.get(self.type) or self.type.__doc__
+            raise UserError(f"{self.flag_name} {raw!r}: expected {expected}") from None
+        self.validate(value, raw)
+        return value
+
+    def validate(self, value: Any, shown: str | None = None) -> None:
+        why = self.check(value) if self.check and value is not None else None
+        if why:
+            raise UserError(f"{self.flag_name} {value if shown is None else shown}: {why}")
+
+
+def comma_integers(text: str) -> list[int]:
+    """comma-separated integers"""
+    return [int(x) for x in text.split(",")]
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 document', '2 documents'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def positive(value) -> str | None:
+    """An Option check: numbers above zero."""
+    return None if value > 0 else "expected a number above 0"
+
+
 class Task:
     """Everything the harness asks of a benchmark; runner, pipeline, compare, report and plots name no task.
 
@@ -174,7 +229,23 @@ class Task:
     executes_code = False  # runs model-written code: needs the opt-in; its runs record the sandbox's isolation
     timed = False  # each request served alone and timed (profile): never batched, never under torchrun
     sets_switches = False  # sets the model switches per request (long_ppl): --window-attn is an option, not a run
-    option_names: tuple[str, ...] = ()  # the run options it reads: only these are part of its runs' identity
+    option_names: tuple[str, ...] = ()  # the general run settings it reads (verbatim_csv, window_attn)
+    options: tuple[Option, ...] = ()  # its own options: command-line flags, part of its runs' identity
+    unrecorded_fields: tuple[str, ...] = ()  # document fields its records leave out (a prefix every record repeats)
+    published_options: dict[str, dict] = {}  # "<size> <mode>" -> the option values its published number used (suites)
+
+    def check_options(self, options: dict, mode: str) -> dict:
+        """The options a run records, from its own options' values (defaults filled in); a task whose options
+        depend on each other checks them here, raising a UserError that names the flags."""
+        return options
+
+    def serve(self, backend: Any, requests: list, on_done=None) -> list:
+        """Answer the requests (a mixed list) batched; a task that must be served otherwise overrides this."""
+        return serve(backend, requests, on_done)
+
+    def record_fields(self, doc: Doc) -> dict:
+        """The document's fields saved in its record: all but `unrecorded_fields`."""
+        return {key: value for key, value in doc.data.items() if key not in self.unrecorded_fields}
 
     def bind(self, data: Any, tok: Any, options: dict) -> "Task":
         """This task over one data directory and tokenizer, for tasks whose documents depend on them."""

@@ -124,22 +124,33 @@ def _mapped(on_done: OnDone, convert):
     return lambda done: on_done([(i, convert(i, r)) for i, r in done])
 
 
-def refuse_unapplied_switches(args, model_id: str, plans) -> None:
+def make_backend(config, native, tok):
+    """The backend `config.backend` names, over the loaded native model, with its options
+    (eval.run_config.BACKEND_OPTIONS)."""
+    options = config.backend_options
+    kw = dict(batch_size=config.batch_size, progress=not config.no_progress)
+    if config.backend == "hf":
+        return HFBackend.from_native(native, tok, device_map=options["device_map"], **kw)
+    return NativeBackend(native, tok, kernels=options["kernels"], prefix_reuse=not options["no_prefix_reuse"],
+                         fixed_new_tokens=options["fixed_new_tokens"], **kw)
+
+
+def refuse_unapplied_switches(config, model_id: str, plans) -> None:
     """--backend hf runs transformers' Qwen2, which has no dynamic NTK, LogN or attention windows: refuse,
     before any weights load, a run that would need one (its run.json would record a switch never applied)."""
-    if args.backend != "hf":
+    if config.backend != "hf":
         return
     for plan in plans:
         if any(getattr(r, "switches", ()) for requests in plan.requests for r in requests):
             raise UserError(f"--task {plan.task.name} switches dynamic NTK / LogN / windows per row, which "
                             "transformers' Qwen2 lacks: use --backend native")
-    if args.window_attn and args.window_attn.strip().lower() not in ("none", "off"):
-        raise UserError(f"--window-attn {args.window_attn}: transformers' Qwen2 (--backend hf) has no attention "
+    if config.window_attn and config.window_attn.strip().lower() not in ("none", "off"):
+        raise UserError(f"--window-attn {config.window_attn}: transformers' Qwen2 (--backend hf) has no attention "
                         "windows; drop the flag or use --backend native")
-    config = _config_args(model_id) if None in (args.dynamic_ntk, args.logn) else None
-    switches = (("dynamic-ntk", "use_dynamic_ntk", args.dynamic_ntk), ("logn", "use_logn_attn", args.logn))
+    checkpoint = _config_args(model_id) if None in (config.dynamic_ntk, config.logn) else None
+    switches = (("dynamic-ntk", "use_dynamic_ntk", config.dynamic_ntk), ("logn", "use_logn_attn", config.logn))
     on = [f"--{flag}" if given else f"config.json {key}=true"
-          for flag, key, given in switches if (given if given is not None else getattr(config, key))]
+          for flag, key, given in switches if (given if given is not None else getattr(checkpoint, key))]
     if on:
         raise UserError(f"--backend hf runs transformers' Qwen2, which has no dynamic NTK or LogN; this run turns "
                         f"them on ({' and '.join(on)}): pass --no-dynamic-ntk --no-logn to evaluate without them, "

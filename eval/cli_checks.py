@@ -10,16 +10,17 @@ import tempfile
 from pathlib import Path
 
 from .api import UserError
-from .results import merged_identity, read_info
+from .results import RunStore, merged_identity, read_info, read_samples
 
 DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?")
 WINDOW_PART = re.compile(r"(?:(\d+)x)?(\d+)")
 
 
 def did_you_mean(name: str, known) -> str:
-    """'; did you mean 'x'?' for the closest known name, or ''."""
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    """'; did you mean 'x'?' for the closest known name (case and dashes aside), or ''."""
+    folded = {k.lower().replace("-", ""): k for k in known}
+    close = difflib.get_close_matches(name.lower().replace("-", ""), list(folded), n=1)
+    return f"; did you mean {folded[close[0]]!r}?" if close else ""
 
 
 def positive_int(flag: str, value: int | None) -> None:
@@ -90,21 +91,47 @@ def check_same_configuration(run_dir: Path, known: dict, overwrite: bool) -> Non
     merged_identity({key: saved[key] for key in known if key in saved}, known, run_dir)
 
 
-def check_flags(args) -> None:
-    """Every check that needs only the parsed command line."""
-    for flag in ("limit", "batch_size", "samples"):
-        positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag, None))
-    check_device(args.device)
-    check_window_attn(args.window_attn)
-    if args.device_map and args.backend != "hf":
-        raise UserError("--device-map spreads a transformers model over GPUs: use it with --backend hf")
-    if (args.backend == "api") != bool(args.base_url):  # --backend api (eval/endpoint.py)
-        raise UserError("--backend api needs --base-url URL" if args.base_url is None
-                        else f"--base-url {args.base_url}: only for --backend api")
-    positive_int("--concurrency", args.concurrency)
-    if args.backend == "api":
+def check_flags(config) -> None:
+    """Every check of the general settings that needs only the run configuration (options were checked as read)."""
+    for flag in ("limit", "batch_size"):
+        positive_int(f"--{flag.replace('_', '-')}", getattr(config, flag))
+    check_device(config.device)
+    check_window_attn(config.window_attn)
+    if config.backend == "api":  # a served model (eval/endpoint.py)
+        if not config.backend_options.get("base_url"):
+            raise UserError("--backend api needs --base-url URL")
         for flag in ("dynamic_ntk", "logn", "window_attn"):
-            if getattr(args, flag) is not None:
+            if getattr(config, flag) is not None:
                 raise UserError(f"--{flag.replace('_', '-')}: a served model's positions are set by its server; "
                                 "drop the flag with --backend api")
-    check_writable("--output-dir", Path(args.output_dir))
+    check_writable("--output-dir", Path(config.output_dir))
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Before the weights load: no other process writes the run directory, and its saved records can be read."""
+    if not run_dir.is_dir():
+        return
+    RunStore(run_dir).close()  # another writer holds the lock: one line naming its pid
+    if not overwrite:
+        read_samples(run_dir / "samples.jsonl")  # a corrupt record in the middle: one line naming its line
+
+
+def check_paths(model: str | None, tokenizer: str | None) -> None:
+    """A local --tokenizer that is not there, or a --model that cannot be a checkpoint folder: said first."""
+    if tokenizer and _local(tokenizer) and not Path(tokenizer).expanduser().exists():
+        raise UserError(f"--tokenizer {tokenizer}: no such file or folder")  # (a missing --model: the loader says)
+    if not model:
+        return
+    path = Path(model).expanduser()
+    if path.is_file():
+        raise UserError(f"--model {model}: a file; pass the checkpoint folder that holds it and config.json "
+                        f"({path.parent})")
+    packed = sorted(path.glob("*.safetensors.gz")) if path.is_dir() else []
+    if packed and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise UserError(f"--model {model}: holds only {packed[0].name}; unpack it first: "
+                        f"gunzip -c {packed[0]} > {packed[0].with_suffix('')}")
+
+
+def _local(value: str) -> bool:
+    """A path, not a hub id: absolute, ~ or ./ relative, or under a folder that exists here (scratch/missing)."""
+    return value.startswith(("/", "~", ".")) or Path(value).expanduser().parent.is_dir() and "/" in value

@@ -18,7 +18,6 @@ Only Python objects cross process boundaries, so the process group is gloo on CP
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -137,23 +136,21 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_launch(args) -> None:
-    if world_size() > 1 and (args.dry_run or args.rescore):
+def check_launch(config) -> None:
+    if world_size() > 1 and (config.dry_run or config.rescore):
         raise UserError("--dry-run and --rescore run in one process: start them with python, not torchrun")
-    tp = args.tensor_parallel
-    if tp < 1:
-        raise UserError(f"--tensor-parallel {tp}: needs a number of processes of at least 1")
+    tp = config.backend_options.get("tensor_parallel", 1)  # at least 1: checked as read
     if world_size() % tp:
         raise UserError(f"--tensor-parallel {tp} needs a multiple of {tp} processes: torchrun --nproc-per-node "
                         f"{tp} eval/runner.py ... (found {world_size()})")
-    if tp > 1 and args.backend != "native":
+    if tp > 1 and config.backend != "native":
         raise UserError(f"--tensor-parallel {tp} splits the native model: use --backend native")
 
 
-def setup(args, plans) -> Ranks:
+def setup(config, plans) -> Ranks:
     """Join torchrun's process group; SINGLE in a single process (WORLD_SIZE unset or 1). With
     --tensor-parallel N, the ranks returned are the data-parallel ones (world / N model copies)."""
-    tp = getattr(args, "tensor_parallel", 1)
+    tp = config.backend_options.get("tensor_parallel", 1)
     if world_size() <= 1:
         return SINGLE
     timed = [p.task.name for p in plans if p.task.timed]
@@ -163,7 +160,7 @@ def setup(args, plans) -> Ranks:
     import torch.distributed as dist
 
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = args.device
+    device = config.device
     if device in ("auto", "cuda") and torch.cuda.is_available():
         device = f"cuda:{local}"
         torch.cuda.set_device(local)
@@ -185,12 +182,11 @@ def setup(args, plans) -> Ranks:
     return ranks
 
 
-def backend_args(args, ranks: Ranks):
-    """The arguments `_backend` loads the model with: this rank's device, a progress bar on rank 0 only."""
+def backend_config(config, ranks: Ranks):
+    """The run configuration this rank loads the model with: its own device, a progress bar on rank 0 only."""
     if ranks.world == 1:
-        return args
-    quiet = args.no_progress or ranks.global_rank > 0
-    return argparse.Namespace(**{**vars(args), "device": ranks.device, "no_progress": quiet, "tp_group": ranks.tp})
+        return config
+    return replace(config, device=ranks.device, no_progress=config.no_progress or ranks.global_rank > 0)
 
 
 def close(ranks: Ranks) -> None:

@@ -157,27 +157,29 @@ class Endpoint:
         return {"model": None, "engine": "api"}  # the weights are the server's: not fingerprinted
 
 
-def connect(args, *, backoff: float = BACKOFF) -> Endpoint:
+def connect(options: dict, *, backoff: float = BACKOFF) -> Endpoint:
     """Reach the endpoint, check the key, pick the served model and ask what it returns: every failure is
-    one line naming the flag at fault, before any work is planned."""
+    one line naming the flag at fault, before any work is planned. options: the run's api backend options
+    (run_config.BACKEND_OPTIONS["api"])."""
+    base_url, api_model, key_env = options["base_url"], options["api_model"], options["api_key_env"]
     key = None
-    if args.api_key_env:
-        key = os.environ.get(args.api_key_env)
+    if key_env:
+        key = os.environ.get(key_env)
         if not key:
-            raise UserError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
-    check = Client(args.base_url, key, retries=1, backoff=0, read_timeout=30)  # fail fast: nothing is planned yet
+            raise UserError(f"--api-key-env {key_env}: that environment variable is not set")
+    check = Client(base_url, key, retries=1, backoff=0, read_timeout=30)  # fail fast: nothing is planned yet
     listed = check.get("models").get("data") or []
     names = [m.get("id") for m in listed if isinstance(m, dict)]
-    if args.api_model and args.api_model not in names:
-        raise UserError(f"--api-model {args.api_model}: not served by {args.base_url} (it serves "
-                        f"{', '.join(map(str, names)) or 'nothing'}){did_you_mean(args.api_model, names)}")
-    if not args.api_model and len(names) != 1:
-        raise UserError(f"--base-url {args.base_url} serves {len(names)} models ({', '.join(map(str, names))}): "
+    if api_model and api_model not in names:
+        raise UserError(f"--api-model {api_model}: not served by {base_url} (it serves "
+                        f"{', '.join(map(str, names)) or 'nothing'}){did_you_mean(api_model, names)}")
+    if not api_model and len(names) != 1:
+        raise UserError(f"--base-url {base_url} serves {len(names)} models ({', '.join(map(str, names))}): "
                         "pass --api-model NAME")
-    model = args.api_model or names[0]
+    model = api_model or names[0]
     entry = next(m for m in listed if m.get("id") == model)
-    client = Client(args.base_url, key, connections=args.concurrency, backoff=backoff)
-    return Endpoint(client, model, stable_fields(entry), probe(client, model), args.concurrency)
+    client = Client(base_url, key, connections=options["concurrency"], backoff=backoff)
+    return Endpoint(client, model, stable_fields(entry), probe(client, model), options["concurrency"])
 
 
 def stable_fields(entry: dict) -> dict:

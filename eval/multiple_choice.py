@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from thefuzz import process
 
-from .api import AccuracyScores, ChoiceRequest, Doc, Scores, Table, Task, UserError, chat_request, shared_prefix_length
+from .api import (AccuracyScores, ChoiceRequest, Doc, Option, Scores, Table, Task, UserError, chat_request,
+                  shared_prefix_length)
 from .data import DataSource, csv_record_lines
 from .metrics import average
 
@@ -26,6 +27,7 @@ class MultipleChoiceTask(Task):
     choice_strings: tuple[str, ...]  # tokenized for the choice ids
     max_prompt_tokens: int | None = None  # MMLU: longer prompts keep their last max-1 tokens
     modes = ("fewshot", "chat")
+    unrecorded_fields = ("fewshot",)  # the subject's few-shot prefix, the same in every record
     n_shots = 5
     option_names = ("verbatim_csv",)
 
@@ -249,7 +251,9 @@ class ChineseMultipleChoice(MultipleChoiceTask):
     """C-Eval and CMMLU share the 问题/答案 prompt, the letter ids and the chat extraction."""
 
     averaging = "macro"
-    option_names = ("verbatim_csv", "ceval_chat_rules")
+    option_names = ("verbatim_csv",)
+    options = (Option("ceval_chat_rules", "version of the chat C-Eval/CMMLU extraction regexes (default 2023-08-25)",
+                      default="2023-08-25", choices=tuple(CHAT_RULES)),)
     choice_strings = ("A", "B", "C", "D")  # the prompt ends in "答案：" (its own token); shots answer "A"
 
     def fewshot_prefix(self, subject: str, shots: list[dict]) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import api
-from .api import Doc, Request, UserError, serve, stable_hash
+from .api import Doc, Request, UserError, counted, stable_hash
 from .cli_checks import check_subjects
 from .distributed import SINGLE, Ranks, assign, doc_cost, log_to
 from .stats import with_stderr
@@ -36,6 +36,7 @@ class Plan:
     data_manifest: dict = field(default_factory=dict)  # only this task's files
     timings: dict = field(default_factory=dict)  # seconds: load, plan (filled by the runner), then the rest
     environment: dict = field(default_factory=dict)  # added to the provenance (e.g. the sandbox's isolation)
+    earlier_selection: list[str] = field(default_factory=list)  # the documents the saved table was made of
 
     @property
     def title(self) -> str:
@@ -45,7 +46,8 @@ class Plan:
 def plan_task(task, mode: str, data, tok, *, subjects=None, limit=None, options=None, run_dir: Path) -> Plan:
     if mode not in task.modes:
         raise UserError(f"task {task.name} has no {mode!r} mode (modes: {', '.join(task.modes)})")
-    options = {k: v for k, v in (options or {}).items() if k in task.option_names}  # only what this task reads
+    reads = {*task.option_names, *(option.name for option in task.options)}
+    options = {k: v for k, v in (options or {}).items() if k in reads}  # only what this task reads
     data = dataclasses.replace(data, files={}, skipped=[])  # this task's own files and skipped rows
     task = task.bind(data, tok, options)  # tasks whose documents depend on the data dir and tokenizer (long_ppl)
     if subjects:
@@ -113,6 +115,8 @@ def execute(plan: Plan, backend, ranks: Ranks = SINGLE, *, overwrite: bool = Fal
     try:
         saved = None
         if store is not None:
+            earlier = [] if overwrite or not (plan.run_dir / "run.json").exists() else read_info(plan.run_dir).planned
+            plan.earlier_selection = earlier
             saved = store.claim(plan.identity, [d.doc_id for d in plan.docs], overwrite)
             _check_saved(saved, hashes, store)
         return _execute(plan, backend, ranks, store, saved, hashes, config, log)
@@ -178,7 +182,8 @@ def _share(plan: Plan, ranks: Ranks, done: set, log) -> list[int]:
     """This rank's documents (indices into plan.docs) among those not saved yet."""
     todo = [k for k, doc in enumerate(plan.docs) if doc.doc_id not in done]
     if len(todo) < len(plan.docs) and todo:
-        log(f"{plan.task.name}: resuming, {len(plan.docs) - len(todo)} of {len(plan.docs)} documents already done")
+        log(f"{plan.task.name}: resuming, {len(plan.docs) - len(todo)} of {counted(len(plan.docs), 'document')} "
+            f"already done")
     if ranks.world == 1:
         return todo
     mine = [todo[i] for i in assign([doc_cost(plan.requests[k]) for k in todo], ranks.world)[ranks.rank]]
@@ -195,8 +200,23 @@ def serve_docs(plan: Plan, backend, todo: list[int], hashes: dict, answered: dic
                    else None for j in range(len(plan.requests[k]))] for k in todo}
     flat = [(k, j) for k in todo for j in range(len(plan.requests[k])) if pending[k][j] is None]
     ready = [k for k in todo if all(r is not None for r in pending[k])]  # every response saved, no record yet
+
+    def save(ks: list[int], waiting: list[Part]) -> None:
+        """Save `waiting` and the records of documents `ks`, whose responses are all in. Should scoring fail, their
+        responses are saved instead (as parts), so that no generation is lost: a rerun scores them, no model work."""
+        responses = {k: pending.pop(k) for k in ks}
+        try:
+            made = [make_record(plan, k, responses[k], hashes) for k in ks]
+        except Exception as err:
+            on_items([*waiting, *(Part(plan.docs[k].doc_id, j, hashes[plan.docs[k].doc_id], response_to_json(r))
+                                  for k in ks for j, r in enumerate(responses[k]))])
+            err.add_note(f"{plan.task.name}: scoring failed; every response is saved in {plan.run_dir}: "
+                         f"run the same command again to score them without generating anew")
+            raise
+        on_items([*waiting, *made])
+
     if ready:
-        on_items([make_record(plan, k, pending.pop(k), hashes) for k in ready])
+        save(ready, [])
 
     def on_done(done):
         finished, parts = [], []
@@ -209,13 +229,9 @@ def serve_docs(plan: Plan, backend, todo: list[int], hashes: dict, answered: dic
                 finished.append(k)
         waiting = [Part(plan.docs[k].doc_id, j, hashes[plan.docs[k].doc_id], response_to_json(pending[k][j]))
                    for k, j in parts if k not in finished]
-        on_items(waiting + [make_record(plan, k, pending.pop(k), hashes) for k in finished])
+        save(finished, waiting)
 
-    if plan.task.timed:  # timed one request at a time (the profile task)
-        from .backends import profile as answer
-    else:
-        answer = serve
-    answer(backend, [plan.requests[k][j] for k, j in flat], on_done)
+    plan.task.serve(backend, [plan.requests[k][j] for k, j in flat], on_done)
 
 
 def _check_saved(saved: Saved, hashes: dict, store: RunStore) -> None:
@@ -241,7 +257,7 @@ def make_record(plan: Plan, k: int, responses: list, hashes: dict) -> Record:
     scores = plan.task.score(doc, responses, plan.mode, plan.options)
     plan.timings["score"] = plan.timings.get("score", 0.0) + time.time() - started
     return Record(doc.doc_id, doc.subject, hashes[doc.doc_id], len(requests[0].tokens),
-                  any(r.truncated for r in requests), {key: v for key, v in doc.data.items() if key != "fewshot"},
+                  any(r.truncated for r in requests), plan.task.record_fields(doc),
                   [response_to_json(r) for r in responses], scores)
 
 
@@ -261,40 +277,91 @@ def rederive(plan: Plan, saved: Saved, fresh: list[Record]) -> None:
 
 def finish(plan: Plan, store: RunStore, saved: Saved, fresh: list[Record], *, config: dict | None,
            served: float, rescoring: Results | None = None) -> Results:
-    """Recompute the tables from every saved record of the plan's documents, and write the run.
+    """Recompute the tables from every saved record of the plan's documents, write the run, show its table.
 
     `rescoring`: the results being re-scored, whose configuration, provenance and time are kept."""
     started = time.time()
     rederive(plan, saved, fresh)
+    plan.timings["serve"] = max(0.0, served - plan.timings.get("score", 0.0))
+    previous = rescoring or read_results(plan.run_dir)
+    plan.timings["write"] = time.time() - started
+    tabulated = tabulate(plan, saved, config, previous, rescoring=rescoring is not None)
+    if rescoring is None and _narrower(plan, saved, previous):
+        store.write_info(RunInfo(read_info(plan.run_dir).identity, plan.earlier_selection))
+        show(plan, tabulated)
+        print(f"{plan.task.name}: {plan.run_dir} keeps the table of its larger selection "
+              f"({counted(previous.n_docs, 'document')}); this selection's table above is not saved")
+        return tabulated.results
+    write(store, tabulated)
+    show(plan, tabulated)
+    return tabulated.results
+
+
+def _narrower(plan: Plan, saved: Saved, previous: Results | None) -> bool:
+    """Whether the run's saved whole table covers every document of this selection and more (a smaller --limit):
+    then the files keep the larger table rather than being replaced by this one."""
+    earlier = set(plan.earlier_selection)
+    planned = {d.doc_id for d in plan.docs}
+    return (previous is not None and not previous.partial and len(earlier) > len(planned) and planned <= earlier
+            and earlier <= set(saved.records))
+
+
+@dataclass
+class Tabulated:
+    """A run's files as computed from its records, before anything is written."""
+
+    results: Results
+    title: str
+    notes: list[str]
+    items: list  # samples.jsonl in canonical order: it then does not depend on batching or resumes
+    spent: dict  # this invocation's seconds
+
+
+def tabulate(plan: Plan, saved: Saved, config: dict | None, previous: Results | None, *,
+             rescoring: bool = False) -> Tabulated:
+    """The run's results, table and canonical records from the saved records (pure: nothing is read or written)."""
     done_docs = [d for d in plan.docs if d.doc_id in saved.records]
     planned = {d.doc_id for d in plan.docs}
     others = [r for r in saved.records.values() if r.doc_id not in planned]  # another selection's: kept
     records = [saved.records[d.doc_id] for d in done_docs]
     parts = [p for p in saved.parts.values() if p.doc_id not in saved.records]
-    store.rewrite([*records, *others, *parts])  # canonical order: the file does not depend on batching or resumes
     scores = plan.task.aggregate(done_docs, [r.flat() for r in records], plan.mode, plan.options)
     partial = len(done_docs) < len(plan.docs)
     title = plan.title + (f" — PARTIAL: {len(done_docs)} of {len(plan.docs)} documents" if partial else "")
-    plan.timings["serve"] = max(0.0, served - plan.timings.get("score", 0.0))
-    timings = {k: round(v, 2) for k, v in plan.timings.items()}
-    timings["write"] = round(time.time() - started, 2)
-    spent = dict(timings)
+    timings = spent = {k: round(v, 2) for k, v in plan.timings.items()}
+    if previous and not rescoring:  # a resumed run: the seconds of every invocation, as `seconds` sums them
+        timings = {**previous.timings, **{k: round(previous.timings.get(k, 0.0) + v, 2) for k, v in spent.items()}}
     prompts = stable_hash(sorted(stable_hash([r.prompt for r in rs]) for rs in plan.requests))
     origin = {**provenance(plan.data_manifest, prompts), **plan.environment}
-    previous = rescoring or read_results(plan.run_dir)
-    seconds = (previous.seconds if previous else 0.0) + (0.0 if rescoring else sum(timings.values()))
+    seconds = (previous.seconds if previous else 0.0) + (0.0 if rescoring else sum(spent.values()))
     if rescoring:  # the run's own provenance and timings stay; this re-scoring is added to them
-        origin = {**rescoring.provenance, "rescored": origin}
-        timings = {**rescoring.timings, "rescore": timings}
-        config = rescoring.config
+        origin = {**previous.provenance, "rescored": origin}
+        timings = {**previous.timings, "rescore": timings}
+        config = previous.config
     results = Results(plan.task.name, plan.mode, scores.metrics, partial, len(plan.docs), len(done_docs),
                       scores.table, scores.extra, plan.identity, config or {}, plan.options, origin, round(seconds, 2),
                       timings)
-    notes = skipped_rows_notes(plan.data_manifest.get("skipped_rows") or [])
-    store.finish(results, title, notes)
-    print(render_markdown(with_stderr(scores.table), title, notes))
-    print(f"{plan.task.name}: seconds " + ", ".join(f"{k} {v:g}" for k, v in spent.items()))
-    return results
+    notes = skipped_rows_notes(plan.data_manifest.get("skipped_rows") or []) + truncated_notes(records)
+    return Tabulated(results, title, notes, [*records, *others, *parts], spent)
+
+
+def write(store: RunStore, tabulated: Tabulated) -> None:
+    store.rewrite(tabulated.items)
+    store.finish(tabulated.results, tabulated.title, tabulated.notes)
+
+
+def show(plan: Plan, tabulated: Tabulated) -> None:
+    print(render_markdown(with_stderr(tabulated.results.table), tabulated.title, tabulated.notes))
+    print(f"{plan.task.name}: seconds " + ", ".join(f"{k} {v:g}" for k, v in tabulated.spent.items()))
+
+
+def truncated_notes(records: list[Record]) -> list[str]:
+    """A line under the table when prompts were cut to fit the model's context (their scores are of less text)."""
+    cut = sum(r.truncated for r in records)
+    if not cut:
+        return []
+    return [f"{cut} of {counted(len(records), 'document')} had a prompt cut to fit the model's context "
+            f"(truncated: true in samples.jsonl)"]
 
 
 def skipped_rows_notes(skipped: list[str], shown: int = 10) -> list[str]:

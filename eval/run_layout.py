@@ -31,19 +31,19 @@ def dtype_name(dtype) -> str:
     return DTYPE_NAMES.get(str(dtype), str(dtype).removeprefix("torch."))
 
 
-def run_folder(task: str, mode: str, args, *, window_in_name: bool = True, dtype: str | None = None) -> str:
-    """<task>-<mode>, then a part for each switch given on the command line, a non-native backend and the
+def run_folder(task: str, mode: str, config, *, window_in_name: bool = True, dtype: str | None = None) -> str:
+    """<task>-<mode>, then a part for each switch the run configuration gives, a non-native backend and the
     dtype (none for a dry run, which loads no weights). `window_in_name` is False for a task that sets the
     window per request (long_ppl: --window-attn is one of its options, recorded in run.json)."""
     parts = [task, mode]
-    if args.dynamic_ntk is not None:
-        parts.append(f"ntk_{'on' if args.dynamic_ntk else 'off'}")
-    if args.logn is not None:
-        parts.append(f"logn_{'on' if args.logn else 'off'}")
-    if args.window_attn and window_in_name:
-        parts.append("win_" + window_part(args.window_attn))
-    if args.backend != "native":
-        parts.append(args.backend)
+    if config.dynamic_ntk is not None:
+        parts.append(f"ntk_{'on' if config.dynamic_ntk else 'off'}")
+    if config.logn is not None:
+        parts.append(f"logn_{'on' if config.logn else 'off'}")
+    if config.window_attn and window_in_name:
+        parts.append("win_" + window_part(config.window_attn))
+    if config.backend != "native":
+        parts.append(config.backend)
     if dtype:
         parts.append(dtype)
     return "-".join(parts)

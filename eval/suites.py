@@ -5,30 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import published
+from .api import UserError
+from .registry import get_task
 
 
 @dataclass(frozen=True)
 class Entry:
     task: str
     mode: str
-    flags: dict = field(default_factory=dict, compare=False)  # runner flags (argparse dest) set for this run
+    flags: dict = field(default_factory=dict, compare=False)  # task options (by name) set for this run
     model: str = field(default="", compare=False)  # the hub id run without --model ("": the mode's default)
 
 
-# Where the published number used other scoring than the runner's default, by (table's model, task, mode):
-# published.CHAT's note; the family's chat numbers (November 2023) used the default rules, and the tool-use
-# rows the data version they name.
-PUBLISHED_FLAGS = {("Qwen-7B-Chat", "ceval", "chat"): {"ceval_chat_rules": "2023-08-03"}}
-FAMILY_FLAGS = {"tooluse": {"tooluse_version": "v20231206"}}
-
-
 def table_entries(table: published.Table) -> tuple[Entry, ...]:
-    """One entry per task measured in the table (rows of another model, e.g. Int4, excluded)."""
+    """One entry per task measured in the table (rows of another model, e.g. Int4, excluded); each runs with the
+    options its task says the published number used (Task.published_options)."""
     tasks = dict.fromkeys(row.task for row in table.rows if row.task and not row.model)
-    flags = FAMILY_FLAGS if table.size != "7B" else {}
     model = f"Qwen/{table.model}" if table.size != "7B" else ""
-    return tuple(Entry(task, table.mode, PUBLISHED_FLAGS.get((table.model, task, table.mode), flags.get(task, {})),
-                       model) for task in tasks)
+    return tuple(Entry(task, table.mode, get_task(task).published_options.get(f"{table.size} {table.mode}", {}), model)
+                 for task in tasks)
 
 
 SUITES = {"qwen-7b-base": table_entries(published.BASE), "qwen-7b-chat": table_entries(published.CHAT)}
@@ -40,11 +35,17 @@ SUITES["all"] = (SUITES["qwen-7b-base"] + table_entries(published.LONG_PPL) + SU
                  + (Entry("tooluse", "chat"),))
 
 
-def expand(names: list[str], mode: str) -> list[Entry]:
-    """Suite names become their entries; a plain task name runs in `mode`. Repeats are dropped."""
+def expand(names: list[str], mode: str | None) -> list[Entry]:
+    """Suite names become their entries; a plain task name runs in `mode` (None: not given, fewshot). Repeats are
+    dropped. A suite sets its tasks' modes: a --mode it does not use is refused, as is an unknown name."""
     entries = []
     for name in names:
-        for entry in SUITES.get(name, (Entry(name, mode),)):
+        if name not in SUITES:
+            get_task(name, suites=SUITES)  # an unknown name: one line with the closest task or suite
+        elif mode is not None and {e.mode for e in SUITES[name]} != {mode}:
+            raise UserError(f"--mode {mode}: suite {name} sets each task's mode "
+                            f"({', '.join(sorted({e.mode for e in SUITES[name]}))}); drop --mode")
+        for entry in SUITES.get(name, (Entry(name, mode or "fewshot"),)):
             if entry not in entries:
                 entries.append(entry)
     return entries

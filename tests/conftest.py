@@ -39,7 +39,10 @@ def mode(request, monkeypatch) -> str:
     return request.param
 
 
-SLOW_FIXTURES = {"tiny_checkpoint"}  # a checkpoint on disk means the CLI end to end (model loads, runs, resumes)
+# A checkpoint on disk means the CLI end to end (model loads, runs, resumes); allow_execution runs HumanEval
+# programs in the sandbox, a few processes per program.
+SLOW_FIXTURES = {"tiny_checkpoint", "allow_execution"}
+SLOW_MODULES = {"test_sandbox", "test_sandbox_hostile"}  # every test starts sandboxed processes
 # Several seconds each on 2 CPU cores (whole-benchmark sandbox runs, a model converted twice).
 SLOW_TESTS = {"test_all_canonical_solutions_pass", "test_parallel_results_equal_sequential_ones",
               "test_logits_equal_the_dequantized_fp32_model",
@@ -49,5 +52,6 @@ SLOW_TESTS = {"test_all_canonical_solutions_pass", "test_parallel_results_equal_
 def pytest_collection_modifyitems(items):
     """`-m "not slow"`: the quick subset. End-to-end runs are marked here, by the fixtures they use or by name."""
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.originalname in SLOW_TESTS:
+        if (SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.originalname in SLOW_TESTS
+                or item.module.__name__ in SLOW_MODULES):
             item.add_marker(pytest.mark.slow)

@@ -1,5 +1,5 @@
 """Command-line checks that run before any weight loads: each names the flag and the value at fault."""
-import argparse
+import dataclasses
 import json
 import os
 
@@ -8,6 +8,8 @@ import torch
 
 from eval import cli_checks
 from eval.api import UserError
+from eval.run_config import RunConfig
+from eval.runner import parse_config
 
 
 @pytest.mark.parametrize("flag,value", [("--limit", 0), ("--limit", -1), ("--batch-size", 0), ("--batch-size", -3)])
@@ -77,10 +79,11 @@ def test_a_run_directory_keeps_one_configuration(tmp_path):
 
 
 def test_check_flags_runs_them_all(tmp_path):
-    args = argparse.Namespace(limit=2, batch_size=None, samples=1, device="cpu", window_attn=None, device_map=None,
-                              backend="native", output_dir=str(tmp_path), base_url=None, concurrency=8)
-    cli_checks.check_flags(args)
+    config = RunConfig(limit=2, device="cpu", output_dir=str(tmp_path))
+    cli_checks.check_flags(config)
+    with pytest.raises(UserError, match="^--limit 0"):
+        cli_checks.check_flags(dataclasses.replace(config, limit=0))
     with pytest.raises(UserError, match="^--device-map .* --backend hf"):
-        cli_checks.check_flags(argparse.Namespace(**{**vars(args), "device_map": "auto"}))
+        parse_config(["--device-map", "auto"])
     with pytest.raises(UserError, match="^--samples 0"):
-        cli_checks.check_flags(argparse.Namespace(**{**vars(args), "samples": 0}))
+        parse_config(["--samples", "0"])

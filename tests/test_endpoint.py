@@ -2,7 +2,6 @@
 serves a model through the native engine: the api backend must give the native backend's answers."""
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
@@ -44,8 +43,9 @@ def served(tok) -> ServedModel:
     return ServedModel(tiny_model(seed=3), tok, "tiny-random")
 
 
-def endpoint_args(url: str, **kw) -> argparse.Namespace:
-    return argparse.Namespace(**{"base_url": url, "api_model": None, "api_key_env": None, "concurrency": 4, **kw})
+def endpoint_args(url: str, **kw) -> dict:
+    """The api backend's options as a run configuration holds them."""
+    return {"base_url": url, "api_model": None, "api_key_env": None, "concurrency": 4, **kw}
 
 
 def requests_of_each_kind(tok) -> dict[str, list]:

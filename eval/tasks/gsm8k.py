@@ -162,6 +162,7 @@ class GSM8K(Task):
     """GSM8K: grade-school math, chain of thought (base 8-shot; chat 0-shot and 4-shot)."""
 
     name, version, modes = "gsm8k", "qwen-2023-08", ("fewshot", "chat")
+    unrecorded_fields = ("fewshot",)  # the 8-shot prompt, the same in every record
 
     def paired_scores(self, mode: str) -> AccuracyScores:
         keys = CHAT_ROWS[0][0] if mode == "chat" else FEWSHOT_ROWS[0][0]  # the headline row

@@ -15,8 +15,8 @@ import re
 import textwrap
 from pathlib import Path
 
-from ..api import (AccuracyScores, Doc, GenerateRequest, Scores, Table, Task, UserError, chat_request, cut_at_each,
-                   stable_hash)
+from ..api import (AccuracyScores, Doc, GenerateRequest, Option, Scores, Table, Task, UserError, chat_request,
+                   cut_at_each, positive, stable_hash)
 from ..data import DataSource
 from ..metrics import pass_at_k
 from ..published import reported
@@ -33,6 +33,7 @@ ROW_NAMES = {"parity": "parity (original cut: blank line, 'def ')", "improved": 
              "v0": "v0 'Help me fill the following code.'", "v1": "v1 HumanEvalPack instruction"}
 K_VALUES = (1, 10, 100)
 EXECUTIONS = ("separate", "in_process")
+TEMPERATURE = 0.8  # with --samples above 1, unless --temperature says otherwise
 NOT_PASSED = ("failed", "timed_out", "crashed")  # sandbox statuses counted in the table
 
 
@@ -89,7 +90,25 @@ class HumanEval(Task):
 
     name, version, modes = "humaneval", "qwen-2023-08", ("fewshot", "chat")
     executes_code = True
-    option_names = ("timeout", "samples", "temperature", "execution")
+    option_names = ("seed",)  # the run's --seed: the samples' seeds derive from it
+    options = (
+        Option("timeout", "seconds per HumanEval program (default 3)", float, 3.0, check=positive),
+        Option("execution", "HumanEval: the dataset's check runs outside the sandboxed completion (default; a "
+               "program cannot forge its verdict) or inside it, as the original human-eval did (parity)",
+               default="separate", choices=EXECUTIONS, flag="--code-execution"),
+        Option("samples", "HumanEval samples per task (pass@k for k <= samples; default 1, greedy)", int, 1,
+               check=positive),
+        Option("temperature", f"HumanEval sampling temperature with --samples above 1 (default {TEMPERATURE})",
+               float, check=positive),
+    )
+
+    def check_options(self, options: dict, mode: str) -> dict:
+        """Greedy (one sample) records no sampling settings; sampling records its temperature and --seed."""
+        if options["samples"] == 1:
+            if options.get("temperature") is not None:
+                raise UserError("--temperature applies when sampling: add --samples N (N above 1), or drop it")
+            return {k: v for k, v in options.items() if k not in ("samples", "temperature", "seed")}
+        return {**options, "temperature": options.get("temperature") or TEMPERATURE}
 
     def paired_scores(self, mode: str) -> AccuracyScores:
         """A task's score is its samples' pass rate (its unbiased pass@1) in the headline variant."""
@@ -198,11 +217,12 @@ def mean_pass_at_k(samples: list[list[dict]], k: int) -> float:
 
 
 def samplings(options: dict) -> list[dict]:
-    """One greedy request, or `samples` sampled ones with distinct seeds (for pass@k)."""
+    """One greedy request, or `samples` sampled ones with distinct seeds derived from the run's --seed (pass@k)."""
     n = options.get("samples", 1)
     if n == 1:
         return [{}]
-    return [{"temperature": options.get("temperature", 0.8), "seed": seed} for seed in range(n)]
+    first = options.get("seed", 0) * n  # seeds of two --seed values never overlap
+    return [{"temperature": options.get("temperature", TEMPERATURE), "seed": (first + j) % 2**31} for j in range(n)]
 
 
 TASK = HumanEval()

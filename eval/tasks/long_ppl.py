@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..api import Doc, LoglikelihoodRequest, PerplexityScores, Scores, Table, Task, UserError
+from ..api import Doc, LoglikelihoodRequest, Option, PerplexityScores, Scores, Table, Task, UserError, comma_integers
 from ..data import DataSource
 
 SOURCE_DIR = "longctx_arxiv"
@@ -55,7 +55,9 @@ class LongPPL(Task):
     name, version = "long_ppl", "arxiv-2023-08"
     modes = ("fewshot",)  # a base-model measurement; "fewshot" is the runner's base-model mode
     sets_switches = True  # each row sets all three switches per request
-    option_names = ("lengths", "window_attn")
+    option_names = ("window_attn",)  # --window-attn: the windows of the "window" rows, not a run switch
+    options = (Option("lengths", "long_ppl sample lengths in tokens, e.g. 1024,2048,4096,8192,16384 (the default)",
+                      comma_integers, metavar="N,N,..."),)
 
     def __init__(self, documents: dict[str, Path] | None = None, tok=None, lengths=DEFAULT_LENGTHS):
         self.documents, self.tok, self.lengths = documents, tok, tuple(lengths)

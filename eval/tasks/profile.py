@@ -14,6 +14,11 @@ class Profile(Task):
     modes = ("fewshot", "chat")
     timed = True  # served one request at a time, timed, instead of batched
 
+    def serve(self, backend, requests: list, on_done=None) -> list:
+        from ..backends import profile  # torch: imported when a profile run serves, never by the task's module
+
+        return profile(backend, requests, on_done)
+
     def load(self, data, mode: str, subjects=None) -> list[Doc]:
         return [Doc(f"profile/{kind}/{n}", {"kind": kind, "tokens": n}) for kind, n in
                 (("generate", 2048), ("generate", 8192), ("encode", 2048))]

@@ -16,7 +16,7 @@ import json
 import json5
 from rouge_score import rouge_scorer
 
-from ..api import Doc, GenerateRequest, Scores, Table, Task, UserError, chat_request
+from ..api import Doc, GenerateRequest, Option, Scores, Table, Task, UserError, chat_request
 from ..data import DataSource
 from ..published import TOOLUSE
 
@@ -95,7 +95,10 @@ class ToolUse(Task):
     """Tool use as a ReAct agent: positive jobs should call the gold tool, negative jobs no tool at all."""
 
     name, version, modes, subjects = "tooluse", "qwen-2023-12", ("chat",), list(SETS)
-    option_names = ("tooluse_version",)
+    options = (Option("tooluse_version", "tool-use data set version (default: the newest whose files are present)",
+                      choices=VERSIONS),)
+    # the family's tool-selection rows (November 2023) name the data set they used
+    published_options = {f"{size} chat": {"tooluse_version": "v20231206"} for size in ("1.8B", "14B", "72B")}
 
     def __init__(self, tok=None, data_version: str | None = None):
         # Rouge-L compares Qwen tokens of the *parsed* action inputs, so scoring needs the tokenizer; the task
