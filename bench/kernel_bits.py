@@ -198,7 +198,7 @@ def main():
     kernels.pin_library_matmuls()
     parts = args.parts.split(",")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-              "row_floor": kernels.ROW_FLOOR, "decode_split": kernels.DECODE_SPLIT}
+              "decode_split": kernels.DECODE_SPLIT}
     if "bits" in parts:
         products = args.products.split(",")
         result["products"] = [sweep_shape(n, k, b, args.max_rows, args.largest, products, gen) for n, k, b in shapes]

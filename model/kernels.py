@@ -5,9 +5,9 @@ logits change with its neighbours (Thinking Machines, "Defeating Nondeterminism 
 Here every reduction has one order per row, whatever the batch:
 - matmul (Triton): fp32 accumulation over K in fixed BLOCK_K steps, never split; the M/N tile only
   decides which outputs a program owns. This K order is the contract the Int4 kernel shares;
-- linear: cuBLASLt with split-K impossible (no workspace for partial sums, pin_library_matmuls) and
-  at least ROW_FLOOR rows, so every row count reaches the same non-split kernels; bench/kernel_bits.py
-  proves it per weight shape and row count on the GPU, and shapes it does not prove take matmul;
+- linear: cuBLASLt with split-K impossible (no workspace for partial sums, pin_library_matmuls): its
+  kernels differ only in which outputs a block owns, at the library's speed; bench/kernel_bits.py proves
+  it per weight shape and row count on the GPU (BF16 layers use it; the Int4 kernel keeps matmul's order);
 - rms_norm: one program per row, one block size;
 - attention: keys are visited in blocks of BLOCK_N aligned at logical key index 0, where the logical
   index runs over a shared prefix [H, P, D] and then the row's own keys. Because the engine stores a

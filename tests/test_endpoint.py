@@ -181,7 +181,7 @@ def test_the_report_marks_api_runs_weights_not_fingerprinted(backend, tmp_path):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--backend", "api"], "--backend api needs --base-url URL"),
-    (["--base-url", "http://127.0.0.1:1/v1"], "--base-url http://127.0.0.1:1/v1: only for --backend api"),
+    (["--base-url", "http://127.0.0.1:1/v1"], "--base-url applies to --backend api only"),
     (["--backend", "api", "--base-url", "http://127.0.0.1:1/v1", "--concurrency", "0"], "--concurrency 0"),
     (["--backend", "api", "--base-url", "http://127.0.0.1:1/v1", "--no-logn"], "--logn: a served model"),
 ])
