@@ -7,6 +7,7 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")  # the invariant op set's kernels, before they are defined
 
 from checkpoints import tiny_model
+
 from model.engine import Engine
 
 torch.set_grad_enabled(False)

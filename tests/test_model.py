@@ -5,8 +5,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from checkpoints import tiny_model
+
 from model import KVCache, ops
 from model.convert import to_transformers
 from model.qwen import logn_scale, ntk_alpha, rope_inv_freq

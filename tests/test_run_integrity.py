@@ -253,7 +253,7 @@ def test_a_smaller_limit_keeps_every_saved_record(tiny_checkpoint, data_root, re
     assert main(args + ["--limit", "4"]) == 0
     assert main(args + ["--limit", "1"]) == 0
     assert len(lines(tmp_path)) == 8
-    assert json.loads((run_dir(tmp_path) / "results.json").read_text())["n_docs"] == 2
+    assert json.loads((run_dir(tmp_path) / "results.json").read_text())["n_docs"] == 8  # the larger table is kept
     assert main(args + ["--limit", "4"]) == 0
     assert files(tmp_path) == reference
 
@@ -323,7 +323,8 @@ def test_seconds_accumulate_and_timings_say_where_they_went(tiny_checkpoint, dat
     assert main(args + ["--limit", "3"]) == 0
     second = json.loads((run_dir(tmp_path) / "results.json").read_text())
     assert set(second["timings"]) == {"load", "plan", "warmup", "serve", "score", "write"}
-    assert second["seconds"] == pytest.approx(first["seconds"] + sum(second["timings"].values()), abs=0.02)
+    assert second["seconds"] == pytest.approx(sum(second["timings"].values()), abs=0.05)  # every invocation's
+    assert second["timings"]["plan"] > first["timings"]["plan"]
 
 
 # ---- long_ppl: every row saved as it is computed ---------------------------------------------------------------
