@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .kernels import BLOCK_K
+from .kernels import BLOCK_K, grouped_tile
 
 # (BLOCK_M, BLOCK_N, warps, stages) by row count, smallest first: the first whose BLOCK_M covers the rows,
 # else the last. One row: BLOCK_M 16 (tl.dot's smallest) and narrow N tiles, so that even a 4096-wide
@@ -70,13 +70,7 @@ def _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k_start, o
 def _matmul_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
                    stride_om, GROUP_SIZE: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n  # programs of GROUP_M row-blocks run together: weight tiles stay in L2
-    first_m = (pid // width) * GROUP_M
-    group_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N

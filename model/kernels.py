@@ -39,17 +39,23 @@ DECODE_BLOCK_N = 64  # keys per step inside a split
 
 
 # ---- matmul -------------------------------------------------------------------------------------------
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of this program: programs of GROUP_M row blocks run together, so weight
+    tiles stay in L2 (also gptq_triton's)."""
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_m = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % group_m, (pid % width) // group_m
+
+
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel for every row count
 def _matmul_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_wn, stride_wk,
                    stride_cm, stride_cn, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n  # programs of GROUP_M row-blocks run together: weight tiles stay in L2
-    first_m = (pid // width) * GROUP_M
-    group_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M x N can pass 2**31 (LM head)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -201,6 +207,32 @@ def swiglu(up: Tensor, gate: Tensor) -> Tensor:
 
 
 # ---- attention ----------------------------------------------------------------------------------------
+@triton.jit
+def _logical_keys(j, P, S, b, h, k_ptr, pk_ptr, kpos_ptr, sk_b, sk_h, sk_s, skp_b, spk_h, spk_p, offs_d):
+    """Keys [D, BLOCK_N] and positions of logical key indices j: the shared prefix [H, P, D] below P, then
+    the row's own keys (own key s at logical P + s); keys that are neither load as zeros at position -1."""
+    in_prefix = j < P
+    own = j - P
+    own_ok = (j >= P) & (own < S)
+    k_pre = tl.load(pk_ptr + h * spk_h + j[None, :] * spk_p + offs_d[:, None], mask=in_prefix[None, :], other=0.0)
+    k_own = tl.load(k_ptr + b * sk_b + h * sk_h + own[None, :] * sk_s + offs_d[:, None], mask=own_ok[None, :],
+                    other=0.0)
+    own_pos = tl.load(kpos_ptr + b * skp_b + own, mask=own_ok, other=-1)
+    return tl.where(in_prefix[None, :], k_pre, k_own), tl.where(in_prefix, j, own_pos)
+
+
+@triton.jit
+def _logical_values(j, P, S, b, h, v_ptr, pv_ptr, sv_b, sv_h, sv_s, spv_h, spv_p, offs_d):
+    """Values [BLOCK_N, D] of logical key indices j, laid out as _logical_keys reads the keys."""
+    in_prefix = j < P
+    own = j - P
+    own_ok = (j >= P) & (own < S)
+    v_pre = tl.load(pv_ptr + h * spv_h + j[:, None] * spv_p + offs_d[None, :], mask=in_prefix[:, None], other=0.0)
+    v_own = tl.load(v_ptr + b * sv_b + h * sv_h + own[:, None] * sv_s + offs_d[None, :], mask=own_ok[:, None],
+                    other=0.0)
+    return tl.where(in_prefix[:, None], v_pre, v_own)
+
+
 @triton.jit(do_not_specialize=["T", "S", "P", "window"])  # one compiled kernel for every length
 def _attention_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, pk_ptr, pv_ptr, qpos_ptr, out_ptr,
                       T, S, P, H, scale, window,
@@ -223,14 +255,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, pk_ptr, pv_ptr, qpos_ptr, o
         n_keys = tl.minimum(n_keys, tl.max(q_pos, axis=0) + 1)
     for start in range(0, n_keys, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)  # logical key indices
-        in_prefix = j < P
-        own = j - P
-        own_ok = (j >= P) & (own < S)
-        k_pre = tl.load(pk_ptr + h * spk_h + j[None, :] * spk_p + offs_d[:, None], mask=in_prefix[None, :], other=0.0)
-        k_own = tl.load(k_ptr + b * sk_b + h * sk_h + own[None, :] * sk_s + offs_d[:, None], mask=own_ok[None, :], other=0.0)
-        k = tl.where(in_prefix[None, :], k_pre, k_own)  # [D, BLOCK_N]
-        own_pos = tl.load(kpos_ptr + b * skp_b + own, mask=own_ok, other=-1)
-        k_pos = tl.where(in_prefix, j, own_pos)
+        k, k_pos = _logical_keys(j, P, S, b, h, k_ptr, pk_ptr, kpos_ptr, sk_b, sk_h, sk_s, skp_b, spk_h, spk_p, offs_d)
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee") * scale
         else:
@@ -245,9 +270,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, pk_ptr, pv_ptr, qpos_ptr, o
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_pre = tl.load(pv_ptr + h * spv_h + j[:, None] * spv_p + offs_d[None, :], mask=in_prefix[:, None], other=0.0)
-        v_own = tl.load(v_ptr + b * sv_b + h * sv_h + own[:, None] * sv_s + offs_d[None, :], mask=own_ok[:, None], other=0.0)
-        v = tl.where(in_prefix[:, None], v_pre, v_own)
+        v = _logical_values(j, P, S, b, h, v_ptr, pv_ptr, sv_b, sv_h, sv_s, spv_h, spv_p, offs_d)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -312,15 +335,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, pk_ptr, pv_ptr, qpos_ptr
     end = tl.minimum(start + SPLIT, tl.minimum(P + S, q_pos + 1))
     for block in range(start, end, BLOCK_N):
         j = block + tl.arange(0, BLOCK_N)
-        in_prefix = j < P
-        own = j - P
-        own_ok = (j >= P) & (own < S)
-        k_pre = tl.load(pk_ptr + h * spk_h + j[None, :] * spk_p + offs_d[:, None], mask=in_prefix[None, :], other=0.0)
-        k_own = tl.load(k_ptr + b * sk_b + h * sk_h + own[None, :] * sk_s + offs_d[:, None], mask=own_ok[None, :],
-                        other=0.0)
-        k = tl.where(in_prefix[None, :], k_pre, k_own)  # [D, BLOCK_N]
-        own_pos = tl.load(kpos_ptr + b * skp_b + own, mask=own_ok, other=-1)
-        k_pos = tl.where(in_prefix, j, own_pos)
+        k, k_pos = _logical_keys(j, P, S, b, h, k_ptr, pk_ptr, kpos_ptr, sk_b, sk_h, sk_s, skp_b, spk_h, spk_p, offs_d)
         if IEEE:
             s = tl.dot(q, k, input_precision="ieee") * scale
         else:
@@ -334,10 +349,7 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, pk_ptr, pv_ptr, qpos_ptr
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_pre = tl.load(pv_ptr + h * spv_h + j[:, None] * spv_p + offs_d[None, :], mask=in_prefix[:, None], other=0.0)
-        v_own = tl.load(v_ptr + b * sv_b + h * sv_h + own[:, None] * sv_s + offs_d[None, :], mask=own_ok[:, None],
-                        other=0.0)
-        v = tl.where(in_prefix[:, None], v_pre, v_own)
+        v = _logical_values(j, P, S, b, h, v_ptr, pv_ptr, sv_b, sv_h, sv_s, spv_h, spv_p, offs_d)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
