@@ -222,6 +222,26 @@ def _logical_keys(j, P, S, b, h, k_ptr, pk_ptr, kpos_ptr, sk_b, sk_h, sk_s, skp_
 
 
 @triton.jit
+def _attend_block(q, k, v, visible, m_i, l_i, acc, scale, IEEE: tl.constexpr):
+    """One key block folded into an online softmax: scores q @ k, those not `visible` masked out, then the
+    running (max, sum, unnormalised output) updated. A block with nothing visible changes no bit."""
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, k) * scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
 def _logical_values(j, P, S, b, h, v_ptr, pv_ptr, sv_b, sv_h, sv_s, spv_h, spv_p, offs_d):
     """Values [BLOCK_N, D] of logical key indices j, laid out as _logical_keys reads the keys."""
     in_prefix = j < P
@@ -256,26 +276,12 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, pk_ptr, pv_ptr, qpos_ptr, o
     for start in range(0, n_keys, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)  # logical key indices
         k, k_pos = _logical_keys(j, P, S, b, h, k_ptr, pk_ptr, kpos_ptr, sk_b, sk_h, sk_s, skp_b, spk_h, spk_p, offs_d)
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, k) * scale
         visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
         if window > 0:
             visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
         visible = visible | ((q_pos[:, None] < 0) & (k_pos[None, :] >= 0))  # padding queries stay finite
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _logical_values(j, P, S, b, h, v_ptr, pv_ptr, sv_b, sv_h, sv_s, spv_h, spv_p, offs_d)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k, v, visible, m_i, l_i, acc, scale, IEEE)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + b * so_b + h * so_h + offs_m[:, None] * so_t + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=offs_m[:, None] < T)
@@ -336,25 +342,11 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, pk_ptr, pv_ptr, qpos_ptr
     for block in range(start, end, BLOCK_N):
         j = block + tl.arange(0, BLOCK_N)
         k, k_pos = _logical_keys(j, P, S, b, h, k_ptr, pk_ptr, kpos_ptr, sk_b, sk_h, sk_s, skp_b, spk_h, spk_p, offs_d)
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, k) * scale
         visible = (k_pos >= 0) & (k_pos <= q_pos)
         if window > 0:
             visible = visible & (q_pos - k_pos < window)
-        s = tl.where(visible[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _logical_values(j, P, S, b, h, v_ptr, pv_ptr, sv_b, sv_h, sv_s, spv_h, spv_p, offs_d)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k, v, visible[None, :], m_i, l_i, acc, scale, IEEE)
     part = part_ptr + (bh * n_split + sp) * (D + 2)
     tl.store(part + tl.zeros((16,), tl.int32)[:, None] + offs_d[None, :], acc, mask=first[:, None])
     tl.store(part + D + tl.zeros((16,), tl.int32), m_i, mask=first)
