@@ -226,7 +226,7 @@ def evaluate(config: RunConfig, groups: dict, endpoint=None) -> int:
     ranks = distributed.setup(config, plans)  # SINGLE in one process
     load_config = distributed.backend_config(config, ranks)
     for model_id, group in groups.items():  # every model described, every run directory checked, then loads
-        _describe_group(load_config, model_id, group, endpoint)
+        _describe_group(load_config, model_id, group, endpoint, writer=ranks.global_rank == 0)
     finished = []
     for model_id, group in groups.items():
         finished += _serve_group(load_config, model_id, group, ranks, endpoint)
@@ -297,9 +297,11 @@ def _run_options(task, mode: str, own: dict, config: RunConfig) -> dict:
     return task.check_options({**{k: v for k, v in general.items() if k in task.option_names}, **own}, mode)
 
 
-def _describe_group(config: RunConfig, model_id: str | None, group: ModelGroup, endpoint=None) -> None:
+def _describe_group(config: RunConfig, model_id: str | None, group: ModelGroup, endpoint=None,
+                    writer: bool = True) -> None:
     """The identity each run of the group will have, known from the checkpoint's config (or the endpoint) before
-    the weights load; each run directory is checked against it."""
+    the weights load; each run directory is checked against it. writer: this process writes the run directories
+    (rank 0 of a torchrun launch), so it alone tries their lock: ranks trying it at once would see each other."""
     plans = [job.plan for job in group.jobs]
     group.ckpt, known = endpoint.describe(plans) if endpoint else _describe(config, model_id)
     for job in group.jobs:
@@ -307,7 +309,8 @@ def _describe_group(config: RunConfig, model_id: str | None, group: ModelGroup, 
         job.known = {**known, "model_name": job.model_name,
                      **task_identity(plan.task, plan.mode, plan.options, plan.data_manifest["files"], group.tok)}
         check_same_configuration(plan.run_dir, job.known, config.overwrite)
-        check_run_dir(plan.run_dir, config.overwrite)
+        if writer:
+            check_run_dir(plan.run_dir, config.overwrite)
 
 
 def _serve_group(config: RunConfig, model_id: str | None, group: ModelGroup, ranks, endpoint=None) -> list[Job]:
