@@ -1,5 +1,8 @@
 """The CLI end to end with a tiny random checkpoint: every task, dry runs, re-scoring, resume, bad input."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +134,14 @@ def test_code_execution_flag_selects_the_parity_execution(tiny_checkpoint, data_
     results = json.loads((find_run(tmp_path, "humaneval-fewshot-fp32") / "results.json").read_text())
     assert results["details"]["execution"] == "in_process"
     assert run_cli(*args) == 2  # the default execution differs: refused, not mixed
+
+
+def test_a_run_imports_no_library_that_only_one_task_or_the_plots_need():
+    """rouge_score (nltk, scipy) and matplotlib take seconds to import: a run pays them only when it scores
+    tool use or draws its plots, after the table is out (issue 26)."""
+    code = ("import sys; from eval import runner, backends; from eval.registry import get_task, task_names; "
+            "[get_task(n) for n in task_names()]; "
+            "print(sorted(m for m in ('rouge_score', 'nltk', 'scipy', 'matplotlib') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == "[]"

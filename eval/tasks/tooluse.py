@@ -12,9 +12,9 @@ fields end at the first "Observation:", so stopping changes a score only when a 
 a hallucinated observation.
 """
 import json
+from functools import cache
 
 import json5
-from rouge_score import rouge_scorer
 
 from ..api import Doc, GenerateRequest, Option, Scores, Table, Task, UserError, chat_request
 from ..data import DataSource
@@ -38,7 +38,13 @@ class _Whitespace:
         return text.split()
 
 
-SCORER = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Whitespace())
+@cache
+def rouge_l():
+    """The Rouge-L scorer, made on first use: rouge_score imports nltk and scipy (seconds), which no other
+    task's run should pay."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Whitespace())
 
 
 def parse(text: str) -> dict:
@@ -140,7 +146,7 @@ class ToolUse(Task):
         if self.tok is None:
             raise UserError("tooluse: Rouge-L needs the Qwen tokenizer: re-scoring loads the run's --tokenizer or "
                             "--model, which could not be loaded")
-        return SCORER.score(token_string(self.tok, gold), token_string(self.tok, generated))["rougeL"].fmeasure
+        return rouge_l().score(token_string(self.tok, gold), token_string(self.tok, generated))["rougeL"].fmeasure
 
     def aggregate(self, docs: list[Doc], records: list[dict], mode: str, options: dict) -> Scores:
         version = docs[0].data["version"] if docs else ""
