@@ -2,7 +2,8 @@
 
     python -m bench.determinism --model CKPT --data-dir DATA [--parts mmlu,gsm8k,humaneval,profile]
 
-CKPT is a checkpoint on local disk (random Qwen-7B-shaped bf16 weights: `python -m bench.e2e --write-only`).
+CKPT is a checkpoint on local disk (random Qwen-7B-shaped bf16 weights: `python -m bench.e2e --data DATA --parts disk`
+writes one to scratch/e2e-qwen-7b-random).
 For each task, one after the other on the same GPU: the batch-invariant kernels (the default) and the
 library kernels (`--kernels fast`) on the whole benchmark at the automatic batch size (their times are the
 cost), then the invariant kernels at `--batch-size` 16, 7 and 1 and with `--no-prefix-reuse` on subsets. Every
