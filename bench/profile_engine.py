@@ -1,11 +1,14 @@
-"""Where the engine's time goes on a GPU (a diagnostic, not a benchmark): kernel table of an MMLU
-slice and of GSM8K decode steps, 7.7B random weights.
+"""Where the engine's time goes on a GPU (a diagnostic, not a benchmark): kernel tables of an MMLU slice,
+of GSM8K decode steps and of batch-1 decode steps, 7.7B random weights.
 
-    python -m bench.profile_engine --data-dir DIR --vocab qwen.tiktoken
+    python -m bench.profile_engine --data-dir DIR --vocab qwen.tiktoken [--parts mmlu,gsm8k,decode1]
+
+decode1 runs first (the invariant op set pins cuBLAS for the whole process, so its fast rows run pinned
+products too): per op set, a 512-token batch-1 generation's wall time per step, the kernels launched per
+step and the device time they add up to, then the kernel table.
 """
 import argparse
 import dataclasses
-import time
 from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
@@ -14,19 +17,45 @@ from bench.bench_speed import build_model, timed
 from eval.backends import NativeBackend
 from eval.data import DataSource
 from eval.tasks import gsm8k, mmlu
-from model import QwenTokenizer
+from model import QwenTokenizer, ops
+from model.engine import Engine
 
 
 def table(prof, n=18):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=n, max_name_column_width=60))
 
 
+def decode1(model, steps: int = 512) -> None:
+    for kernels in ("invariant", "fast"):
+        model.ops = ops.select(kernels, "cuda")
+        engine = Engine(model, progress=False)
+        engine.generate([[1]], [steps], [()])  # graphs captured for every read length, kernels compiled
+        seconds, _ = timed(lambda: engine.generate([[1]], [steps], [()]))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.generate([[1]], [steps], [()])
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        launched = sum(e.count for e in events)
+        device_ms = sum(e.self_device_time_total for e in events) / 1000
+        print(f"decode1 {kernels}: {1000 * seconds / steps:.2f} ms/step wall ({steps / seconds:.1f} tok/s), "
+              f"{launched / steps:.0f} kernels/step, {device_ms / steps:.2f} ms/step of kernel time")
+        table(prof, 30)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data-dir", required=True)
     p.add_argument("--vocab", required=True)
+    p.add_argument("--parts", default="decode1,mmlu,gsm8k")
     args = p.parse_args()
+    parts = args.parts.split(",")
     model, tok, data = build_model(), QwenTokenizer(args.vocab), DataSource(Path(args.data_dir))
+    if "decode1" in parts:
+        decode1(model)
+    if "mmlu" in parts or "gsm8k" in parts:
+        engine_tables(model, tok, data)
+
+
+def engine_tables(model, tok, data):
     native = NativeBackend(model, tok, progress=False)
     subjects = mmlu.TASK.subjects[:12]
     reqs = [r for d in mmlu.TASK.load(data, "fewshot", subjects) for r in mmlu.TASK.requests(d, tok, "fewshot", {})]
@@ -51,8 +80,6 @@ def main():
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         native.generate(greqs)
     table(prof)
-    start = time.time()
-    print(f"done in {time.time() - start:.1f}s")
 
 
 if __name__ == "__main__":
