@@ -8,7 +8,7 @@ Here every reduction has one order per row, whatever the batch:
 - linear: cuBLASLt with split-K impossible (no workspace for partial sums, pin_library_matmuls): its
   kernels differ only in which outputs a block owns, at the library's speed; bench/kernel_bits.py proves
   it per weight shape and row count on the GPU (BF16 layers use it; the Int4 kernel keeps matmul's order);
-- rms_norm: one program per row, one block size;
+- add_rms_norm: one program per row, one block size;
 - attention: keys are visited in blocks of BLOCK_N aligned at logical key index 0, where the logical
   index runs over a shared prefix [H, P, D] and then the row's own keys. Because the engine stores a
   row's own key s at position P + s, a document scores the same with its prefix shared or in its own
@@ -135,56 +135,88 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.nn.functional.linear(a, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
-# ---- RMSNorm ------------------------------------------------------------------------------------------
+# ---- residual add + RMSNorm ---------------------------------------------------------------------------
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, D, eps, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, sum_ptr, out_ptr, stride_x, stride_delta, stride_sum, stride_out, D,
+                         eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: the residual x + delta rounded to the model dtype (stored), then its RMSNorm from that rounded
+    sum, as the original's separate add and norm compute them."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < D, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < D, other=0.0)
+    if HAS_DELTA:
+        delta = tl.load(delta_ptr + row * stride_delta + cols, mask=cols < D, other=0.0)
+        x = (x.to(tl.float32) + delta.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * stride_sum + cols, x, mask=cols < D)
+    x = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
     normed = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)  # cast back before the weight, as the original
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=cols < D)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def _rows(x: Tensor) -> Tensor:
     rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x + delta, RMSNorm(x + delta)) in one pass per row; x itself and its norm when delta is None."""
+    rows = _rows(x)
+    deltas = rows if delta is None else _rows(delta)
+    total = rows if delta is None else torch.empty_like(rows)
     out = torch.empty_like(rows)
     if rows.shape[0]:
         D = rows.shape[1]
         with _on(x):
-            _rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), D, eps,
-                                               BLOCK=triton.next_power_of_2(D), num_warps=8)
-    return out.view(x.shape)
+            _add_rms_norm_kernel[(rows.shape[0],)](rows, deltas, weight, total, out, rows.stride(0), deltas.stride(0),
+                                                   total.stride(0), out.stride(0), D, eps, HAS_DELTA=delta is not None,
+                                                   BLOCK=triton.next_power_of_2(D), num_warps=8)
+    return (x if delta is None else total.view(x.shape)), out.view(x.shape)
 
 
 # ---- elementwise: one fixed formula per element (no compiler choosing fusions per shape) --------------
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, H, sx_bt, sc_bt, so_bt, D: tl.constexpr):
-    """One (token, head): x * cos + rotate_half(x) * sin in fp32, cast back, as the original."""
-    bt, h = tl.program_id(0), tl.program_id(1)
+def _rope_qk_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, scale_ptr, q_out_ptr, k_out_ptr, H, sq_bt, sk_bt, sc_bt,
+                    HAS_SCALE: tl.constexpr, D: tl.constexpr):
+    """One (token, head of q or of k): x * cos + rotate_half(x) * sin in fp32, cast back, as the original;
+    a query head then times its LogN factor in the model dtype (the original's bf16 product)."""
+    bt, head = tl.program_id(0), tl.program_id(1)
+    if head < H:
+        x_ptr = q_ptr + bt * sq_bt + head * D
+        out_ptr = q_out_ptr + (bt * H + head) * D
+    else:
+        x_ptr = k_ptr + bt * sk_bt + (head - H) * D
+        out_ptr = k_out_ptr + (bt * H + head - H) * D
     d = tl.arange(0, D)
     half: tl.constexpr = D // 2
-    x = tl.load(x_ptr + bt * sx_bt + h * D + d).to(tl.float32)
-    partner = tl.load(x_ptr + bt * sx_bt + h * D + (d + half) % D).to(tl.float32)
+    x = tl.load(x_ptr + d).to(tl.float32)
+    partner = tl.load(x_ptr + (d + half) % D).to(tl.float32)
     rotated = tl.where(d < half, -partner, partner)
     cos = tl.load(cos_ptr + bt * sc_bt + d)
     sin = tl.load(sin_ptr + bt * sc_bt + d)
-    tl.store(out_ptr + bt * so_bt + h * D + d, (x * cos + rotated * sin).to(out_ptr.dtype.element_ty))
+    y = (x * cos + rotated * sin).to(out_ptr.dtype.element_ty)
+    if HAS_SCALE:
+        if head < H:
+            y = (y.to(tl.float32) * tl.load(scale_ptr + bt).to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + d, y)
 
 
-def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, T, H, D] (last two dims contiguous), cos/sin [B, T, 1, D] fp32."""
-    B, T, H, D = x.shape
-    assert x.stride(3) == 1 and x.stride(2) == D and x.stride(0) == T * x.stride(1)
+def rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """q, k [B, T, H, D] (heads contiguous; views of the fused projection are fine), cos/sin [B, T, 1, D] fp32,
+    q_scale [B, T, 1, 1] in the model dtype or None: both rotated and the queries scaled, in one launch."""
+    B, T, H, D = q.shape
+    for x in (q, k):
+        assert x.stride(3) == 1 and x.stride(2) == D and x.stride(0) == T * x.stride(1)
     cos, sin = cos.contiguous(), sin.contiguous()
-    out = torch.empty(B, T, H, D, dtype=x.dtype, device=x.device)
+    q_out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
+    k_out = torch.empty_like(q_out)
+    scale = q_scale.contiguous() if q_scale is not None else cos
     if B * T:
-        with _on(x):
-            _rope_kernel[(B * T, H)](x, cos, sin, out, H, x.stride(1), D, H * D, D=D)
-    return out
+        with _on(q):
+            _rope_qk_kernel[(B * T, 2 * H)](q, k, cos, sin, scale, q_out, k_out, H, q.stride(1), k.stride(1), D,
+                                            HAS_SCALE=q_scale is not None, D=D)
+    return q_out, k_out
 
 
 @triton.jit

@@ -1,7 +1,8 @@
 """The op sets: the one place that decides which kernels compute every layer.
 
-An op set names the functions behind each layer: linear, rms_norm, rope, swiglu, attention (prefill and
-scoring) and decode_attention (the engine's one-token decode step only). The model holds one op set and
+An op set names the functions behind each layer: linear, add_rms_norm (the residual add and the next norm in
+one pass), rope_qk (queries and keys rotated, queries scaled by LogN), swiglu, attention (prefill and scoring)
+and decode_attention (the engine's one-token decode step only). The model holds one op set and
 hands it to every layer, Int4 layers included; whoever builds the model chooses it once (the native backend,
 from a run's `--kernels`, through `select`), and its name goes into run.json.
 
@@ -36,8 +37,8 @@ except ImportError:
 class Ops:
     name: str  # recorded in run.json ("engine")
     linear: Callable  # (x [..., K], weight [N, K], bias [N] | None) -> [..., N]
-    rms_norm: Callable  # (x, weight, eps)
-    rope: Callable  # (x [B, T, H, D], cos, sin [B, T, 1, D] fp32)
+    add_rms_norm: Callable  # (x, delta | None, weight, eps) -> (x + delta, its RMSNorm)
+    rope_qk: Callable  # (q, k [B, T, H, D], cos, sin [B, T, 1, D] fp32, q_scale [B, T, 1, 1] | None) -> (q, k)
     swiglu: Callable  # (up, gate) -> up * silu(gate)
     attention: Callable  # (q, k, v, inputs, prefix_kv) -> [B, T, H, D]
     decode_attention: Callable  # the same, for the engine's decode step (T == 1, static shapes) only
@@ -69,18 +70,31 @@ def fused_on_gpu(fn):
     return run
 
 
-@fused_on_gpu
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """fp32 statistics, cast back before the weight, as the original."""
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
-@fused_on_gpu
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate-half RoPE in fp32, cast back, as the original."""
     x32 = x.float()
     return (x32 * cos + rotate_half(x32) * sin).type_as(x)
+
+
+@fused_on_gpu
+def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual stream x + delta (x when delta is None) and its RMSNorm."""
+    if delta is not None:
+        x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+@fused_on_gpu
+def rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Queries and keys rotated; queries then times their LogN factor (model dtype), as the original."""
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
+    return (q if q_scale is None else q * q_scale), k
 
 
 @fused_on_gpu
@@ -190,7 +204,7 @@ def _invariant_decode_attention(q, k, v, inputs, prefix_kv=None):
                                        inputs.aligned)
 
 
-FAST = Ops("fast", F.linear, rms_norm, rope, swiglu, _heads_first(library_attention),
+FAST = Ops("fast", F.linear, add_rms_norm, rope_qk, swiglu, _heads_first(library_attention),
            _heads_first(library_attention), masks=True)
 CPU = replace(FAST, name="cpu")
 REFERENCE = replace(FAST, name="reference", attention=_heads_first(reference_attention),
@@ -198,8 +212,8 @@ REFERENCE = replace(FAST, name="reference", attention=_heads_first(reference_att
 INVARIANT = Ops(
     "invariant",
     linear=lambda x, weight, bias=None: _kernels().linear(x, weight, bias),
-    rms_norm=lambda x, weight, eps: _kernels().rms_norm(x, weight, eps),
-    rope=lambda x, cos, sin: _kernels().rope(x, cos, sin),
+    add_rms_norm=lambda x, delta, weight, eps: _kernels().add_rms_norm(x, delta, weight, eps),
+    rope_qk=lambda q, k, cos, sin, q_scale: _kernels().rope_qk(q, k, cos, sin, q_scale),
     swiglu=lambda up, gate: _kernels().swiglu(up, gate),
     attention=_invariant_attention,
     decode_attention=_invariant_decode_attention,

@@ -96,8 +96,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor, ops: Ops) -> Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: Tensor, delta: Tensor | None, ops: Ops) -> tuple[Tensor, Tensor]:
+        """The residual stream x + delta (x when delta is None) and its norm: the add and the norm in one pass."""
+        return ops.add_rms_norm(x, delta, self.weight, self.eps)
 
 
 class Linear(nn.Linear):
@@ -128,7 +129,7 @@ class LayerInputs:
 
     cos: Tensor  # [B, T, 1, D]
     sin: Tensor
-    q_scale: Tensor | None  # LogN factor [B, T, 1, 1] or None
+    q_scale: Tensor | None  # LogN factor [B, T, 1, 1] in the model dtype, or None
     mask: Tensor | None  # [B, 1, T, S] True = attend; None = plain causal
     prefix_mask: Tensor | None  # [B, 1, T, P] or None = every prefix token visible
     q_pos: Tensor  # [B, T], -1 = padding (the batch-invariant kernels build their masks from positions)
@@ -148,10 +149,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, inp: LayerInputs, layer: int, kv: CacheView | None, prefix, ops: Ops) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x, ops).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each [B, T, H, D]
-        q = ops.rope(q, inp.cos, inp.sin)
-        k = ops.rope(k, inp.cos, inp.sin)
-        if inp.q_scale is not None:
-            q = q * inp.q_scale.to(q.dtype)
+        q, k = ops.rope_qk(q, k, inp.cos, inp.sin, inp.q_scale)
         if kv is not None:
             k, v = kv.update(layer, k, v)
         else:
@@ -170,9 +168,12 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, inp, layer, kv, prefix, ops: Ops):
-        h = x + self.attn(self.ln_1(x, ops), inp, layer, kv, prefix, ops)
-        return h + self.mlp(self.ln_2(h, ops), ops)
+    def forward(self, x, delta, inp, layer, kv, prefix, ops: Ops):
+        """x + delta is the residual stream entering the block (delta None in the first); returns the stream
+        after attention and the MLP's output, which the next norm adds (each add shares its norm's pass)."""
+        x, normed = self.ln_1(x, delta, ops)
+        x, normed = self.ln_2(x, self.attn(normed, inp, layer, kv, prefix, ops), ops)
+        return x, self.mlp(normed, ops)
 
 
 class Qwen(nn.Module):
@@ -229,14 +230,14 @@ class Qwen(nn.Module):
             key_pos = positions
             plain_causal = aligned = _right_padded(positions, n_prefix)
         inputs = {}
-        x = self.transformer.wte(tokens)
+        x, delta = self.transformer.wte(tokens), None
         for i, block in enumerate(self.transformer.h):
             window = args.windows[i] if args.windows else None
             if window not in inputs:
                 inputs[window] = self._layer_inputs(args, positions, key_pos, ntk_len, window, prefix, plain_causal,
-                                                    aligned, decoding)
-            x = block(x, inputs[window], i, kv, prefix, self.ops)
-        return self.transformer.ln_f(x, self.ops)
+                                                    aligned, decoding, x.dtype)
+            x, delta = block(x, delta, inputs[window], i, kv, prefix, self.ops)
+        return self.transformer.ln_f(x, delta, self.ops)[1]
 
     def _positions(self, tokens, attention_mask, positions, prefix) -> Tensor:
         if positions is not None:
@@ -248,7 +249,7 @@ class Qwen(nn.Module):
         return torch.where(mask, start + mask.long().cumsum(1) - 1, -1)
 
     def _layer_inputs(self, args, positions, key_pos, ntk_len, window, prefix, plain_causal, aligned,
-                      decoding) -> LayerInputs:
+                      decoding, dtype) -> LayerInputs:
         span = ntk_len if window is None else ntk_len.clamp(max=window)  # a layer never sees more than its window
         alpha = ntk_alpha(span, args.seq_length) if args.use_dynamic_ntk else torch.ones_like(span, dtype=torch.double)
         angles = positions.clamp(min=0)[..., None].float() * rope_inv_freq(alpha, args.rope_base, args.head_dim)[:, None, :]
@@ -256,7 +257,7 @@ class Qwen(nn.Module):
         q_scale = None
         if args.use_logn_attn:
             counted = positions if window is None else positions.clamp(max=window - 1)
-            q_scale = logn_scale(counted, args.seq_length)[:, :, None, None]
+            q_scale = logn_scale(counted, args.seq_length)[:, :, None, None].to(dtype)  # once, not per layer
         mask = prefix_mask = None
         if self.ops.masks:  # the batch-invariant kernels mask from positions
             mask = None if plain_causal and window is None else _visible(positions, key_pos, window)

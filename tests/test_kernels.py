@@ -35,11 +35,17 @@ def test_matmul_equals_reference(m):
     torch.testing.assert_close(kernels.matmul(x[None], w), (x @ w.T)[None], rtol=1e-5, atol=1e-5)
 
 
-def test_rms_norm_equals_reference():
+def test_add_rms_norm_equals_the_add_then_the_norm():
+    """(fp32: the interpreter rounds to bf16 by truncation, so bf16 bits are checked on the GPU, bench/gpu_check.py)"""
     from model.ops import rms_norm
 
-    x, w = torch.randn(3, 5, 96), torch.rand(96) + 0.5
-    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), rms_norm(x, w, 1e-6), rtol=1e-6, atol=1e-6)
+    x, delta, w = torch.randn(3, 5, 96), torch.randn(3, 5, 96), torch.rand(96) + 0.5
+    total, normed = kernels.add_rms_norm(x, delta, w, 1e-6)
+    assert torch.equal(total, x + delta)
+    torch.testing.assert_close(normed, rms_norm(x + delta, w, 1e-6), rtol=1e-6, atol=1e-6)
+    alone, normed = kernels.add_rms_norm(x, None, w, 1e-6)  # the first layer: nothing to add
+    assert alone is x
+    torch.testing.assert_close(normed, rms_norm(x, w, 1e-6), rtol=1e-6, atol=1e-6)
 
 
 def _prompt_batch(lengths, start=0, seed=0):
@@ -91,14 +97,18 @@ def test_shared_prefix_equals_the_full_prompt(window):
     torch.testing.assert_close(shared[real], reference[real], rtol=1e-5, atol=1e-5)
 
 
-def test_rope_and_swiglu_equal_reference():
+def test_rope_qk_and_swiglu_equal_reference():
     from model.ops import rope, swiglu
 
-    qkv = torch.randn(2, 5, 3, H, D)  # a fused projection's q: strided like the model's
-    q = qkv.unbind(2)[0]
+    q, k, _ = torch.randn(2, 5, 3, H, D).unbind(2)  # a fused projection's q and k: strided like the model's
     angles = torch.rand(2, 5, 1, D)
     cos, sin = angles.cos(), angles.sin()
-    torch.testing.assert_close(kernels.rope(q, cos, sin), rope(q, cos, sin), rtol=1e-6, atol=1e-6)
+    q_scale = torch.rand(2, 5, 1, 1) + 1.0  # LogN factors
+    for scale in (None, q_scale):
+        rotated_q, rotated_k = kernels.rope_qk(q, k, cos, sin, scale)
+        expected_q = rope(q, cos, sin) * (1.0 if scale is None else scale)
+        torch.testing.assert_close(rotated_q, expected_q, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rotated_k, rope(k, cos, sin), rtol=1e-6, atol=1e-6)
     up, gate = torch.randn(3, 7, 40), torch.randn(3, 7, 40)
     torch.testing.assert_close(kernels.swiglu(up, gate), swiglu(up, gate), rtol=1e-6, atol=1e-6)
 
