@@ -32,8 +32,29 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def fused_elementwise() -> None:
+    """The invariant add+norm and rope_qk in bf16 against the original's separate eager ops."""
+    from model import kernels
+    from model.ops import rms_norm, rope
+
+    g = torch.Generator("cuda").manual_seed(0)
+    x, delta = (torch.randn(64, 4096, device="cuda", generator=g).bfloat16() for _ in range(2))
+    w = (torch.rand(4096, device="cuda", generator=g) + 0.5).bfloat16()
+    total, normed = kernels.add_rms_norm(x, delta, w, 1e-6)
+    print(f"bf16 add_rms_norm: sum differs from eager x + delta at {(total != x + delta).sum().item()} of "
+          f"{x.numel()}, norm at {(normed != rms_norm(x + delta, w, 1e-6)).sum().item()}")
+    q, k, _ = torch.randn(4, 33, 3, 32, 128, device="cuda", generator=g).bfloat16().unbind(2)
+    angles = torch.rand(4, 33, 1, 128, device="cuda", generator=g) * 100
+    scale = (torch.rand(4, 33, 1, 1, device="cuda", generator=g) + 1).bfloat16()
+    rq, rk = kernels.rope_qk(q, k, angles.cos(), angles.sin(), scale)
+    eq, ek = rope(q, angles.cos(), angles.sin()) * scale, rope(k, angles.cos(), angles.sin())
+    print(f"bf16 rope_qk: q differs from eager at {(rq != eq).sum().item()} of {q.numel()}, "
+          f"k at {(rk != ek).sum().item()} (fp32 contraction may move a last bit)")
+
+
 def main():
     print(torch.cuda.get_device_name(), torch.__version__)
+    fused_elementwise()
     for dtype, op_set in [(d, o) for d in (torch.float32, torch.bfloat16) for o in (ops.FAST, ops.INVARIANT)]:
         model = build(dtype)
         model.ops = op_set
