@@ -91,14 +91,19 @@ class MultipleChoiceTask(Task):
         truncated = self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens
         if truncated:  # parity: keep the last max-1 tokens (may cut the header and part of the first shot)
             ids, shared = ids[-(self.max_prompt_tokens - 1):], 0
-        choice_ids = tuple(tok.encode(s)[-1] for s in self.choice_strings)
+        choice_ids = self._encoded(tok, self.choice_strings, lambda s: tok.encode(s)[-1])
         return [ChoiceRequest(prompt, tuple(ids), choice_ids, shared, truncated)]
 
     def _prefix_ids(self, tok, text: str) -> list[int]:
-        cache = self.__dict__.setdefault("_prefix_cache", {})
-        if text not in cache:
-            cache[text] = tok.encode(text, nfc=True)
-        return cache[text]
+        return self._encoded(tok, text, lambda t: tok.encode(t, nfc=True))
+
+    def _encoded(self, tok, key, encode):
+        """encode(key), once per tokenizer: the shots and the choice tokens repeat for every question (14,042
+        times in MMLU)."""
+        cache = self.__dict__.setdefault("_token_cache", {})
+        if (tok, key) not in cache:
+            cache[tok, key] = encode(key) if isinstance(key, str) else tuple(map(encode, key))
+        return cache[tok, key]
 
     # ---- scoring --------------------------------------------------------------------------------
     def score(self, doc: Doc, responses: list, mode: str, options: dict) -> dict:

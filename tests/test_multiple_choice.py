@@ -34,6 +34,24 @@ def test_mmlu_prompt_matches_the_spec_template(root, tok):
     assert list(request.tokens[: request.shared_prefix]) == tok.encode(doc.data["fewshot"], nfc=True)[: request.shared_prefix]
 
 
+class _Shifted:
+    """Another tokenizer: the real one's ids moved by `shift`."""
+
+    def __init__(self, tok, shift):
+        self.tok, self.shift = tok, shift
+
+    def encode(self, text, nfc=False):
+        return [i + self.shift for i in self.tok.encode(text, nfc=nfc)]
+
+
+def test_token_ids_cached_for_the_shots_and_choices_belong_to_their_tokenizer(root, tok):
+    doc = MMLU.load(DataSource(root), "fewshot", ["anatomy"])[1]
+    (first,) = MMLU.requests(doc, tok, "fewshot", {})
+    (other,) = MMLU.requests(doc, _Shifted(tok, 7), "fewshot", {})
+    assert other.choice_ids == tuple(i + 7 for i in first.choice_ids)
+    assert other.shared_prefix == first.shared_prefix and list(other.tokens) == [i + 7 for i in first.tokens]
+
+
 def test_chinese_prompts_match_the_spec_template(root, tok):
     for task, subject in ((CEVAL, "logic"), (CMMLU, "arts")):
         doc = task.load(DataSource(root), "fewshot", [subject])[0]
