@@ -14,7 +14,8 @@ v1.1 layout: HF-style keys, 8 safetensors shards and their index, like the relea
 Every command runs `python eval/runner.py ...` as a subprocess into its own output folder, after the page cache
 holds the checkpoint and the sources are compiled. Its results.json timings give load / plan / serve / write;
 other = wall - every timing. Prints one table (with disk GB/s and the hf/native ratios) and writes its rows as
-JSON under --out.
+JSON under --out. --profile runs each command under cProfile (slower) and adds its slowest calls to its row:
+where a fixed cost hides.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peer-gsm8k-limit", type=int, default=128, help="GSM8K problems of the peer rows")
     p.add_argument("--runner-args", default="", help="appended to every command (e.g. '--device cpu')")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide checkpoint: try the script on a CPU")
+    p.add_argument("--profile", action="store_true",
+                   help="run each command under cProfile and add its slowest calls (cumulative s) to its row")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for the JSON rows")
     args = p.parse_args(argv)
     args.parts = [x for x in args.parts.split(",") if x]
@@ -188,6 +191,9 @@ def run_cli(label: str, flags: list[str], args, out: Path) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     argv = [sys.executable, str(REPO / "eval" / "runner.py"), *flags, "--model", str(args.ckpt), "--data-dir",
             str(args.data), "--output-dir", str(folder), "--no-progress", *args.runner_args.split()]
+    profile = out / (folder.name + ".prof")
+    if args.profile:
+        argv[1:2] = ["-m", "cProfile", "-o", str(profile), "-m", "eval.runner"]
     started = time.perf_counter()
     done = subprocess.run(argv, check=False, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -198,7 +204,19 @@ def run_cli(label: str, flags: list[str], args, out: Path) -> dict:
     timings = json.loads(next(folder.rglob("results.json")).read_text())["timings"]
     row.update({k: timings.get(k, 0.0) for k in ("load", "plan", "serve", "write")})
     row["other"] = round(wall - sum(v for v in timings.values() if isinstance(v, (int, float))), 2)
+    if args.profile:
+        row["slowest_calls"] = slowest_calls(profile)
     return row
+
+
+def slowest_calls(path: Path, n: int = 40) -> list[str]:
+    """The n calls with the most cumulative time in a cProfile file, import machinery left out."""
+    import pstats
+
+    stats = pstats.Stats(str(path)).stats
+    rows = sorted(((cumulative, f"{Path(file).name}:{line}({name})") for (file, line, name), (_, _, _, cumulative, _)
+                   in stats.items() if "importlib" not in file and not file.startswith("<frozen")), reverse=True)
+    return [f"{seconds:8.2f} s  {where}" for seconds, where in rows[:n]]
 
 
 def ratios(rows: list[dict]) -> list[str]:
