@@ -16,6 +16,13 @@ pinned to a small range (no inf or NaN; the weights' values do not change the sp
 saved. The 72B Int4 layout is Qwen-72B-Chat-Int4's: qweight/qzeros/scales/g_idx per projection, group size 128,
 fp16 embeddings, norms and LM head, quantize_config.json beside config.json. Disk: 28 GB (14B) + 41 GB (72B);
 --clean deletes a checkpoint after its run (one GPU machine has 64 GB of disk).
+
+Full MMLU on the 72B Int4 checkpoint outlasts one 10-minute device call: run it over several calls of one warm
+machine (its disk holds the checkpoint and the run folder between them), each interrupting the CLI before the
+call's limit:
+    python -m bench.family --only 72b-int4 ... --stop-after 480            # writes, serves until interrupted
+    python -m bench.family --only 72b-int4 ... --stop-after 540 --resume   # again until the row has timings
+The last call's row holds the timings of every call added up (results.json sums a resumed run's).
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -147,15 +155,21 @@ def _save(directory: Path, k: int, shard: dict) -> list[str]:
     return list(shard)
 
 
-def run_cli(argv: list[str]) -> dict:
-    """The CLI in a fresh process (through --child); its results.json timings and the peak GPU memory."""
+def run_cli(argv: list[str], stop_after: float | None) -> dict:
+    """The CLI in a fresh process (through --child); its results.json timings and the peak GPU memory. After
+    stop_after seconds it is interrupted as Ctrl-C would (finished documents stay saved for a later call)."""
     started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "bench.family", "--child", *argv], cwd=REPO, text=True,
-                          capture_output=True, check=False)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.family", "--child", *argv], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = proc.communicate(timeout=stop_after)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate()
     wall = time.time() - started
     if proc.returncode:
-        raise SystemExit(f"CLI failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    child = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"CLI failed ({proc.returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    child = json.loads(stdout.strip().splitlines()[-1])
     return {"wall_s": round(wall, 1), **child}
 
 
@@ -163,6 +177,10 @@ def child(argv: list[str]) -> None:
     from eval.runner import main
 
     code = main(argv)
+    if code == 130:  # interrupted (--stop-after): the documents served so far are saved in the run folder
+        print(json.dumps({"code": code, "interrupted": True, "timings": {}, "n_docs": None, "acc": None,
+                          "peak_allocated_gib": None, "peak_reserved_gib": None}))
+        return
     out = Path(argv[argv.index("--output-dir") + 1])
     results = json.loads(next(out.rglob("results.json")).read_text())
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
@@ -179,13 +197,14 @@ def bench_one(name: str, args) -> dict:
     written = write_checkpoint(directory, keys, quantized, Path(args.vocab))
     disk_gb = sum(f.stat().st_size for f in directory.glob("*.safetensors")) / 1e9
     out = Path(args.root) / "runs" / name
-    shutil.rmtree(out, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(out, ignore_errors=True)
     argv = ["--task", "mmlu", "--model", str(directory), "--data-dir", args.data_dir, "--output-dir", str(out),
             "--no-progress", "--dtype", "bf16" if DEVICE.type == "cuda" else "fp32"]
     if args.limit:
         argv += ["--limit", str(args.limit)]
-    run = run_cli(argv)
-    if args.clean:
+    run = run_cli(argv, args.stop_after)
+    if args.clean and not run.get("interrupted"):
         shutil.rmtree(directory)
     return {"model": name, "write_s": round(written, 1), "disk_gb": round(disk_gb, 2), "limit": args.limit, **run}
 
@@ -194,6 +213,10 @@ def print_table(rows: list[dict]) -> None:
     print("| model | disk GB | write s | load s | MMLU docs | serve s | wall s | peak alloc GiB | peak reserved GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if r.get("interrupted"):
+            print(f"| {r['model']} | {r['disk_gb']} | {r['write_s']} | interrupted after {r['wall_s']} s: "
+                  "run again with --resume | | | | | |")
+            continue
         t = r["timings"]
         gib = [f"{r[k]:.1f}" if r[k] is not None else "-" for k in ("peak_allocated_gib", "peak_reserved_gib")]
         print(f"| {r['model']} | {r['disk_gb']} | {r['write_s']} | {t.get('load')} | {r['n_docs']} | "
@@ -211,6 +234,10 @@ def main() -> None:
     p.add_argument("--limit", type=int, help="first N questions of each MMLU subject (to fit a 10-minute call)")
     p.add_argument("--clean", action="store_true", help="delete each checkpoint after its run")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: the script's flow only")
+    p.add_argument("--stop-after", type=float, help="interrupt the CLI after this many seconds (its finished "
+                   "documents stay saved): with --resume, a run longer than one device call spans several")
+    p.add_argument("--resume", action="store_true", help="keep an earlier call's run folder: the CLI serves only "
+                   "the documents not yet saved, and results.json adds up the timings of every call")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"JSON to merge the runs into (default {RESULTS})")
     args = p.parse_args()
     names = [n for n in MODELS if args.only is None or n.startswith(f"qwen-{args.only}")]
