@@ -20,7 +20,7 @@ fp16 embeddings, norms and LM head, quantize_config.json beside config.json. Dis
 Full MMLU on the 72B Int4 checkpoint outlasts one 10-minute device call: run it over several calls of one warm
 machine (its disk holds the checkpoint and the run folder between them), each interrupting the CLI before the
 call's limit:
-    python -m bench.family --only 72b-int4 ... --stop-after 480            # writes, serves until interrupted
+    python -m bench.family --only 72b-int4 ... --stop-after 420            # writes (~2 min), serves until interrupted
     python -m bench.family --only 72b-int4 ... --stop-after 540 --resume   # again until the row has timings
 The last call's row holds the timings of every call added up (results.json sums a resumed run's).
 """
