@@ -60,35 +60,57 @@ class GPTQConfig:
     bits: int
     group_size: int
     desc_act: bool
-    source: str  # the quantize_config.json it came from, named in errors
+    source: str  # the file (and block) it came from, named in errors
 
 
 def read_quantize_config(ckpt: Path) -> GPTQConfig | None:
-    """The checkpoint's GPTQ settings, or None when it has no quantize_config.json (full precision)."""
-    path = ckpt / "quantize_config.json"
+    """The checkpoint's GPTQ settings, or None for a full-precision checkpoint. AutoGPTQ's quantize_config.json,
+    else the `quantization_config` block of config.json (where the Qwen-72B-Chat-Int4 release keeps them);
+    both present must agree."""
+    path, config_path = ckpt / "quantize_config.json", ckpt / "config.json"
+    block = _json(config_path).get("quantization_config") if config_path.exists() else None
+    embedded = _gptq_config(block, f"{config_path} quantization_config") if block is not None else None
     if not path.exists():
-        return None
+        return embedded
+    own = _gptq_config(_json(path), str(path))
+    if embedded is not None and _settings(own) != _settings(embedded):
+        raise QuantizationError(f"{path} (bits {own.bits}, group_size {own.group_size}, desc_act {own.desc_act}) "
+                                f"and {embedded.source} (bits {embedded.bits}, group_size {embedded.group_size}, "
+                                f"desc_act {embedded.desc_act}) disagree: keep one")
+    return own
+
+
+def _settings(config: GPTQConfig) -> tuple:
+    return config.bits, config.group_size, config.desc_act
+
+
+def _json(path: Path) -> dict:
     try:
-        cfg = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise QuantizationError(f"{path}: not valid JSON ({err})") from None
+
+
+def _gptq_config(cfg, where: str) -> GPTQConfig:
+    if not isinstance(cfg, dict):
+        raise QuantizationError(f"{where}: expected a JSON object, found {cfg!r}")
+    if cfg.get("quant_method", "gptq") != "gptq":
+        raise QuantizationError(f"{where}: quant_method {cfg['quant_method']!r} is not supported (only 'gptq')")
     for key in ("bits", "group_size", "desc_act"):
         if key not in cfg:
-            raise QuantizationError(f"{path}: missing key {key!r}")
+            raise QuantizationError(f"{where}: missing key {key!r}")
     if cfg["bits"] != 4:
-        raise QuantizationError(f"{path}: bits {cfg['bits']} is not supported (only 4-bit GPTQ)")
+        raise QuantizationError(f"{where}: bits {cfg['bits']} is not supported (only 4-bit GPTQ)")
     if not isinstance(cfg["group_size"], int) or cfg["group_size"] <= 0:
-        raise QuantizationError(f"{path}: group_size {cfg['group_size']} is not supported (needs a positive group size)")
+        raise QuantizationError(f"{where}: group_size {cfg['group_size']} is not supported (needs a positive group size)")
     if not isinstance(cfg["desc_act"], bool):
-        raise QuantizationError(f"{path}: desc_act must be true or false, found {cfg['desc_act']!r}")
-    if cfg.get("quant_method", "gptq") != "gptq":
-        raise QuantizationError(f"{path}: quant_method {cfg['quant_method']!r} is not supported (only 'gptq')")
+        raise QuantizationError(f"{where}: desc_act must be true or false, found {cfg['desc_act']!r}")
     if cfg.get("checkpoint_format", "gptq") != "gptq":  # e.g. gptq_v2, which stores the zero itself
-        raise QuantizationError(f"{path}: checkpoint_format {cfg['checkpoint_format']!r} is not supported "
+        raise QuantizationError(f"{where}: checkpoint_format {cfg['checkpoint_format']!r} is not supported "
                                 f"(only AutoGPTQ's 'gptq' layout)")
     if cfg.get("is_marlin_format"):
-        raise QuantizationError(f"{path}: is_marlin_format true is not supported (only AutoGPTQ's 'gptq' layout)")
-    return GPTQConfig(cfg["bits"], cfg["group_size"], cfg["desc_act"], str(path))
+        raise QuantizationError(f"{where}: is_marlin_format true is not supported (only AutoGPTQ's 'gptq' layout)")
+    return GPTQConfig(cfg["bits"], cfg["group_size"], cfg["desc_act"], where)
 
 
 def unpack_int4(words: Tensor, dim: int) -> Tensor:

@@ -1,5 +1,6 @@
 """Find, check and stream a Qwen checkpoint (original .bin or v1.1 sharded safetensors) into the model.
-A GPTQ Int4 checkpoint (quantize_config.json beside the weights) goes through the same path, see gptq.py.
+A GPTQ Int4 checkpoint (quantize_config.json beside the weights, or GPTQ settings in config.json) goes through the
+same path, see gptq.py.
 
 Every tensor name, shape and file is checked before any weight is read, so a bad checkpoint fails
 with one message and nothing half-loaded. Weights stream one tensor at a time (safetensors mmap),

@@ -390,6 +390,36 @@ def test_unsupported_quantize_configs(plain_checkpoint, tmp_path, edit, message)
         load_model(path, device="cpu")
 
 
+def _settings_in_config_json(src, tmp_path, **changes):
+    """A copy whose GPTQ settings sit in config.json's quantization_config (as the Qwen-72B-Chat-Int4 release
+    keeps them), without quantize_config.json."""
+    path = _edited_copy(src, tmp_path)
+    settings = {**json.loads((path / "quantize_config.json").read_text()), "quant_method": "gptq", **changes}
+    (path / "quantize_config.json").unlink()
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "quantization_config": settings}))
+    return path
+
+
+def test_gptq_settings_in_config_json_load_as_quantize_config_json(plain_checkpoint, tmp_path):
+    path = _settings_in_config_json(plain_checkpoint, tmp_path)
+    tokens = torch.tensor([[5, 9, 2, 11]])
+    with torch.no_grad():
+        expected = load_model(plain_checkpoint, device="cpu")(tokens)
+        assert torch.equal(load_model(path, device="cpu")(tokens), expected)
+    awq = _settings_in_config_json(plain_checkpoint, tmp_path / "awq", quant_method="awq")
+    with pytest.raises(QuantizationError, match=r"config.json quantization_config: quant_method 'awq' is not supported"):
+        load_model(awq, device="cpu")
+
+
+def test_quantize_config_json_and_config_json_must_agree(plain_checkpoint, tmp_path):
+    path = _settings_in_config_json(plain_checkpoint, tmp_path, group_size=2 * GROUP_SIZE)
+    shutil.copy(plain_checkpoint / "quantize_config.json", path / "quantize_config.json")
+    with pytest.raises(QuantizationError, match=r"quantize_config.json \(bits 4, group_size 32, desc_act False\) and "
+                                                 r".*config.json quantization_config \(bits 4, group_size 64, .*disagree"):
+        load_model(path, device="cpu")
+
+
 def test_wrong_qweight_shape_names_file_and_tensor(plain_checkpoint, tmp_path):
     name = "transformer.h.0.mlp.w1.qweight"
     path = _edited_copy(plain_checkpoint, tmp_path, tensor_edit=lambda t: t.update({name: t[name][:-1].clone()}))
