@@ -14,8 +14,8 @@ and device.
 Writing is one shard at a time: each tensor is random bits of its dtype made on the GPU with the exponent
 pinned to a small range (no inf or NaN; the weights' values do not change the speed), moved to the host and
 saved. The 72B Int4 layout is Qwen-72B-Chat-Int4's: qweight/qzeros/scales/g_idx per projection, group size 128,
-fp16 embeddings, norms and LM head, quantize_config.json beside config.json. Disk: 28 GB (14B) + 41 GB (72B);
---clean deletes a checkpoint after its run (one GPU machine has 64 GB of disk).
+fp16 embeddings, norms and LM head, the GPTQ settings in config.json's quantization_config. Disk: 28 GB (14B)
++ 41 GB (72B); --clean deletes a checkpoint after its run (one GPU machine has 64 GB of disk).
 
 Full MMLU on the 72B Int4 checkpoint outlasts one 10-minute device call: run it over several calls of one warm
 machine (its disk holds the checkpoint and the run folder between them), each interrupting the CLI before the
@@ -123,12 +123,12 @@ def write_checkpoint(directory: Path, keys: dict, quantized: bool, vocab: Path) 
     started = time.time()
     directory.mkdir(parents=True, exist_ok=True)
     cfg = config(keys)
+    if quantized:  # as the Qwen-72B-Chat-Int4 release keeps its GPTQ settings: inside config.json
+        cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": GROUP_SIZE, "damp_percent": 0.01,
+                                      "desc_act": False, "static_groups": False, "sym": True, "true_sequential": True,
+                                      "model_name_or_path": None, "model_file_base_name": "model"}
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
     shutil.copy(vocab, directory / "qwen.tiktoken")
-    if quantized:
-        (directory / "quantize_config.json").write_text(json.dumps(
-            {"bits": 4, "group_size": GROUP_SIZE, "damp_percent": 0.01, "desc_act": False, "static_groups": False,
-             "sym": True, "true_sequential": True, "model_name_or_path": None, "model_file_base_name": "model"}))
     parts, shard, size, total = [], {}, 0, 0
     for name, shape, dtype in tensors(args_from_config(cfg), quantized):
         shard[name] = make(name, shape, dtype)
