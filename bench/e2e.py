@@ -191,8 +191,8 @@ def run_cli(label: str, flags: list[str], args, out: Path) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     argv = [sys.executable, str(REPO / "eval" / "runner.py"), *flags, "--model", str(args.ckpt), "--data-dir",
             str(args.data), "--output-dir", str(folder), "--no-progress", *args.runner_args.split()]
-    profile = out / (folder.name + ".prof")
-    if args.profile:
+    profile = out / (folder.name + ".prof") if args.profile else None
+    if profile:
         argv[1:2] = ["-m", "cProfile", "-o", str(profile), "-m", "eval.runner"]
     started = time.perf_counter()
     done = subprocess.run(argv, check=False, cwd=REPO, capture_output=True, text=True)
@@ -204,7 +204,7 @@ def run_cli(label: str, flags: list[str], args, out: Path) -> dict:
     timings = json.loads(next(folder.rglob("results.json")).read_text())["timings"]
     row.update({k: timings.get(k, 0.0) for k in ("load", "plan", "serve", "write")})
     row["other"] = round(wall - sum(v for v in timings.values() if isinstance(v, (int, float))), 2)
-    if args.profile:
+    if profile:
         row["slowest_calls"] = slowest_calls(profile)
     return row
 

@@ -178,8 +178,7 @@ def child(argv: list[str]) -> None:
 
     code = main(argv)
     if code == 130:  # interrupted (--stop-after): the documents served so far are saved in the run folder
-        print(json.dumps({"code": code, "interrupted": True, "timings": {}, "n_docs": None, "acc": None,
-                          "peak_allocated_gib": None, "peak_reserved_gib": None}))
+        print(json.dumps({"code": code, "interrupted": True}))
         return
     out = Path(argv[argv.index("--output-dir") + 1])
     results = json.loads(next(out.rglob("results.json")).read_text())

@@ -45,9 +45,10 @@ def fused_elementwise() -> None:
           f"{x.numel()}, norm at {(normed != rms_norm(x + delta, w, 1e-6)).sum().item()}")
     q, k, _ = torch.randn(4, 33, 3, 32, 128, device="cuda", generator=g).bfloat16().unbind(2)
     angles = torch.rand(4, 33, 1, 128, device="cuda", generator=g) * 100
+    cos, sin = angles.cos(), angles.sin()
     scale = (torch.rand(4, 33, 1, 1, device="cuda", generator=g) + 1).bfloat16()
-    rq, rk = kernels.rope_qk(q, k, angles.cos(), angles.sin(), scale)
-    eq, ek = rope(q, angles.cos(), angles.sin()) * scale, rope(k, angles.cos(), angles.sin())
+    rq, rk = kernels.rope_qk(q, k, cos, sin, scale)
+    eq, ek = rope(q, cos, sin) * scale, rope(k, cos, sin)
     print(f"bf16 rope_qk: q differs from eager at {(rq != eq).sum().item()} of {q.numel()}, "
           f"k at {(rk != ek).sum().item()} (fp32 contraction may move a last bit)")
 

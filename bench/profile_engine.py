@@ -1,7 +1,7 @@
 """Where the engine's time goes on a GPU (a diagnostic, not a benchmark): kernel tables of an MMLU slice,
 of GSM8K decode steps and of batch-1 decode steps, 7.7B random weights.
 
-    python -m bench.profile_engine --data-dir DIR --vocab qwen.tiktoken [--parts mmlu,gsm8k,decode1]
+    python -m bench.profile_engine --data-dir DIR --vocab qwen.tiktoken [--parts decode1,engine]
 
 decode1 runs first (the invariant op set pins cuBLAS for the whole process, so its fast rows run pinned
 products too): per op set, a 512-token batch-1 generation's wall time per step, the kernels launched per
@@ -45,17 +45,18 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data-dir", required=True)
     p.add_argument("--vocab", required=True)
-    p.add_argument("--parts", default="decode1,mmlu,gsm8k")
+    p.add_argument("--parts", default="decode1,engine")
     args = p.parse_args()
     parts = args.parts.split(",")
     model, tok, data = build_model(), QwenTokenizer(args.vocab), DataSource(Path(args.data_dir))
     if "decode1" in parts:
         decode1(model)
-    if "mmlu" in parts or "gsm8k" in parts:
+    if "engine" in parts:
         engine_tables(model, tok, data)
 
 
 def engine_tables(model, tok, data):
+    """An MMLU slice and GSM8K decode steps through the native backend."""
     native = NativeBackend(model, tok, progress=False)
     subjects = mmlu.TASK.subjects[:12]
     reqs = [r for d in mmlu.TASK.load(data, "fewshot", subjects) for r in mmlu.TASK.requests(d, tok, "fewshot", {})]

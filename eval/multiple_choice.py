@@ -91,7 +91,7 @@ class MultipleChoiceTask(Task):
         truncated = self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens
         if truncated:  # parity: keep the last max-1 tokens (may cut the header and part of the first shot)
             ids, shared = ids[-(self.max_prompt_tokens - 1):], 0
-        choice_ids = self._encoded(tok, self.choice_strings, lambda s: tok.encode(s)[-1])
+        choice_ids = self._encoded(tok, self.choice_strings, lambda strings: tuple(tok.encode(s)[-1] for s in strings))
         return [ChoiceRequest(prompt, tuple(ids), choice_ids, shared, truncated)]
 
     def _prefix_ids(self, tok, text: str) -> list[int]:
@@ -102,7 +102,7 @@ class MultipleChoiceTask(Task):
         times in MMLU)."""
         cache = self.__dict__.setdefault("_token_cache", {})
         if (tok, key) not in cache:
-            cache[tok, key] = encode(key) if isinstance(key, str) else tuple(map(encode, key))
+            cache[tok, key] = encode(key)
         return cache[tok, key]
 
     # ---- scoring --------------------------------------------------------------------------------

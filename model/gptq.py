@@ -26,7 +26,7 @@ the model's op set is the invariant one on a GPU, else through the op set's prod
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,7 +60,7 @@ class GPTQConfig:
     bits: int
     group_size: int
     desc_act: bool
-    source: str  # the file (and block) it came from, named in errors
+    source: str = field(compare=False)  # the file (and block) it came from, named in errors
 
 
 def read_quantize_config(ckpt: Path) -> GPTQConfig | None:
@@ -73,15 +73,11 @@ def read_quantize_config(ckpt: Path) -> GPTQConfig | None:
     if not path.exists():
         return embedded
     own = _gptq_config(_json(path), str(path))
-    if embedded is not None and _settings(own) != _settings(embedded):
+    if embedded is not None and own != embedded:
         raise QuantizationError(f"{path} (bits {own.bits}, group_size {own.group_size}, desc_act {own.desc_act}) "
                                 f"and {embedded.source} (bits {embedded.bits}, group_size {embedded.group_size}, "
                                 f"desc_act {embedded.desc_act}) disagree: keep one")
     return own
-
-
-def _settings(config: GPTQConfig) -> tuple:
-    return config.bits, config.group_size, config.desc_act
 
 
 def _json(path: Path) -> dict:
