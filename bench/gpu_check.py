@@ -33,7 +33,7 @@ def rel(a, b):
 
 
 def fused_elementwise() -> None:
-    """The invariant add+norm and rope_qk in bf16 against the original's separate eager ops."""
+    """The invariant add+norm and rope_qkv in bf16 against the original's separate eager ops."""
     from model import kernels
     from model.ops import rms_norm, rope
 
@@ -47,9 +47,9 @@ def fused_elementwise() -> None:
     angles = torch.rand(4, 33, 1, 128, device="cuda", generator=g) * 100
     cos, sin = angles.cos(), angles.sin()
     scale = (torch.rand(4, 33, 1, 1, device="cuda", generator=g) + 1).bfloat16()
-    rq, rk = kernels.rope_qk(q, k, cos, sin, scale)
+    rq, rk = kernels.rope_qkv(q, k, k, cos, sin, scale)
     eq, ek = rope(q, cos, sin) * scale, rope(k, cos, sin)
-    print(f"bf16 rope_qk: q differs from eager at {(rq != eq).sum().item()} of {q.numel()}, "
+    print(f"bf16 rope_qkv: q differs from eager at {(rq != eq).sum().item()} of {q.numel()}, "
           f"k at {(rk != ek).sum().item()} (fp32 contraction may move a last bit)")
 
 

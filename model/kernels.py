@@ -177,10 +177,12 @@ def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) ->
 
 # ---- elementwise: one fixed formula per element (no compiler choosing fusions per shape) --------------
 @triton.jit
-def _rope_qk_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, scale_ptr, q_out_ptr, k_out_ptr, H, sq_bt, sk_bt, sc_bt,
-                    HAS_SCALE: tl.constexpr, D: tl.constexpr):
+def _rope_qkv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, scale_ptr, q_out_ptr, k_out_ptr,
+                     ck_ptr, cv_ptr, rows_ptr, slots_ptr, H, T, sq_bt, sk_bt, sv_bt, sc_bt,
+                     sc_row, sc_h, sc_s, ss_b, ss_t, HAS_SCALE: tl.constexpr, STORE: tl.constexpr, D: tl.constexpr):
     """One (token, head of q or of k): x * cos + rotate_half(x) * sin in fp32, cast back, as the original;
-    a query head then times its LogN factor in the model dtype (the original's bf16 product)."""
+    a query head then times its LogN factor in the model dtype (the original's bf16 product); a key head,
+    with STORE, also goes with its value into the token's cache slot."""
     bt, head = tl.program_id(0), tl.program_id(1)
     if head < H:
         x_ptr = q_ptr + bt * sq_bt + head * D
@@ -200,22 +202,39 @@ def _rope_qk_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, scale_ptr, q_out_ptr, k_out_
         if head < H:
             y = (y.to(tl.float32) * tl.load(scale_ptr + bt).to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + d, y)
+    if STORE:
+        if head >= H:  # int64 offsets: one layer's cache can pass 2**31 elements
+            b, t, h = bt // T, bt % T, head - H
+            row = tl.load(rows_ptr + b).to(tl.int64)
+            slot = tl.load(slots_ptr + b * ss_b + t * ss_t).to(tl.int64)
+            at = row * sc_row + h * sc_h + slot * sc_s + d
+            tl.store(ck_ptr + at, y)
+            tl.store(cv_ptr + at, tl.load(v_ptr + bt * sv_bt + h * D + d))
 
 
-def rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_scale: Tensor | None) -> tuple[Tensor, Tensor]:
-    """q, k [B, T, H, D] (heads contiguous; views of the fused projection are fine), cos/sin [B, T, 1, D] fp32,
-    q_scale [B, T, 1, 1] in the model dtype or None: both rotated and the queries scaled, in one launch."""
+def rope_qkv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, q_scale: Tensor | None,
+             store=None) -> tuple[Tensor, Tensor]:
+    """q, k, v [B, T, H, D] (heads contiguous; views of the fused projection are fine), cos/sin [B, T, 1, D] fp32,
+    q_scale [B, T, 1, 1] in the model dtype or None, store: ops.CacheSlots or None. Returns q and k rotated
+    (queries scaled); k and v also go into the cache slots. One launch."""
     B, T, H, D = q.shape
-    for x in (q, k):
+    for x in (q, k, v):
         assert x.stride(3) == 1 and x.stride(2) == D and x.stride(0) == T * x.stride(1)
     cos, sin = cos.contiguous(), sin.contiguous()
     q_out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     k_out = torch.empty_like(q_out)
     scale = q_scale.contiguous() if q_scale is not None else cos
+    if store is not None:
+        assert store.k.stride() == store.v.stride() and store.k.stride(-1) == 1
+        cache_k, cache_v, rows, slots = store
+        cache_strides, slot_strides = store.k.stride()[:3], slots.stride()
+    else:
+        cache_k, cache_v, rows, slots, cache_strides, slot_strides = k, v, cos, cos, (0, 0, 0), (0, 0)
     if B * T:
         with _on(q):
-            _rope_qk_kernel[(B * T, 2 * H)](q, k, cos, sin, scale, q_out, k_out, H, q.stride(1), k.stride(1), D,
-                                            HAS_SCALE=q_scale is not None, D=D)
+            _rope_qkv_kernel[(B * T, 2 * H)](q, k, v, cos, sin, scale, q_out, k_out, cache_k, cache_v, rows, slots, H, T,
+                                             q.stride(1), k.stride(1), v.stride(1), D, *cache_strides, *slot_strides,
+                                             HAS_SCALE=q_scale is not None, STORE=store is not None, D=D)
     return q_out, k_out
 
 

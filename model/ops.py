@@ -1,10 +1,11 @@
 """The op sets: the one place that decides which kernels compute every layer.
 
 An op set names the functions behind each layer: linear, add_rms_norm (the residual add and the next norm in
-one pass), rope_qk (queries and keys rotated, queries scaled by LogN), swiglu, attention (prefill and scoring)
-and decode_attention (the engine's one-token decode step only). The model holds one op set and
-hands it to every layer, Int4 layers included; whoever builds the model chooses it once (the native backend,
-from a run's `--kernels`, through `select`), and its name goes into run.json.
+one pass), rope_qkv (queries and keys rotated, queries scaled by LogN, keys and values stored in their cache
+slots), swiglu, attention (prefill and scoring) and decode_attention (the engine's one-token decode step
+only). The model holds one op set and hands it to every layer, Int4 layers included; whoever builds the model
+chooses it once (the native backend, from a run's `--kernels`, through `select`), and its name goes into
+run.json.
 
 - FAST: PyTorch's and cuBLAS's kernels (flash attention when installed): fastest; on a GPU a row's
   numbers move with the batch shape.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,8 @@ class Ops:
     name: str  # recorded in run.json ("engine")
     linear: Callable  # (x [..., K], weight [N, K], bias [N] | None) -> [..., N]
     add_rms_norm: Callable  # (x, delta | None, weight, eps) -> (x + delta, its RMSNorm)
-    rope_qk: Callable  # (q, k [B, T, H, D], cos, sin [B, T, 1, D] fp32, q_scale [B, T, 1, 1] | None) -> (q, k)
+    # (q, k, v [B, T, H, D], cos, sin [B, T, 1, D] fp32, q_scale [B, T, 1, 1] | None, CacheSlots | None) -> (q, k)
+    rope_qkv: Callable
     swiglu: Callable  # (up, gate) -> up * silu(gate)
     attention: Callable  # (q, k, v, inputs, prefix_kv) -> [B, T, H, D]
     decode_attention: Callable  # the same, for the engine's decode step (T == 1, static shapes) only
@@ -90,11 +93,35 @@ def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) ->
     return x, rms_norm(x, weight, eps)
 
 
+class CacheSlots(NamedTuple):
+    """Where a forward's keys and values go: one layer's cache k, v [rows, H, S, D], and for each token of the
+    batch its cache row (rows [b]) and slot (slots [b, T])."""
+
+    k: Tensor
+    v: Tensor
+    rows: Tensor
+    slots: Tensor
+
+    def write(self, k: Tensor, v: Tensor) -> None:
+        """Store k, v [b, T, H, D] in their slots."""
+        self.k[self.rows[:, None], :, self.slots] = k
+        self.v[self.rows[:, None], :, self.slots] = v
+
+
 @fused_on_gpu
-def rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_scale: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Queries and keys rotated; queries then times their LogN factor (model dtype), as the original."""
+def _rotate_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, q_scale: Tensor | None) -> tuple[Tensor, Tensor]:
     q, k = rope(q, cos, sin), rope(k, cos, sin)
     return (q if q_scale is None else q * q_scale), k
+
+
+def rope_qkv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, q_scale: Tensor | None,
+             store: CacheSlots | None) -> tuple[Tensor, Tensor]:
+    """Queries and keys rotated, queries then times their LogN factor (model dtype), as the original; the
+    rotated keys and the values stored in the cache slots when given."""
+    q, k = _rotate_qk(q, k, cos, sin, q_scale)
+    if store is not None:
+        store.write(k, v)
+    return q, k
 
 
 @fused_on_gpu
@@ -204,7 +231,7 @@ def _invariant_decode_attention(q, k, v, inputs, prefix_kv=None):
                                        inputs.aligned)
 
 
-FAST = Ops("fast", F.linear, add_rms_norm, rope_qk, swiglu, _heads_first(library_attention),
+FAST = Ops("fast", F.linear, add_rms_norm, rope_qkv, swiglu, _heads_first(library_attention),
            _heads_first(library_attention), masks=True)
 CPU = replace(FAST, name="cpu")
 REFERENCE = replace(FAST, name="reference", attention=_heads_first(reference_attention),
@@ -213,7 +240,7 @@ INVARIANT = Ops(
     "invariant",
     linear=lambda x, weight, bias=None: _kernels().linear(x, weight, bias),
     add_rms_norm=lambda x, delta, weight, eps: _kernels().add_rms_norm(x, delta, weight, eps),
-    rope_qk=lambda q, k, cos, sin, q_scale: _kernels().rope_qk(q, k, cos, sin, q_scale),
+    rope_qkv=lambda q, k, v, cos, sin, q_scale, store: _kernels().rope_qkv(q, k, v, cos, sin, q_scale, store),
     swiglu=lambda up, gate: _kernels().swiglu(up, gate),
     attention=_invariant_attention,
     decode_attention=_invariant_decode_attention,

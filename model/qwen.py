@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ModelArgs
-from .ops import FAST, Ops
+from .ops import FAST, CacheSlots, Ops
 
 
 def ntk_alpha(length: Tensor, seq_length: int) -> Tensor:
@@ -81,10 +81,13 @@ class CacheView:
     read_len: int  # decoding reads only the slots that can hold tokens yet (static per captured graph)
     aligned: bool  # slot s holds position P + s: attention may stop at the query's position
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v [b, T, H, D]; return what attention reads, [b, H, S, D]."""
-        self.cache.k[layer][self.rows[:, None], :, self.slots] = k
-        self.cache.v[layer][self.rows[:, None], :, self.slots] = v
+    def slots_of(self, layer: int) -> CacheSlots:
+        """Where this forward's keys and values of `layer` go (the op set's rope_qkv stores them)."""
+        return CacheSlots(self.cache.k[layer], self.cache.v[layer], self.rows, self.slots)
+
+    def attended(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """What attention reads, [b, H, S, D]: the cache's first read_len slots when decoding, else the new
+        (already stored) k, v [b, T, H, D]."""
         if self.read:
             return self.cache.k[layer][:, :, : self.read_len], self.cache.v[layer][:, :, : self.read_len]
         return k.transpose(1, 2), v.transpose(1, 2)
@@ -149,9 +152,9 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, inp: LayerInputs, layer: int, kv: CacheView | None, prefix, ops: Ops) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x, ops).view(B, T, 3, self.n_head, self.head_dim).unbind(2)  # each [B, T, H, D]
-        q, k = ops.rope_qk(q, k, inp.cos, inp.sin, inp.q_scale)
+        q, k = ops.rope_qkv(q, k, v, inp.cos, inp.sin, inp.q_scale, None if kv is None else kv.slots_of(layer))
         if kv is not None:
-            k, v = kv.update(layer, k, v)
+            k, v = kv.attended(layer, k, v)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         pkv = None if prefix is None else (prefix.k[layer][0], prefix.v[layer][0])

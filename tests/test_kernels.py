@@ -97,18 +97,28 @@ def test_shared_prefix_equals_the_full_prompt(window):
     torch.testing.assert_close(shared[real], reference[real], rtol=1e-5, atol=1e-5)
 
 
-def test_rope_qk_and_swiglu_equal_reference():
-    from model.ops import rope, swiglu
+def test_rope_qkv_and_swiglu_equal_reference():
+    from model.ops import CacheSlots, rope, rope_qkv, swiglu
 
-    q, k, _ = torch.randn(2, 5, 3, H, D).unbind(2)  # a fused projection's q and k: strided like the model's
+    q, k, v = torch.randn(2, 5, 3, H, D).unbind(2)  # a fused projection's q, k, v: strided like the model's
     angles = torch.rand(2, 5, 1, D)
     cos, sin = angles.cos(), angles.sin()
     q_scale = torch.rand(2, 5, 1, 1) + 1.0  # LogN factors
     for scale in (None, q_scale):
-        rotated_q, rotated_k = kernels.rope_qk(q, k, cos, sin, scale)
+        rotated_q, rotated_k = kernels.rope_qkv(q, k, v, cos, sin, scale)
         expected_q = rope(q, cos, sin) * (1.0 if scale is None else scale)
         torch.testing.assert_close(rotated_q, expected_q, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(rotated_k, rope(k, cos, sin), rtol=1e-6, atol=1e-6)
+    # into cache rows 3 and 1 of 4, at each row's own slots (a prefill's expanded arange, a decode step's column)
+    for slots in (torch.arange(5).expand(2, -1), torch.tensor([[7], [2]]).expand(2, 5)[:, :5] + torch.arange(5)):
+        caches = [(torch.zeros(4, H, 16, D), torch.zeros(4, H, 16, D)) for _ in range(2)]
+        rows = torch.tensor([3, 1])
+        got = kernels.rope_qkv(q, k, v, cos, sin, q_scale, CacheSlots(*caches[0], rows, slots))
+        expected = rope_qkv(q, k, v, cos, sin, q_scale, CacheSlots(*caches[1], rows, slots))
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(caches[0], caches[1], rtol=1e-6, atol=1e-6)
+        assert caches[0][1][rows[:, None], :, slots].equal(v)  # values are copied, not rotated
+        assert caches[0][0][0].abs().sum() == 0 and caches[0][0][2].abs().sum() == 0  # other rows untouched
     up, gate = torch.randn(3, 7, 40), torch.randn(3, 7, 40)
     torch.testing.assert_close(kernels.swiglu(up, gate), swiglu(up, gate), rtol=1e-6, atol=1e-6)
 

@@ -175,7 +175,7 @@ def recording_ops(base=ops.FAST):
             return getattr(base, name)(*args)
         return run
 
-    names = ("linear", "add_rms_norm", "rope_qk", "swiglu", "attention", "decode_attention")
+    names = ("linear", "add_rms_norm", "rope_qkv", "swiglu", "attention", "decode_attention")
     return replace(base, name="recording", **{n: counted(n) for n in names}), calls
 
 
@@ -186,7 +186,7 @@ def test_every_layer_computes_through_the_model_op_set():
     cache = KVCache.empty(model.args, batch=2, max_len=12, dtype=torch.float32, device="cpu")
     positions = torch.arange(10).expand(2, -1)
     model(tokens(2, 10), positions=positions, kv=cache.prefill(torch.arange(2), positions))
-    prefill = {"linear": 5 * L + 1, "add_rms_norm": 2 * L + 1, "rope_qk": L, "swiglu": L, "attention": L}
+    prefill = {"linear": 5 * L + 1, "add_rms_norm": 2 * L + 1, "rope_qkv": L, "swiglu": L, "attention": L}
     assert calls == prefill
     step = torch.full((2, 1), 10)
     model(tokens(2, 1), positions=step, kv=cache.decode(step, step))  # one token over the cache: decoding
