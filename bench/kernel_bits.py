@@ -142,20 +142,23 @@ def decode_batch(lengths, capacity, prefix, gen, H=32, D=128):
 
 
 def check_decode_attention(gen) -> list[dict]:
-    """A row alone, among 15 others, in a cache twice as long, and with a shared prefix: the same bits."""
+    """A row alone, among 15 others, in a cache twice as long, and with a shared prefix: the same bits. The 16
+    rows share their first P keys, so with the prefix held once its whole splits serve all 16 rows in one
+    program (each row at another place of the tile) and every row is compared."""
     rows = []
     for length in (1, 63, 64, 511, 512, 513, 1500, 2048, 4100, 8192):
         lengths = [length] + [int(x) for x in torch.randint(1, 8192, (15,), generator=torch.Generator().manual_seed(length))]
         q, k, v, key_pos, q_pos = decode_batch(lengths, 8192 + 600, 0, gen)
+        P = min(700, length - 1)  # the first P keys held once as a shared prefix
+        k[:, :, :P], v[:, :, :P] = k[:1, :, :P], v[:1, :, :P]
         batched = kernels.decode_attention(q, k, v, key_pos, q_pos)
         alone = kernels.decode_attention(q[:1], k[:1, :, :length], v[:1, :, :length], key_pos[:1, :length], q_pos[:1])
-        P = min(700, length - 1)  # the first P keys held once as a shared prefix
         prefix = (k[0, :, :P].contiguous(), v[0, :, :P].contiguous())
-        own = key_pos[:1, P:]
-        shared = kernels.decode_attention(q[:1], k[:1, :, P:], v[:1, :, P:], own, q_pos[:1], prefix)
+        shared = kernels.decode_attention(q, k[:, :, P:], v[:, :, P:], key_pos[:, P:], q_pos, prefix)
         rows.append({"cache_length": length, "splits": -(-length // kernels.DECODE_SPLIT),
                      "alone_equals_batched": torch.equal(alone, batched[:1]),
-                     "shared_prefix_equals_whole": torch.equal(shared, batched[:1])})
+                     "shared_prefix_equals_whole": torch.equal(shared, batched),
+                     "rows_differing_with_prefix_shared": int((shared != batched).flatten(1).any(1).sum())})
         print(rows[-1], flush=True)
     return rows
 

@@ -368,40 +368,47 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Tensor, p
 
 
 # ---- decode attention: one query per row, split-KV with a fixed split size --------------------------
-@triton.jit(do_not_specialize=["S", "P", "window"])
+@triton.jit(do_not_specialize=["S", "P", "B", "window", "first_split"])
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, kpos_ptr, pk_ptr, pv_ptr, qpos_ptr, part_ptr,
-                         S, P, H, scale, window, n_split,
+                         S, P, B, H, scale, window, n_split, first_split,
                          sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, skp_b, spk_h, spk_p, spv_h, spv_p, sqp_b,
-                         IEEE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
-    """One (row, head, split): online softmax over logical keys [split * SPLIT, (split + 1) * SPLIT) in
-    BLOCK_N blocks aligned at 0; writes (unnormalised output[D], max, sum) in fp32. The query is row 0 of a
-    16-row tile (the least a tensor-core product takes); the other rows are zeros and never stored."""
-    sp, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
+                         ROWS: tl.constexpr, IEEE: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         SPLIT: tl.constexpr):
+    """One (ROWS rows, head, split): online softmax over logical keys [split * SPLIT, (split + 1) * SPLIT) in
+    BLOCK_N blocks aligned at 0; writes each row's (unnormalised output[D], max, sum) in fp32. The queries are
+    rows of a 16-row tile (the least a tensor-core product takes): ROWS = 1 puts one row in it (rows zero
+    after it, never stored), ROWS = 16 sixteen rows, for splits inside the shared prefix, whose keys are the
+    same for every row: read once for 16 rows. A row's bits are the same either way: each row of a tile
+    product depends on its own query alone, and blocks a row cannot see change none of its bits."""
+    sp, pid = tl.program_id(0) + first_split, tl.program_id(1)
+    h, first_row = pid % H, (pid // H) * ROWS
     offs_d = tl.arange(0, D)
-    first = tl.arange(0, 16) == 0
-    q_pos = tl.load(qpos_ptr + b * sqp_b)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + tl.zeros((16,), tl.int32)[:, None] + offs_d[None, :],
-                mask=first[:, None], other=0.0)
+    tile = tl.arange(0, 16)
+    rows = first_row + tile
+    real = (tile < ROWS) & (rows < B)
+    q_pos = tl.load(qpos_ptr + rows * sqp_b, mask=real, other=-1)
+    q = tl.load(q_ptr + rows[:, None] * sq_b + h * sq_h + offs_d[None, :], mask=real[:, None], other=0.0)
     m_i = tl.full((16,), float("-inf"), tl.float32)
     l_i = tl.zeros((16,), tl.float32)
     acc = tl.zeros((16, D), tl.float32)
     start = sp * SPLIT
-    # own key s holds position P + s, so nothing past the query's position is visible (a padding row,
-    # q_pos = -1, reads nothing and gives zeros, as attention() does)
-    end = tl.minimum(start + SPLIT, tl.minimum(P + S, q_pos + 1))
+    # own key s holds position P + s, so nothing past a query's position is visible (a padding row,
+    # q_pos = -1, sees nothing and gives zeros, as attention() does)
+    end = tl.minimum(start + SPLIT, tl.minimum(P + S, tl.max(q_pos, axis=0) + 1))
     for block in range(start, end, BLOCK_N):
         j = block + tl.arange(0, BLOCK_N)
-        k, k_pos = _logical_keys(j, P, S, b, h, k_ptr, pk_ptr, kpos_ptr, sk_b, sk_h, sk_s, skp_b, spk_h, spk_p, offs_d)
-        visible = (k_pos >= 0) & (k_pos <= q_pos)
+        # the first row's keys: with ROWS = 16 the split lies inside the prefix, the same for every row
+        k, k_pos = _logical_keys(j, P, S, first_row, h, k_ptr, pk_ptr, kpos_ptr, sk_b, sk_h, sk_s, skp_b, spk_h,
+                                 spk_p, offs_d)
+        visible = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
         if window > 0:
-            visible = visible & (q_pos - k_pos < window)
-        v = _logical_values(j, P, S, b, h, v_ptr, pv_ptr, sv_b, sv_h, sv_s, spv_h, spv_p, offs_d)
-        m_i, l_i, acc = _attend_block(q, k, v, visible[None, :], m_i, l_i, acc, scale, IEEE)
-    part = part_ptr + (bh * n_split + sp) * (D + 2)
-    tl.store(part + tl.zeros((16,), tl.int32)[:, None] + offs_d[None, :], acc, mask=first[:, None])
-    tl.store(part + D + tl.zeros((16,), tl.int32), m_i, mask=first)
-    tl.store(part + D + 1 + tl.zeros((16,), tl.int32), l_i, mask=first)
+            visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
+        v = _logical_values(j, P, S, first_row, h, v_ptr, pv_ptr, sv_b, sv_h, sv_s, spv_h, spv_p, offs_d)
+        m_i, l_i, acc = _attend_block(q, k, v, visible, m_i, l_i, acc, scale, IEEE)
+    part = part_ptr + ((rows * H + h) * n_split + sp) * (D + 2)
+    tl.store(part[:, None] + offs_d[None, :], acc, mask=real[:, None])
+    tl.store(part + D, m_i, mask=real)
+    tl.store(part + D + 1, l_i, mask=real)
 
 
 @triton.jit
@@ -439,13 +446,17 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Te
         P = pk.shape[1]
     assert k.stride(-1) == v.stride(-1) == pk.stride(-1) == pv.stride(-1) == q.stride(-1) == 1
     n_split = triton.cdiv(P + S, DECODE_SPLIT)
+    n_shared = P // DECODE_SPLIT  # splits inside the shared prefix: their keys serve 16 rows per program
     parts = torch.empty(B * H, n_split, D + 2, dtype=torch.float32, device=q.device)
     out = torch.empty(B, 1, H, D, dtype=q.dtype, device=q.device)
+    strides = (q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+               key_pos.stride(0), pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1), q_pos.stride(0))
     with _on(q):
-        _decode_split_kernel[(n_split, B * H)](
-            q, k, v, key_pos, pk, pv, q_pos, parts, S, P, H, D ** -0.5, window or 0, n_split,
-            q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            key_pos.stride(0), pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1), q_pos.stride(0),
-            IEEE=q.dtype == torch.float32, D=D, BLOCK_N=DECODE_BLOCK_N, SPLIT=DECODE_SPLIT, num_warps=4, num_stages=2)
+        for rows, first, count in ((16, 0, n_shared), (1, n_shared, n_split - n_shared)):
+            if count:
+                _decode_split_kernel[(count, triton.cdiv(B, rows) * H)](
+                    q, k, v, key_pos, pk, pv, q_pos, parts, S, P, B, H, D ** -0.5, window or 0, n_split, first,
+                    *strides, ROWS=rows, IEEE=q.dtype == torch.float32, D=D, BLOCK_N=DECODE_BLOCK_N,
+                    SPLIT=DECODE_SPLIT, num_warps=4, num_stages=2)
         _decode_combine_kernel[(B * H,)](parts, out, H, n_split, out.stride(0), out.stride(2), D=D, num_warps=1)
     return out

@@ -167,6 +167,27 @@ def test_decode_attention_with_a_shared_prefix_equals_the_full_cache():
     assert torch.equal(shared, whole)
 
 
+def test_decode_attention_over_a_long_shared_prefix_equals_the_row_alone_and_its_own_cache():
+    """Splits inside the prefix serve 16 rows per program: a row gets what it gets alone, in another tile, and
+    from the same keys in its own cache (prefix reuse off). Bits here only for a tile's first row: the
+    interpreter's numpy products sum other rows of a tile in other orders; bench/kernel_bits.py checks the
+    bits of every row on the GPU."""
+    P = 2 * kernels.DECODE_SPLIT + 40  # two splits lie wholly inside the prefix
+    lengths = [P + n for n in (5, 90, 1, 33, 17, 64, 2, 9, 41, 12, 70, 3, 8, 25, 50, 6, 11, 44)]  # 18 rows: 2 tiles
+    q, k, v, key_pos, q_pos = _decode_batch(lengths, capacity=max(lengths))
+    k[:, :, :P], v[:, :, :P] = k[:1, :, :P], v[:1, :, :P]  # every row's first P keys are the prefix
+    prefix = (k[0, :, :P].contiguous(), v[0, :, :P].contiguous())
+    own = (k[:, :, P:], v[:, :, P:], torch.where(key_pos[:, P:] >= 0, key_pos[:, P:], -1))
+    shared = kernels.decode_attention(q, *own[:2], own[2], q_pos, prefix)
+    whole = kernels.decode_attention(q, k, v, key_pos, q_pos)
+    torch.testing.assert_close(shared, whole, rtol=1e-6, atol=1e-7)
+    assert torch.equal(shared[[0, 16]], whole[[0, 16]])  # first rows of their tiles
+    for rows in (slice(17, 18), slice(3, 9)):  # alone, and in another tile
+        alone = kernels.decode_attention(q[rows], own[0][rows], own[1][rows], own[2][rows], q_pos[rows], prefix)
+        torch.testing.assert_close(alone, shared[rows], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(shared, _ref_attention(q, k, v, key_pos, q_pos), rtol=1e-5, atol=1e-5)
+
+
 def test_linear_equals_reference_for_any_row_layout():
     gen = torch.Generator().manual_seed(9)
     w, bias = torch.randn(24, 40, generator=gen), torch.randn(24, generator=gen)
