@@ -4,6 +4,7 @@ A mid-size random Qwen in fp32 and bf16, with each op set (fast, invariant): fus
 vs the plain reference path, CUDA-graphed decoding vs eager (the invariant decode step is captured too),
 engine results vs full forwards, and for the invariant set the same requests served one row at a time. Prints one line per check.
 """
+import argparse
 import time
 
 import torch
@@ -54,9 +55,17 @@ def fused_elementwise() -> None:
 
 
 def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--op-sets", default="fast,invariant")
+    args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
+    # as a run does: cuBLAS pinned before the process's first product, else the invariant set's library
+    # products keep the split-K choices of the handles made before (and the fast rows run pinned too)
+    ops.select("invariant", "cuda")
     fused_elementwise()
-    for dtype, op_set in [(d, o) for d in (torch.float32, torch.bfloat16) for o in (ops.FAST, ops.INVARIANT)]:
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    for dtype, op_set in [(d, ops.KERNELS[name]) for d in dtypes for name in args.op_sets.split(",")]:
         model = build(dtype)
         model.ops = op_set
         label = f"{dtype} {op_set.name}"

@@ -1,11 +1,13 @@
 """Where the engine's time goes on a GPU (a diagnostic, not a benchmark): kernel tables of an MMLU slice,
 of GSM8K decode steps and of batch-1 decode steps, 7.7B random weights.
 
-    python -m bench.profile_engine --data-dir DIR --vocab qwen.tiktoken [--parts decode1,engine]
+    python -m bench.profile_engine --data-dir DIR --vocab qwen.tiktoken [--parts decode1,mmlu1,engine]
 
 decode1 runs first (the invariant op set pins cuBLAS for the whole process, so its fast rows run pinned
 products too): per op set, a 512-token batch-1 generation's wall time per step, the kernels launched per
-step and the device time they add up to, then the kernel table.
+step and the device time they add up to, then the kernel table. mmlu1 serves `--task mmlu --limit 1`'s 57
+requests (one per subject, each behind its own 5-shot prefix) in a fresh engine, then again: the first time
+holds every first-use cost; the host-side table of a third pass shows where a warm pass waits.
 """
 import argparse
 import dataclasses
@@ -45,14 +47,29 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data-dir", required=True)
     p.add_argument("--vocab", required=True)
-    p.add_argument("--parts", default="decode1,engine")
+    p.add_argument("--parts", default="decode1,mmlu1,engine")
     args = p.parse_args()
     parts = args.parts.split(",")
     model, tok, data = build_model(), QwenTokenizer(args.vocab), DataSource(Path(args.data_dir))
     if "decode1" in parts:
         decode1(model)
+    if "mmlu1" in parts:
+        mmlu_first_docs(model, tok, data)
     if "engine" in parts:
         engine_tables(model, tok, data)
+
+
+def mmlu_first_docs(model, tok, data) -> None:
+    model.ops = ops.select("invariant", "cuda")
+    native = NativeBackend(model, tok, progress=False)
+    reqs = [mmlu.TASK.requests(docs[0], tok, "fewshot", {})[0] for subject in mmlu.TASK.subjects
+            for docs in [mmlu.TASK.load(data, "fewshot", [subject])]]
+    first, _ = timed(lambda: native.choice(reqs))
+    again, _ = timed(lambda: native.choice(reqs))
+    print(f"mmlu1 ({len(reqs)} requests): first serve {first:.2f} s, again {again:.2f} s, {dict(native.engine.stats)}")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        native.choice(reqs)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
 def engine_tables(model, tok, data):
