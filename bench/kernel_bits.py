@@ -10,9 +10,10 @@ rows taken at two offsets. Triton tilings (small ones run mma.sync, large ones w
 Decode attention (kernels.decode_attention): a row's output is the same alone, among other rows, in a
 cache of more slots, and with its prefix shared, at cache lengths across several splits.
 
-Timings (device time of CUDA-graphed calls, as in the engine's decode step): the pinned product and the
-Triton matmul in this process, the library's default cuBLAS (split-K allowed) in a child process, since
-the pinning is process-wide.
+Timings per product: device time of CUDA-graphed calls (as in the engine's decode step) and wall time per
+call of eager calls in a row (host included: a small scoring forward is not graphed); the pinned products
+in this process, the library's default cuBLAS (split-K allowed) in a child process, since the pinning is
+process-wide.
 """
 from __future__ import annotations
 
@@ -40,7 +41,17 @@ TIMED_ROWS = (1, 16, 64, 256, 2048, 16384)
 
 # the batch-invariant products: cuBLASLt pinned (kernels.linear, BF16 layers) and the Triton matmul (its
 # own K order, tile by row count; the Int4 kernel's contract)
-PRODUCTS = {"cublas_pinned": kernels.linear, "triton": kernels.matmul}
+def gemm_pinned(x, weight, bias=None):
+    """kernels.linear through cuBLAS's classic GEMM API instead of cuBLASLt (same pins): a candidate for less
+    host time per call than cuBLASLt's per-call heuristic query, if its rows prove invariant too."""
+    torch.backends.cuda.preferred_blas_library("cublas")
+    try:
+        return kernels.linear(x, weight, bias)
+    finally:
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+
+
+PRODUCTS = {"cublas_pinned": kernels.linear, "cublas_gemm_pinned": gemm_pinned, "triton": kernels.matmul}
 
 
 def sweep_shape(n: int, k: int, has_bias: bool, max_rows: int, largest: int, products, gen) -> dict:
@@ -109,6 +120,18 @@ def graph_ms(fn, calls: int = 20, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def eager_ms(fn, calls: int = 200) -> float:
+    """Wall time per call of `calls` eager calls in a row: the host's cost per launch where it exceeds the
+    device's (as in a small scoring forward, which is not graphed)."""
+    fn()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) * 1000 / calls
+
+
 def time_products(shapes, library_default: bool, gen) -> list[dict]:
     rows = []
     for n, k, has_bias in shapes:
@@ -120,9 +143,11 @@ def time_products(shapes, library_default: bool, gen) -> list[dict]:
             row = {"n": n, "k": k, "m": m}
             if library_default:
                 row["library_ms"] = graph_ms(lambda: torch.nn.functional.linear(x, w, bias), calls)
+                row["library_eager_ms"] = eager_ms(lambda: torch.nn.functional.linear(x, w, bias))
             else:
-                row["pinned_ms"] = graph_ms(lambda: kernels.linear(x, w, bias), calls)
-                row["triton_ms"] = graph_ms(lambda: kernels.matmul(x, w, bias), calls)
+                for name, product in PRODUCTS.items():
+                    row[f"{name}_ms"] = graph_ms(lambda: product(x, w, bias), calls)
+                    row[f"{name}_eager_ms"] = eager_ms(lambda: product(x, w, bias))
                 row["triton_tiles_ms"] = {str(t): round(graph_ms(lambda: kernels.matmul(x, w, bias, tile=t), calls), 4)
                                           for t in TIMING_TILES if (m <= 64) == (t[0] <= 64)}
             rows.append(row)
@@ -189,7 +214,7 @@ def main():
     p.add_argument("--largest", type=int, default=16384, help="rows of the largest product (the engine's batch)")
     p.add_argument("--library-default", action="store_true", help="(child process) time the unpinned library")
     p.add_argument("--parts", default="bits,tiles,attention,timings")
-    p.add_argument("--products", default="cublas_pinned,triton")
+    p.add_argument("--products", default=",".join(PRODUCTS))
     p.add_argument("--out", default="bench/results/kernel_bits.json")
     args = p.parse_args()
     torch.set_grad_enabled(False)
@@ -229,11 +254,13 @@ def print_tables(result: dict) -> None:
         for r in result["products"]:
             print(f"| {r['n']} x {r['k']} | {r['bias']} | " + " | ".join(str(r[k] or "none") for k in names) + " |")
     if "timings" in result:
-        print("\n| N x K | rows | pinned ms | library default ms | Triton ms | best Triton tile ms |\n|---|---|---|---|---|---|")
+        columns = [*PRODUCTS, "library"]
+        print("\nms per call: device (CUDA-graphed) / eager (a run of calls, host included)\n| N x K | rows | "
+              + " | ".join(columns) + " | best Triton tile |\n|---|---|" + "---|" * (len(columns) + 1))
         for r in result["timings"]:
             best = min(r["triton_tiles_ms"].items(), key=lambda kv: kv[1])
-            print(f"| {r['n']} x {r['k']} | {r['m']} | {r['pinned_ms']:.4f} | {r['library_ms']:.4f} "
-                  f"| {r['triton_ms']:.4f} | {best[0]} {best[1]:.4f} |")
+            cells = " | ".join(f"{r[f'{c}_ms']:.4f} / {r[f'{c}_eager_ms']:.4f}" for c in columns)
+            print(f"| {r['n']} x {r['k']} | {r['m']} | {cells} | {best[0]} {best[1]:.4f} |")
     for r in result.get("triton_tiles", []):
         print(f"Triton tiles differing from (64, 64) on {r['n']} x {r['k']}: {r['tiles_differing'] or 'none'}")
     if "decode_attention" in result:

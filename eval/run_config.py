@@ -66,6 +66,7 @@ class RunConfig:
     skip_bad_rows: bool = False
     verbatim_csv: bool = False
     no_progress: bool = False
+    plots: bool = False
     task_options: dict = field(default_factory=dict)
     backend_options: dict = field(default_factory=dict)
 

@@ -87,6 +87,9 @@ def parser(prog: str = "python eval/runner.py") -> argparse.ArgumentParser:
     p.add_argument("--verbatim-csv", action="store_true",
                    help="read CSV cells as written (the original parsed them with pandas: 'None' became 'nan')")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and CI)")
+    p.add_argument("--plots", action="store_true",
+                   help="also draw the task's PNG plots into the run directory, after the table (matplotlib: "
+                        "seconds); `report` draws them for any finished run")
     add_flags(p.add_argument_group("task options (each read by the tasks named)"),
               [_named_readers(option, readers) for option, readers in task_options().values()])
     for backend, options in BACKEND_OPTIONS.items():
@@ -216,7 +219,8 @@ def dry_run(config: RunConfig, groups: dict) -> int:
 
 def evaluate(config: RunConfig, groups: dict, endpoint=None) -> int:
     """Every check that needs the checkpoint's config, then each model loaded once (or the endpoint reached) and
-    its runs served; plots last (matplotlib's import and font set-up take seconds), after every table is out."""
+    its runs served; plots (with --plots) last, after every table is out: matplotlib's import and drawing take
+    seconds, a quarter of a quick check's wall time on a GPU (bench/RESULTS.md)."""
     from eval.backends import refuse_unapplied_switches  # imports torch: not for --dry-run
 
     for model_id, group in groups.items():  # before any weights load
@@ -233,7 +237,7 @@ def evaluate(config: RunConfig, groups: dict, endpoint=None) -> int:
     distributed.close(ranks)
     if finished:
         _last_words(config, finished)
-    for job in finished:
+    for job in finished if config.plots else ():
         _plot(job.plan.run_dir)
     return 0
 

@@ -31,7 +31,7 @@ def test_multiple_choice_tasks_end_to_end(task, subjects, mode, tiny_checkpoint,
     assert all(r["prompt_hash"] and r["responses"] for r in records)
     assert (run_dir / "table.md").read_text().startswith(f"### {task} ({mode})")
     assert (run_dir / "table.csv").read_text().splitlines()[0].startswith("name,n,acc")
-    assert (run_dir / "categories.png").stat().st_size > 0
+    assert not list(run_dir.glob("*.png"))  # plots only when asked for
     provenance = results["provenance"]
     assert provenance["packages"]["torch"] and provenance["data"]["files"]
     assert results["identity"]["switches"] == {"dynamic_ntk": True, "logn": True, "windows": None}
@@ -134,6 +134,12 @@ def test_code_execution_flag_selects_the_parity_execution(tiny_checkpoint, data_
     results = json.loads((find_run(tmp_path, "humaneval-fewshot-fp32") / "results.json").read_text())
     assert results["details"]["execution"] == "in_process"
     assert run_cli(*args) == 2  # the default execution differs: refused, not mixed
+
+
+def test_plots_flag_draws_the_task_plot_into_the_run_directory(tiny_checkpoint, data_root, tmp_path):
+    assert run_cli("--task", "mmlu", "--model", tiny_checkpoint, "--data-dir", data_root, "--subjects", "anatomy",
+                   "--limit", 2, "--output-dir", tmp_path, "--no-progress", "--plots") == 0
+    assert (find_run(tmp_path, "mmlu-fewshot-fp32") / "categories.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_run_imports_no_library_that_only_one_task_or_the_plots_need():
