@@ -210,11 +210,23 @@ def run_cli(label: str, flags: list[str], args, out: Path) -> dict:
 
 
 def installed_env() -> dict:
-    """The environment of every timed process: byte-code and matplotlib's font list cached under scratch/, as
-    on a machine where they are writable (the lent GPU's image has neither its site-packages' byte-code nor a
-    writable matplotlib folder: each process there recompiles some 900 modules and measures fonts afresh)."""
+    """The environment of every timed process: byte-code and matplotlib's font list cached under scratch/ (the
+    first process writes them), as on a machine where pip compiled the packages and the caches are writable.
+    The lent GPU's image has no byte-code for its site-packages and sets PYTHONDONTWRITEBYTECODE: each process
+    there compiled some 900 modules afresh (3 s in a profile)."""
     cache = REPO / "scratch" / "e2e-caches"
-    return {**os.environ, "PYTHONPYCACHEPREFIX": str(cache / "pycache"), "MPLCONFIGDIR": str(cache / "matplotlib")}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPYCACHEPREFIX": str(cache / "pycache"), "MPLCONFIGDIR": str(cache / "matplotlib")}
+
+
+def floor_row() -> dict:
+    """A fresh process that imports torch and makes one tensor on the device: what any run pays before its own
+    work (interpreter, torch, the CUDA context, and its teardown at exit)."""
+    code = "import torch; torch.zeros(1, device='cuda' if torch.cuda.is_available() else 'cpu').sum().item()"
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=installed_env(), capture_output=True, text=True)
+    return {"command": "python -c 'import torch; one tensor on the device' (the floor)", "rc": done.returncode,
+            "wall": round(time.perf_counter() - started, 2)}
 
 
 def plot_row(run_dir: Path) -> dict:
@@ -288,8 +300,8 @@ def main(argv=None) -> int:
         rows.append(run_cli(label, flags, args, out))
         print(json.dumps(rows[-1]), flush=True)
         if label == "mmlu --limit 1" and not rows[-1]["rc"]:
-            rows.append(plot_row(next((out / "mmlu_limit_1").rglob("results.json")).parent))
-            print(json.dumps(rows[-1]), flush=True)
+            rows += [plot_row(next((out / "mmlu_limit_1").rglob("results.json")).parent), floor_row()]
+            print(json.dumps(rows[-2:]), flush=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"e2e-{stamp}.json"

@@ -132,22 +132,31 @@ def eager_ms(fn, calls: int = 200) -> float:
     return (time.perf_counter() - started) * 1000 / calls
 
 
+def varying_rows_ms(product, x, w, bias, rows: int, kinds: int = 57) -> float:
+    """eager_ms with the row count cycling through `kinds` values from `rows` up, as the forwards of a small
+    run (one per subject, each of its own length) do: a library that plans per shape pays its planning here."""
+    views = [x[: rows + i] for i in range(kinds)]
+    turn = iter(range(10**9))
+    return eager_ms(lambda: product(views[next(turn) % kinds], w, bias), calls=4 * kinds)
+
+
 def time_products(shapes, library_default: bool, gen) -> list[dict]:
     rows = []
     for n, k, has_bias in shapes:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen) if has_bias else None
         for m in TIMED_ROWS:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            wide = torch.randn(m + 64, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            x = wide[:m]
             calls = 2 if m * n > 2**28 else 20
             row = {"n": n, "k": k, "m": m}
-            if library_default:
-                row["library_ms"] = graph_ms(lambda: torch.nn.functional.linear(x, w, bias), calls)
-                row["library_eager_ms"] = eager_ms(lambda: torch.nn.functional.linear(x, w, bias))
-            else:
-                for name, product in PRODUCTS.items():
-                    row[f"{name}_ms"] = graph_ms(lambda: product(x, w, bias), calls)
+            products = {"library": torch.nn.functional.linear} if library_default else PRODUCTS
+            for name, product in products.items():
+                row[f"{name}_ms"] = graph_ms(lambda: product(x, w, bias), calls)
+                if m <= 256:  # where the host's cost per call can show
                     row[f"{name}_eager_ms"] = eager_ms(lambda: product(x, w, bias))
+                    row[f"{name}_varying_ms"] = varying_rows_ms(product, wide, w, bias, m)
+            if not library_default:
                 row["triton_tiles_ms"] = {str(t): round(graph_ms(lambda: kernels.matmul(x, w, bias, tile=t), calls), 4)
                                           for t in TIMING_TILES if (m <= 64) == (t[0] <= 64)}
             rows.append(row)
@@ -255,11 +264,13 @@ def print_tables(result: dict) -> None:
             print(f"| {r['n']} x {r['k']} | {r['bias']} | " + " | ".join(str(r[k] or "none") for k in names) + " |")
     if "timings" in result:
         columns = [*PRODUCTS, "library"]
-        print("\nms per call: device (CUDA-graphed) / eager (a run of calls, host included)\n| N x K | rows | "
+        print("\nms per call: device (CUDA-graphed) / eager (a run of calls, host included) / eager with the row "
+              "count cycling through 57 values\n| N x K | rows | "
               + " | ".join(columns) + " | best Triton tile |\n|---|---|" + "---|" * (len(columns) + 1))
         for r in result["timings"]:
             best = min(r["triton_tiles_ms"].items(), key=lambda kv: kv[1])
-            cells = " | ".join(f"{r[f'{c}_ms']:.4f} / {r[f'{c}_eager_ms']:.4f}" for c in columns)
+            cells = " | ".join(" / ".join(f"{r[key]:.4f}" for key in (f"{c}_ms", f"{c}_eager_ms", f"{c}_varying_ms")
+                                          if key in r) for c in columns)
             print(f"| {r['n']} x {r['k']} | {r['m']} | {cells} | {best[0]} {best[1]:.4f} |")
     for r in result.get("triton_tiles", []):
         print(f"Triton tiles differing from (64, 64) on {r['n']} x {r['k']}: {r['tiles_differing'] or 'none'}")
