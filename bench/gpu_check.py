@@ -101,6 +101,12 @@ def main():
             print(f"{label}: batch 1 vs automatic batches: generations identical "
                   f"{sum(x.tokens == y.tokens for x, y in zip(alone, graphed))}/12, choice logits identical "
                   f"{sum(x.logits == y.logits for x, y in zip(single, fast))}/40")
+            whole = Engine(model, progress=False, share_prefix=False)  # what a prefix of one request gets
+            unshared = whole.generate(gp, [40] * 12, [()] * 12, shared_prefix=[300] * 12)
+            inline = whole.score_choices(ps, [[1, 2, 3, 4]] * 40, shared_prefix=[600] * 40)
+            print(f"{label}: prompts whole vs prefix shared: generations identical "
+                  f"{sum(x.tokens == y.tokens for x, y in zip(unshared, graphed))}/12, choice logits identical "
+                  f"{sum(x.logits == y.logits for x, y in zip(inline, fast))}/40")
         seqs = prompts(4, 1000, 3000, seed=2)
         nll = Engine(model, progress=False).loglikelihood(seqs)
         x = torch.tensor(seqs[0], device="cuda")[None]

@@ -3,7 +3,9 @@ greedy or sampled generation), served over whole lists of requests.
 
 Where the speed comes from:
 - requests are grouped by their shared prefix (the few-shot shots); the prefix K/V is computed once
-  and every row of a batch attends to that one tensor (no per-row copy);
+  and every row of a batch attends to that one tensor (no per-row copy); a prefix that one request
+  alone reads goes whole with its prompt, batched with the others, where the op set keeps the bits
+  (planner.py);
 - rows are sorted by length and batched to a memory budget derived from free device memory (planner.py);
 - generation keeps a static KV cache, decodes all rows in one fixed-shape step (CUDA-graphed on a
   GPU), checks stop conditions on the host only every `sync_every` steps, and refills the rows of

@@ -46,6 +46,7 @@ class Ops:
     attention: Callable  # (q, k, v, inputs, prefix_kv) -> [B, T, H, D]
     decode_attention: Callable  # the same, for the engine's decode step (T == 1, static shapes) only
     masks: bool  # attention reads the boolean masks of the layer inputs (the Triton kernels mask from positions)
+    prefix_exact: bool  # a row computes the same bits with its prefix shared or in its own prompt
 
 
 # ---- PyTorch's kernels ----------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def _invariant_decode_attention(q, k, v, inputs, prefix_kv=None):
 
 
 FAST = Ops("fast", F.linear, add_rms_norm, rope_qkv, swiglu, _heads_first(library_attention),
-           _heads_first(library_attention), masks=True)
+           _heads_first(library_attention), masks=True, prefix_exact=False)
 CPU = replace(FAST, name="cpu")
 REFERENCE = replace(FAST, name="reference", attention=_heads_first(reference_attention),
                     decode_attention=_heads_first(reference_attention))
@@ -245,6 +246,7 @@ INVARIANT = Ops(
     attention=_invariant_attention,
     decode_attention=_invariant_decode_attention,
     masks=False,
+    prefix_exact=True,  # attention's key blocks are aligned at logical key 0 (kernels.py)
 )
 KERNELS = {"invariant": INVARIANT, "fast": FAST}  # the choices of --kernels
 

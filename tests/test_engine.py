@@ -112,6 +112,47 @@ def test_prefix_groups_split_by_ntk_alpha(model):
         assert torch.allclose(torch.tensor(r.logits), logits, atol=1e-4)
 
 
+def test_a_prefix_of_one_request_goes_whole_only_where_that_keeps_the_bits(model):
+    """With the invariant kernels a row's bits are the same with its prefix shared or in its own prompt, so a
+    prefix that only one request reads is not computed apart; the library kernels round the two ways
+    differently, so every prefix stays shared there."""
+    from model import ops
+    from model.planner import Planner
+
+    a, b = list(range(100, 120)), list(range(200, 230))
+    prompts, shared = [a + [1, 2], b + [3], b + [4, 5], [7, 8, 9]], [20, 30, 30, 0]
+    saved = model.ops
+    try:
+        for op_set, expected in ((ops.CPU, [(0, [3]), (20, [0]), (30, [1, 2])]),
+                                 (ops.INVARIANT, [(0, [3, 0]), (30, [1, 2])])):
+            model.ops = op_set
+            groups = Planner(model, None, share_prefix=True).groups(prompts, shared, [len(p) for p in prompts])
+            assert sorted((len(g.prefix), g.members) for g in groups) == expected
+    finally:
+        model.ops = saved
+
+
+def test_one_request_prefixes_are_served_in_one_batch(model):
+    """A quick check (one document per subject, each behind its own shots): one forward for all, not a
+    prefix forward and a scoring forward per subject; the same scores as with the prefixes held apart."""
+    from dataclasses import replace
+
+    from model import ops
+
+    prompts = [list(range(100 + 20 * k, 120 + 20 * k)) + [k + 1, k + 2] for k in range(3)]
+    saved, served = model.ops, {}
+    try:
+        for exact in (False, True):
+            model.ops = replace(ops.CPU, prefix_exact=exact)
+            engine = Engine(model, progress=False)
+            served[exact] = engine.score_choices(prompts, [[1, 2]] * 3, shared_prefix=[20] * 3), engine.stats["forwards"]
+    finally:
+        model.ops = saved
+    assert served[False][1] == 3 and served[True][1] == 1
+    for whole, apart in zip(served[True][0], served[False][0]):
+        assert whole.logits == pytest.approx(apart.logits, abs=1e-4)
+
+
 @pytest.mark.parametrize("max_batch", [1, 2, None])
 def test_loglikelihood_equals_full_forward(model, max_batch):
     seqs = random_prompts(4, 10, 140, seed=6)
