@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -281,9 +282,23 @@ def chat_request(tok: Any, query: str, **fields) -> GenerateRequest:
                                                **fields})
 
 
-def shared_prefix_length(ids: list[int], prefix: list[int]) -> int:
-    """Leading tokens a prompt shares with its tokenized few-shot prefix (fewer when the seam merges tokens)."""
-    return next((i for i, (a, b) in enumerate(zip(ids, prefix)) if a != b), min(len(ids), len(prefix)))
+def shared_prefix_length(ids: Sequence[int], prefix: Sequence[int]) -> int:
+    """Leading tokens a prompt shares with its tokenized few-shot prefix (fewer when the seam merges tokens).
+
+    Found by bisection on list slices, compared in C: a full MMLU plan asks 14,042 times about ~600 tokens
+    (1.9 s element by element)."""
+    ids, prefix = list(ids), list(prefix)
+    n = min(len(ids), len(prefix))
+    if ids[:n] == prefix[:n]:  # the usual case: the whole prefix
+        return n
+    agree, differ = 0, n  # ids[:agree] == prefix[:agree]; not so at differ
+    while differ - agree > 1:
+        middle = (agree + differ) // 2
+        if ids[:middle] == prefix[:middle]:
+            agree = middle
+        else:
+            differ = middle
+    return agree
 
 
 def cut_at_each(text: str, cuts: tuple[str, ...]) -> str:

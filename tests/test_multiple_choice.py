@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-from eval.api import ChoiceResponse, Doc, GenerateResponse, UserError
+from eval.api import ChoiceResponse, Doc, GenerateResponse, UserError, shared_prefix_length
 from eval.data import DataSource
 from eval.tasks import ceval, cmmlu, mmlu
 from fixtures import SHARED_DATA, write_ceval, write_cmmlu, write_mmlu
@@ -50,6 +50,17 @@ def test_token_ids_cached_for_the_shots_and_choices_belong_to_their_tokenizer(ro
     (other,) = MMLU.requests(doc, _Shifted(tok, 7), "fewshot", {})
     assert other.choice_ids == tuple(i + 7 for i in first.choice_ids)
     assert other.shared_prefix == first.shared_prefix and list(other.tokens) == [i + 7 for i in first.tokens]
+
+
+def test_shared_prefix_length_is_the_first_difference():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(500):
+        prefix = [rng.randrange(4) for _ in range(rng.randrange(12))]
+        ids = prefix[: rng.randrange(len(prefix) + 1)] + [rng.randrange(4) for _ in range(rng.randrange(12))]
+        first = next((i for i, (a, b) in enumerate(zip(ids, prefix)) if a != b), min(len(ids), len(prefix)))
+        assert shared_prefix_length(ids, tuple(prefix)) == first
 
 
 def test_chinese_prompts_match_the_spec_template(root, tok):
