@@ -35,7 +35,8 @@ def rel(a, b):
 
 def late_pin() -> None:
     """Products made before the invariant set was chosen (a library user's own code): do the pins still take
-    hold for the products after? Rows of the MLP down projection alone and among 64 rows."""
+    hold for the products after? Rows of the MLP down projection alone and among 64 rows. (Freeing the
+    earlier workspaces is no remedy: a CUDA graph captured before would replay into freed memory.)"""
     from model import kernels
 
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -124,9 +124,6 @@ def pin_library_matmuls() -> None:
             setattr(torch.backends.cuda.matmul, flag, False)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cuda.preferred_blas_library("cublaslt")
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None and torch.cuda.is_initialized():  # workspaces made before the pins: dropped, so the
-        clear()  # next product allocates them anew (bench/gpu_check.py checks whether that suffices)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
