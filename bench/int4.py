@@ -66,13 +66,16 @@ SHAPES = {  # (in, out) of each projection; w1 and w2 share a shape
     "72b": {"attn.c_attn": (8192, 24576), "attn.c_proj": (8192, 8192), "mlp.w1/w2": (8192, 24576),
             "mlp.c_proj": (24576, 8192)},
 }
-# (BLOCK_M, BLOCK_N, warps, stages): gptq_triton.TILES and other tilings of the same K order
+# (BLOCK_M, BLOCK_N, warps, stages[, weights first]): gptq_triton.TILES and other tilings of the same K order
 # (small BLOCK_M may compile to mma.sync, 64 and up to wgmma: if they round differently, only one family may
-# serve every row count, so 64-row tiles are timed at one row too)
+# serve every row count, so 64-row tiles are timed at one row too; "weights first" tiles put the dequantized
+# weights first in tl.dot, so a few rows no longer decide the instruction's shape)
 CANDIDATE_TILES = [(16, 16, 1, 4), (16, 16, 1, 8), (16, 16, 2, 6), (16, 16, 4, 6), (16, 16, 4, 8), (16, 32, 1, 6),
                    (16, 32, 2, 6), (16, 32, 4, 4), (16, 32, 4, 8), (16, 64, 2, 6), (16, 64, 4, 4), (32, 32, 4, 4),
                    (64, 16, 4, 4), (64, 32, 4, 6), (64, 64, 4, 4),
-                   (64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3)]
+                   (64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3),
+                   (16, 16, 2, 6, True), (16, 32, 4, 4, True), (16, 32, 2, 6, True), (16, 64, 4, 4, True),
+                   (16, 64, 4, 6, True), (16, 128, 4, 4, True)]
 TIMED_ROWS = (1, 4, 16, 64, 256, 2048)
 
 

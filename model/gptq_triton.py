@@ -22,9 +22,11 @@ from torch import Tensor
 
 from .kernels import BLOCK_K, grouped_tile
 
-# (BLOCK_M, BLOCK_N, warps, stages) by row count, smallest first: the first whose BLOCK_M covers the rows,
-# else the last. One row: BLOCK_M 16 (tl.dot's smallest) and narrow N tiles, so that even a 4096-wide
-# projection gives 256 programs to spread over 132 multiprocessors.
+# (BLOCK_M, BLOCK_N, warps, stages[, weights first]) by row count, smallest first: the first whose BLOCK_M
+# covers the rows, else the last. "Weights first" computes out.T = W x.T (the dequantized tile as tl.dot's
+# first operand); whether the GPU's instructions then round alike is bench/int4.py's to check. One row:
+# BLOCK_M 16 (tl.dot's smallest) and narrow N tiles, so that even a 4096-wide projection gives 256 programs
+# to spread over 132 multiprocessors.
 TILES = ((16, 16, 4, 6), (64, 64, 4, 4), (128, 128, 8, 3))
 
 
@@ -69,19 +71,28 @@ def _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k_start, o
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel for every row count
 def _matmul_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
                    stride_om, GROUP_SIZE: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   WEIGHTS_FIRST: tl.constexpr):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WEIGHTS_FIRST:  # out.T = W x.T: the weight tile is the product's first operand, its N rows fill the
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # instruction's rows however few rows x has
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):  # the contract: K from 0 upward, one tl.dot per BLOCK_K step
         offs_k = k_start + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
         w = _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k_start, offs_n, mask_n, N, K,
                               GROUP_SIZE, ACT_ORDER, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty)
-        acc = tl.dot(x, w, acc)
+        if WEIGHTS_FIRST:
+            acc = tl.dot(tl.trans(w), tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, w, acc)
+    if WEIGHTS_FIRST:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -101,11 +112,12 @@ def gptq_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_id
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    block_m, block_n, warps, stages = tile or tile_for(m)
+    block_m, block_n, warps, stages, *weights_first = tile or tile_for(m)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current GPU
         _matmul_kernel[grid](x, qweight, scales, qzeros, g_idx, bias if bias is not None else scales, out, m, n, k,
                              x.stride(0), out.stride(0), GROUP_SIZE=group_size, ACT_ORDER=act_order,
                              HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
-                             GROUP_M=8, num_warps=warps, num_stages=stages)
+                             GROUP_M=8, WEIGHTS_FIRST=bool(weights_first and weights_first[0]), num_warps=warps,
+                             num_stages=stages)
     return out

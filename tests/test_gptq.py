@@ -177,6 +177,9 @@ def test_fused_kernel_dequantizes_to_the_reference_weight(interpreter, k, n, gro
         assert torch.equal(fused, layer.dequantize().to(dtype).t()), tile
 
 
+WEIGHTS_FIRST_TILE = (16, 32, 4, 4, True)  # out.T = W x.T: a candidate for one row (bench/int4.py)
+
+
 @pytest.mark.parametrize("k, n, group, act_order", LAYOUTS)
 def test_fused_kernel_equals_the_invariant_reference_at_every_tiling(interpreter, k, n, group, act_order):
     """Dequantize -> kernels.matmul, bit for bit, for row counts across the tile sizes and every tiling
@@ -189,7 +192,7 @@ def test_fused_kernel_equals_the_invariant_reference_at_every_tiling(interpreter
     reference = kernels.matmul(x, weight, layer.bias)
     for m in (1, 3, 16, 17, 65, 150):
         assert torch.equal(gptq_triton.gptq_matmul(x[:m], *layer.gptq_tensors(), bias=layer.bias), reference[:m]), m
-    for tile in gptq_triton.TILES:
+    for tile in (*gptq_triton.TILES, WEIGHTS_FIRST_TILE):
         assert torch.equal(gptq_triton.gptq_matmul(x, *layer.gptq_tensors(), bias=layer.bias, tile=tile), reference)
 
 
@@ -207,7 +210,7 @@ def test_fused_kernel_keeps_the_reference_order(interpreter, m):
     x[:, [0, 128, 256, 320]] = torch.tensor([2.0**25, 1.0, -(2.0**25), 1.0], dtype=torch.bfloat16)
     reference = kernels.matmul(x, layer.dequantize().to(torch.bfloat16))
     assert (reference == 1).all()
-    for tile in gptq_triton.TILES:
+    for tile in (*gptq_triton.TILES, WEIGHTS_FIRST_TILE):
         assert torch.equal(gptq_triton.gptq_matmul(x, *layer.gptq_tensors(), tile=tile), reference)
 
 
