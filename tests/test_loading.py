@@ -218,6 +218,25 @@ def test_fingerprint_sees_a_changed_middle_tensor_of_the_same_size(checkpoints, 
     assert load_model(path, dtype="fp32", device="cpu").weights_fingerprint == base.weights_fingerprint
 
 
+def test_fingerprint_is_the_hash_of_the_config_then_every_tensor_in_file_order(checkpoints, monkeypatch):
+    """Pieces read ahead by several threads are hashed in file order: the fingerprint stays the plain
+    sequential hash (a run's identity does not move with the reader's concurrency)."""
+    import xxhash
+
+    from model import loading
+
+    monkeypatch.setattr(loading, "READ_CHUNK", 3 * 2**15)
+    path = checkpoints["v1.1"]
+    expected = xxhash.xxh3_128((path / "config.json").read_bytes())
+    for shard in loading.weight_files(path):
+        data = shard.read_bytes()
+        for t in loading._safetensors_header(shard):
+            expected.update(f"{t.name} {t.dtype} {tuple(t.shape)}\n".encode())
+            expected.update(data[t.start:t.start + t.size])
+    assert len(loading.weight_files(path)) > 1
+    assert load_model(path, dtype="fp32", device="cpu").weights_fingerprint == expected.hexdigest()
+
+
 def test_chunked_reads_load_every_byte_and_convert_the_dtype(model, checkpoints, monkeypatch):
     """Tensors read in many small pieces (some cut mid-tensor) load exactly; bf16 pieces convert as wholes."""
     from model import loading
