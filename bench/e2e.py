@@ -7,12 +7,15 @@ v1.1 layout: HF-style keys, 8 safetensors shards and their index, like the relea
 --ckpt on local disk unless it is there already. Parts, each a few minutes on an H100:
   disk   the checkpoint read once cold (O_DIRECT, else after dropping the page cache as root) and once warm
   hash   the first shard read from the page cache alone, then hashed as read: xxh3-128 (the loader's), blake2b
-  mmlu1  --task mmlu --limit 1 (57 documents)       mmlu   full --task mmlu (14,042)
+  mmlu1  --task mmlu --limit 1 (57 documents), then its plots drawn in a fresh process (what --plots adds)
+         and the floor of any GPU process (python, torch, one tensor on the device)
+  mmlu   full --task mmlu (14,042)
   gsm8k  full --task gsm8k (1,319)                  peer   --backend hf against native on the same documents:
          MMLU --limit --peer-mmlu-limit per subject and GSM8K's first --peer-gsm8k-limit problems
          (both without dynamic NTK / LogN, which transformers' Qwen2 lacks)
 Every command runs `python eval/runner.py ...` as a subprocess into its own output folder, after the page cache
-holds the checkpoint and the sources are compiled. Its results.json timings give load / plan / serve / write;
+holds the checkpoint, with byte-code and matplotlib's font list cached as on an installed machine (see
+installed_env). Its results.json timings give load / plan / serve / write;
 other = wall - every timing. Prints one table (with disk GB/s and the hf/native ratios) and writes its rows as
 JSON under --out. --profile runs each command under cProfile (slower) and adds its slowest calls to its row:
 where a fixed cost hides.

@@ -4,11 +4,12 @@ same path, see gptq.py.
 
 Every tensor name, shape and file is checked before any weight is read, so a bad checkpoint fails
 with one message and nothing half-loaded. Weights stream one tensor at a time (safetensors mmap),
-straight into the target dtype and device. A safetensors file is read once, front to back, in large
+straight into the target dtype and device. The safetensors shards are read once, front to back, in large
 chunks into a few (pinned) staging buffers by a few reader threads, while this thread hashes each chunk and
-copies it to its tensor, in file order: peak host memory is the buffers. Every byte loaded (config, quantisation config,
-each tensor's name, dtype, shape and data) is hashed on the way with xxh3-128, which runs several times
-faster than the read: `model.weights_fingerprint` identifies the exact weights at no extra pass.
+copies it to its tensor, in file order: peak host memory is the buffers. Every byte loaded (config,
+quantisation config, each tensor's name, dtype, shape and data) is hashed on the way with xxh3-128, which
+runs several times faster than the read: `model.weights_fingerprint` identifies the exact weights at no
+extra pass.
 """
 from __future__ import annotations
 
