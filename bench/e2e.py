@@ -222,23 +222,24 @@ def installed_env() -> dict:
     return {**env, "PYTHONPYCACHEPREFIX": str(cache / "pycache"), "MPLCONFIGDIR": str(cache / "matplotlib")}
 
 
-def floor_row() -> dict:
-    """A fresh process that imports torch and makes one tensor on the device: what any run pays before its own
-    work (interpreter, torch, the CUDA context, and its teardown at exit)."""
-    code = "import torch; torch.zeros(1, device='cuda' if torch.cuda.is_available() else 'cpu').sum().item()"
+def fresh_process_row(label: str, code: str) -> dict:
+    """`python -c code` in a fresh process, timed whole (start, imports, exit)."""
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=installed_env(), capture_output=True, text=True)
-    return {"command": "python -c 'import torch; one tensor on the device' (the floor)", "rc": done.returncode,
-            "wall": round(time.perf_counter() - started, 2)}
+    return {"command": label, "rc": done.returncode, "wall": round(time.perf_counter() - started, 2),
+            **({"error": done.stderr[-300:]} if done.returncode else {})}
+
+
+def floor_row() -> dict:
+    """What any run pays before its own work: interpreter, torch, the CUDA context, and its teardown at exit."""
+    return fresh_process_row("python -c 'import torch; one tensor on the device' (the floor)",
+                             "import torch; torch.zeros(1, device='cuda' if torch.cuda.is_available() else 'cpu').sum().item()")
 
 
 def plot_row(run_dir: Path) -> dict:
-    """The plots of a finished run drawn in a fresh process: what the runner's last step costs."""
-    code = f"from eval.report import plot_run; plot_run(__import__('pathlib').Path({str(run_dir)!r}))"
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=installed_env(), capture_output=True, text=True)
-    return {"command": f"plots of {run_dir.parent.parent.name} (a fresh process)", "rc": done.returncode,
-            "wall": round(time.perf_counter() - started, 2), **({"error": done.stderr[-300:]} if done.returncode else {})}
+    """The plots of a finished run drawn in a fresh process: what --plots adds to a run."""
+    return fresh_process_row(f"plots of {run_dir.parent.parent.name} (a fresh process)",
+                             f"from eval.report import plot_run; plot_run(__import__('pathlib').Path({str(run_dir)!r}))")
 
 
 def slowest_calls(path: Path, n: int = 40) -> list[str]:

@@ -2,7 +2,8 @@
 
 A mid-size random Qwen in fp32 and bf16, with each op set (fast, invariant): fused shared-prefix attention
 vs the plain reference path, CUDA-graphed decoding vs eager (the invariant decode step is captured too),
-engine results vs full forwards, and for the invariant set the same requests served one row at a time. Prints one line per check.
+engine results vs full forwards, and for the invariant set the same requests served one row at a time and
+with prompts whole. Prints one line per check.
 """
 import argparse
 import time
@@ -114,19 +115,14 @@ def main():
         prefix_len = [sum(1 for _ in iter_common(x.tokens, y.tokens)) for x, y in zip(graphed, plain)]
         print(f"{label}: generation fast vs math path: identical {sum(p == 40 for p in prefix_len)}/12, "
               f"common prefix lengths {prefix_len}")
-        if op_set is ops.INVARIANT:
-            one = Engine(model, progress=False, max_batch=1)
-            alone = one.generate(gp, [40] * 12, [()] * 12, shared_prefix=[300] * 12)
-            single = one.score_choices(ps, [[1, 2, 3, 4]] * 40, shared_prefix=[600] * 40)
-            print(f"{label}: batch 1 vs automatic batches: generations identical "
-                  f"{sum(x.tokens == y.tokens for x, y in zip(alone, graphed))}/12, choice logits identical "
-                  f"{sum(x.logits == y.logits for x, y in zip(single, fast))}/40")
-            whole = Engine(model, progress=False, share_prefix=False)  # what a prefix of one request gets
-            unshared = whole.generate(gp, [40] * 12, [()] * 12, shared_prefix=[300] * 12)
-            inline = whole.score_choices(ps, [[1, 2, 3, 4]] * 40, shared_prefix=[600] * 40)
-            print(f"{label}: prompts whole vs prefix shared: generations identical "
-                  f"{sum(x.tokens == y.tokens for x, y in zip(unshared, graphed))}/12, choice logits identical "
-                  f"{sum(x.logits == y.logits for x, y in zip(inline, fast))}/40")
+        if op_set is ops.INVARIANT:  # the same bits served another way; prompts whole: a prefix of one request
+            for way, engine in (("batch 1", Engine(model, progress=False, max_batch=1)),
+                                ("prompts whole", Engine(model, progress=False, share_prefix=False))):
+                tokens = engine.generate(gp, [40] * 12, [()] * 12, shared_prefix=[300] * 12)
+                choices = engine.score_choices(ps, [[1, 2, 3, 4]] * 40, shared_prefix=[600] * 40)
+                print(f"{label}: {way} vs automatic batches, prefixes shared: generations identical "
+                      f"{sum(x.tokens == y.tokens for x, y in zip(tokens, graphed))}/12, choice logits identical "
+                      f"{sum(x.logits == y.logits for x, y in zip(choices, fast))}/40")
         seqs = prompts(4, 1000, 3000, seed=2)
         nll = Engine(model, progress=False).loglikelihood(seqs)
         x = torch.tensor(seqs[0], device="cuda")[None]

@@ -18,6 +18,7 @@ process-wide.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -135,9 +136,8 @@ def eager_ms(fn, calls: int = 200) -> float:
 def varying_rows_ms(product, x, w, bias, rows: int, kinds: int = 57) -> float:
     """eager_ms with the row count cycling through `kinds` values from `rows` up, as the forwards of a small
     run (one per subject, each of its own length) do: a library that plans per shape pays its planning here."""
-    views = [x[: rows + i] for i in range(kinds)]
-    turn = iter(range(10**9))
-    return eager_ms(lambda: product(views[next(turn) % kinds], w, bias), calls=4 * kinds)
+    views = itertools.cycle([x[: rows + i] for i in range(kinds)])
+    return eager_ms(lambda: product(next(views), w, bias), calls=4 * kinds)
 
 
 def time_products(shapes, library_default: bool, gen) -> list[dict]:
