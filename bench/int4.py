@@ -56,6 +56,7 @@ from model import (
     ops,
 )
 from model.engine import Engine
+from model.gptq_triton import Tile
 
 torch.set_grad_enabled(False)
 REPO = Path(__file__).resolve().parents[1]
@@ -66,16 +67,26 @@ SHAPES = {  # (in, out) of each projection; w1 and w2 share a shape
     "72b": {"attn.c_attn": (8192, 24576), "attn.c_proj": (8192, 8192), "mlp.w1/w2": (8192, 24576),
             "mlp.c_proj": (24576, 8192)},
 }
-# (BLOCK_M, BLOCK_N, warps, stages[, weights first]): gptq_triton.TILES and other tilings of the same K order
-# (small BLOCK_M may compile to mma.sync, 64 and up to wgmma: if they round differently, only one family may
-# serve every row count, so 64-row tiles are timed at one row too; "weights first" tiles put the dequantized
-# weights first in tl.dot, so a few rows no longer decide the instruction's shape)
-CANDIDATE_TILES = [(16, 16, 1, 4), (16, 16, 1, 8), (16, 16, 2, 6), (16, 16, 4, 6), (16, 16, 4, 8), (16, 32, 1, 6),
-                   (16, 32, 2, 6), (16, 32, 4, 4), (16, 32, 4, 8), (16, 64, 2, 6), (16, 64, 4, 4), (32, 32, 4, 4),
-                   (64, 16, 4, 4), (64, 32, 4, 6), (64, 64, 4, 4),
-                   (64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3),
-                   (16, 16, 2, 6, True), (16, 32, 4, 4, True), (16, 32, 2, 6, True), (16, 64, 4, 4, True),
-                   (16, 64, 4, 6, True), (16, 128, 4, 4, True)]
+# gptq_triton.TILES and other tilings of the same K order (small block_m may compile to mma.sync, 64 and up to
+# wgmma: if they round differently, only one family may serve every row count, so 64-row tiles are timed at one
+# row too; "weights first" tiles put the dequantized weights first in tl.dot, so a few rows no longer decide the
+# instruction's shape; k_steps > 1 decode several K steps per iteration, for one row's latency)
+CANDIDATE_TILES = [Tile(*t) for t in [
+    (16, 16, 1, 4), (16, 16, 1, 8), (16, 16, 2, 6), (16, 16, 4, 6), (16, 16, 4, 8), (16, 32, 1, 6), (16, 32, 2, 6),
+    (16, 32, 4, 4), (16, 32, 4, 8), (16, 64, 2, 6), (16, 64, 4, 4), (32, 32, 4, 4), (64, 16, 4, 4), (64, 32, 4, 6),
+    (64, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3),
+    (16, 16, 2, 6, True), (16, 32, 4, 4, True), (16, 32, 2, 6, True), (16, 64, 4, 4, True), (16, 64, 4, 6, True),
+    (16, 128, 4, 4, True),
+    (16, 16, 4, 4, False, 4), (16, 32, 4, 3, False, 4), (16, 16, 2, 4, False, 8), (16, 32, 4, 3, True, 4),
+    (16, 64, 4, 3, True, 2), (16, 64, 8, 3, True, 4)]]
+
+
+def label(tile: Tile) -> str:
+    """16x32 w4 s4 [weights first] [k4]: block_m x block_n, warps, stages, K steps per iteration."""
+    return (f"{tile.block_m}x{tile.block_n} w{tile.warps} s{tile.stages}" + " weights first" * tile.weights_first
+            + (f" k{tile.k_steps}" if tile.k_steps > 1 else ""))
+
+
 TIMED_ROWS = (1, 4, 16, 64, 256, 2048)
 
 
@@ -117,7 +128,7 @@ def check_shape(name: str, layer: gptq.GPTQLinear, max_rows: int, gen: torch.Gen
     x = torch.randn(max_rows, layer.in_features, device="cuda", dtype=torch.bfloat16, generator=gen)
     weight = layer.dequantize().to(torch.bfloat16)
     reference = kernels.matmul(x, weight)
-    tiles = {str(t): torch.equal(gptq_triton.gptq_matmul(x, *tensors, tile=t), reference) for t in CANDIDATE_TILES}
+    tiles = {label(t): torch.equal(gptq_triton.gptq_matmul(x, *tensors, tile=t), reference) for t in CANDIDATE_TILES}
     rows = range(1, min(1024, max_rows) + 1)
     fused_differ = [m for m in rows if not torch.equal(gptq_triton.gptq_matmul(x[:m], *tensors), reference[:m])]
     matmul_differ = [m for m in (1, 7, 16, 64, 100, 1024) if not torch.equal(kernels.matmul(x[:m], weight), reference[:m])]
@@ -144,12 +155,12 @@ def time_tiles(layer: gptq.GPTQLinear, weight: torch.Tensor, gen: torch.Generato
         x = torch.randn(m, layer.in_features, device="cuda", dtype=torch.bfloat16, generator=gen)
         out[m] = {name: time_ms(partial(fn, x)) for name, fn in products.items()}
         for t in CANDIDATE_TILES:
-            if t[0] <= max(64, 4 * m):  # tiles far taller than the rows only waste work
-                out[m][f"int4 fused {t}"] = time_ms(partial(fused_with_tile, layer.gptq_tensors(), t, x))
+            if t.block_m <= max(64, 4 * m):  # tiles far taller than the rows only waste work
+                out[m][f"int4 fused {label(t)}"] = time_ms(partial(fused_with_tile, layer.gptq_tensors(), t, x))
     return out
 
 
-def fused_with_tile(tensors: tuple, tile: tuple, x: torch.Tensor) -> torch.Tensor:
+def fused_with_tile(tensors: tuple, tile: Tile, x: torch.Tensor) -> torch.Tensor:
     from model import gptq_triton
 
     return gptq_triton.gptq_matmul(x, *tensors, tile=tile)
@@ -171,7 +182,7 @@ def part_bits(shape_sets: list[str], max_rows: int) -> list[dict]:
 def recommended_tiles(bits_rows: list[dict]) -> dict:
     """Per timed row count: the tiling with the least total time over the 7B shapes, among tilings that
     equal the reference on every shape."""
-    agree = [t for t in map(str, CANDIDATE_TILES) if all(r["tiles_equal_reference"][t] for r in bits_rows)]
+    agree = [t for t in map(label, CANDIDATE_TILES) if all(r["tiles_equal_reference"][t] for r in bits_rows)]
     timed = [r["speed_ms"] for r in bits_rows if r["speed_ms"] and r["shape"].startswith("7b")]
     best = {}
     for m in TIMED_ROWS:
@@ -278,7 +289,9 @@ def random_int4_model() -> Qwen:
     return model.eval()
 
 
-def profile_rows(model: Qwen, tok, label: str, kernels: str, only: list[str]) -> list[dict]:
+def profile_rows(model: Qwen, tok, name: str, kernels: str, only: list[str]) -> list[dict]:
+    from model import gptq_triton
+
     task = profile_task.TASK
     docs = [d for d in task.load(None, "fewshot") if d.doc_id.removeprefix("profile/") in only]
     requests = [task.requests(d, tok, "fewshot", {})[0] for d in docs]
@@ -286,7 +299,8 @@ def profile_rows(model: Qwen, tok, label: str, kernels: str, only: list[str]) ->
     backend = NativeBackend(model, tok, progress=False, kernels=kernels)
     out = []
     for doc, r in zip(docs, profile(backend, requests)):
-        out.append({"part": "speed", "model": label, "kernels": kernels, "int4_path": gptq.int4_path(model),
+        out.append({"part": "speed", "model": name, "kernels": kernels, "int4_path": gptq.int4_path(model),
+                    "int4_one_row_tile": label(gptq_triton.tile_for(1)),
                     "measurement": doc.doc_id.removeprefix("profile/"), "tokens_per_s": round(r.tokens / r.seconds, 2),
                     "peak_gib": round(r.peak_memory_gb, 2), "resident_gib": resident})
         print(out[-1], flush=True)
@@ -333,11 +347,15 @@ def main():
     p.add_argument("--vocab", default=str(REPO.parent / "shared" / "qwen" / "qwen.tiktoken"), help="speed: qwen.tiktoken")
     p.add_argument("--measurements", default="generate/2048,generate/8192", help="speed: profile rows")
     p.add_argument("--kernels", default="invariant,fast", help="speed: kernel sets of the engine")
+    p.add_argument("--fastest-one-row-tile", action="store_true",
+                   help="speed: decode with the fastest tiling at one row that agreed everywhere in this run's bits part")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / f"int4-{time.strftime('%Y-%m-%d-%H%M')}.json"))
     args = p.parse_args()
     parts = args.parts.split(",")
     if "continuations" in parts and not (args.tiny and args.papers):
         p.error("--parts continuations needs --tiny and --papers")
+    if args.fastest_one_row_tile and not {"bits", "speed"} <= set(parts):
+        p.error("--fastest-one-row-tile needs --parts bits,speed")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "args": vars(args), "rows": []}
     out = Path(args.out)
@@ -350,6 +368,11 @@ def main():
     if "continuations" in parts:
         result["rows"] += part_continuations(args.tiny, args.papers)
         out.write_text(json.dumps(result, indent=1))
+    if args.fastest_one_row_tile:
+        from model import gptq_triton
+
+        fastest = {label(t): t for t in CANDIDATE_TILES}[result["tiles"]["fastest_agreeing_by_rows"][1]]
+        gptq_triton.TILES = (fastest, *gptq_triton.TILES[1:])
     if "speed" in parts:
         result["rows"] += part_speed(args.vocab, args.measurements.split(","), args.kernels.split(","))
         out.write_text(json.dumps(result, indent=1))

@@ -14,6 +14,7 @@ checks every tiling of `TILES` against the reference there.
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 import triton
@@ -22,12 +23,25 @@ from torch import Tensor
 
 from .kernels import BLOCK_K, grouped_tile
 
-# (BLOCK_M, BLOCK_N, warps, stages[, weights first]) by row count, smallest first: the first whose BLOCK_M
-# covers the rows, else the last. "Weights first" computes out.T = W x.T (the dequantized tile as tl.dot's
-# first operand); whether the GPU's instructions then round alike is bench/int4.py's to check. One row:
-# BLOCK_M 16 (tl.dot's smallest) and narrow N tiles, so that even a 4096-wide projection gives 256 programs
-# to spread over 132 multiprocessors.
-TILES = ((16, 16, 4, 6), (64, 64, 4, 4), (128, 128, 8, 3))
+
+class Tile(NamedTuple):
+    """Which outputs a program owns and how it walks K, never the order over K. "Weights first" computes
+    out.T = W x.T (the dequantized tile as tl.dot's first operand, its N rows fill the instruction however
+    few rows x has); `k_steps` K steps are decoded per loop iteration and then accumulated one after the
+    other, so one row's program has several independent decodes in flight. Whether the GPU's instructions
+    round alike for every tiling is bench/int4.py's to check."""
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    weights_first: bool = False
+    k_steps: int = 1
+
+
+# By row count, smallest first: the first whose block_m covers the rows, else the last. One row: block_m 16
+# (tl.dot's smallest) and narrow N tiles, so that even a 4096-wide projection gives 256 programs to spread
+# over 132 multiprocessors.
+TILES = (Tile(16, 16, 4, 6), Tile(64, 64, 4, 4), Tile(128, 128, 8, 3))
 
 
 @triton.jit
@@ -68,29 +82,45 @@ def _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k_start, o
     return exact.to(OUT_DTYPE, fp_downcast_rounding="rtne")  # one rounding, as torch's .to(dtype)
 
 
+@triton.jit
+def _k_step(acc, x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k_start, offs_m, mask_m, offs_n, mask_n, N,
+            K, stride_xm, GROUP_SIZE: tl.constexpr, ACT_ORDER: tl.constexpr, BLOCK_K: tl.constexpr,
+            BLOCK_N: tl.constexpr, WEIGHTS_FIRST: tl.constexpr):
+    """acc + x[:, k_start : k_start + BLOCK_K] @ W[k_start : k_start + BLOCK_K]: one step of the contract."""
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < K),
+                other=0.0)
+    w = _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k_start, offs_n, mask_n, N, K, GROUP_SIZE,
+                          ACT_ORDER, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty)
+    if WEIGHTS_FIRST:
+        return tl.dot(tl.trans(w), tl.trans(x), acc)
+    return tl.dot(x, w, acc)
+
+
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel for every row count
 def _matmul_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, bias_ptr, out_ptr, M, N, K, stride_xm,
                    stride_om, GROUP_SIZE: tl.constexpr, ACT_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   WEIGHTS_FIRST: tl.constexpr):
+                   WEIGHTS_FIRST: tl.constexpr, K_STEPS: tl.constexpr):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
-    if WEIGHTS_FIRST:  # out.T = W x.T: the weight tile is the product's first operand, its N rows fill the
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # instruction's rows however few rows x has
+    if WEIGHTS_FIRST:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):  # the contract: K from 0 upward, one tl.dot per BLOCK_K step
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        w = _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k_start, offs_n, mask_n, N, K,
-                              GROUP_SIZE, ACT_ORDER, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty)
-        if WEIGHTS_FIRST:
-            acc = tl.dot(tl.trans(w), tl.trans(x), acc)
-        else:
-            acc = tl.dot(x, w, acc)
+    # the contract: K from 0 upward, one tl.dot per BLOCK_K step; K_STEPS steps per iteration, then the rest
+    # one at a time (never a step past K: adding its zeros could turn a -0.0 sum into +0.0)
+    k_whole = K - K % (BLOCK_K * K_STEPS)
+    for k_outer in range(0, k_whole, BLOCK_K * K_STEPS):
+        for step in tl.static_range(K_STEPS):
+            acc = _k_step(acc, x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k_outer + step * BLOCK_K,
+                          offs_m, mask_m, offs_n, mask_n, N, K, stride_xm, GROUP_SIZE, ACT_ORDER, BLOCK_K, BLOCK_N,
+                          WEIGHTS_FIRST)
+    for k_start in range(k_whole, K, BLOCK_K):
+        acc = _k_step(acc, x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k_start, offs_m, mask_m, offs_n,
+                      mask_n, N, K, stride_xm, GROUP_SIZE, ACT_ORDER, BLOCK_K, BLOCK_N, WEIGHTS_FIRST)
     if WEIGHTS_FIRST:
         acc = tl.trans(acc)
     if HAS_BIAS:
@@ -99,25 +129,25 @@ def _matmul_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, bias_p
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def tile_for(m: int) -> tuple[int, int, int, int]:
-    """The tiling for m rows: only which outputs a program owns, never the order over K."""
-    return next((tile for tile in TILES if m <= tile[0]), TILES[-1])
+def tile_for(m: int) -> Tile:
+    """The tiling for m rows."""
+    return next((tile for tile in TILES if m <= tile.block_m), TILES[-1])
 
 
 def gptq_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor, group_size: int,
-                act_order: bool, bias: Tensor | None = None, tile: tuple | None = None) -> Tensor:
+                act_order: bool, bias: Tensor | None = None, tile: Tile | None = None) -> Tensor:
     """x [M, K] (bf16 or fp16, unit stride along K) @ W + bias -> [M, N] in x's dtype."""
     m, k = x.shape
     n = qweight.shape[1]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    block_m, block_n, warps, stages, *weights_first = tile or tile_for(m)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    tile = tile or tile_for(m)
+    grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current GPU
         _matmul_kernel[grid](x, qweight, scales, qzeros, g_idx, bias if bias is not None else scales, out, m, n, k,
                              x.stride(0), out.stride(0), GROUP_SIZE=group_size, ACT_ORDER=act_order,
-                             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
-                             GROUP_M=8, WEIGHTS_FIRST=bool(weights_first and weights_first[0]), num_warps=warps,
-                             num_stages=stages)
+                             HAS_BIAS=bias is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+                             BLOCK_K=BLOCK_K, GROUP_M=8, WEIGHTS_FIRST=tile.weights_first, K_STEPS=tile.k_steps,
+                             num_warps=tile.warps, num_stages=tile.stages)
     return out

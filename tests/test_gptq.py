@@ -177,7 +177,9 @@ def test_fused_kernel_dequantizes_to_the_reference_weight(interpreter, k, n, gro
         assert torch.equal(fused, layer.dequantize().to(dtype).t()), tile
 
 
-WEIGHTS_FIRST_TILE = (16, 32, 4, 4, True)  # out.T = W x.T: a candidate for one row (bench/int4.py)
+# candidates for one row (bench/int4.py): out.T = W x.T; several K steps decoded per loop iteration (K = 384 is 6 steps:
+# one iteration of 4, then 2 alone; other layouts end inside a step)
+ONE_ROW_TILES = ((16, 32, 4, 4, True), (16, 16, 4, 3, False, 4), (16, 32, 4, 3, True, 2))
 
 
 @pytest.mark.parametrize("k, n, group, act_order", LAYOUTS)
@@ -192,7 +194,7 @@ def test_fused_kernel_equals_the_invariant_reference_at_every_tiling(interpreter
     reference = kernels.matmul(x, weight, layer.bias)
     for m in (1, 3, 16, 17, 65, 150):
         assert torch.equal(gptq_triton.gptq_matmul(x[:m], *layer.gptq_tensors(), bias=layer.bias), reference[:m]), m
-    for tile in (*gptq_triton.TILES, WEIGHTS_FIRST_TILE):
+    for tile in (*gptq_triton.TILES, *(gptq_triton.Tile(*t) for t in ONE_ROW_TILES)):
         assert torch.equal(gptq_triton.gptq_matmul(x, *layer.gptq_tensors(), bias=layer.bias, tile=tile), reference)
 
 
@@ -210,7 +212,7 @@ def test_fused_kernel_keeps_the_reference_order(interpreter, m):
     x[:, [0, 128, 256, 320]] = torch.tensor([2.0**25, 1.0, -(2.0**25), 1.0], dtype=torch.bfloat16)
     reference = kernels.matmul(x, layer.dequantize().to(torch.bfloat16))
     assert (reference == 1).all()
-    for tile in (*gptq_triton.TILES, WEIGHTS_FIRST_TILE):
+    for tile in (*gptq_triton.TILES, *(gptq_triton.Tile(*t) for t in ONE_ROW_TILES)):
         assert torch.equal(gptq_triton.gptq_matmul(x, *layer.gptq_tensors(), tile=tile), reference)
 
 
