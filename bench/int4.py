@@ -140,7 +140,8 @@ def check_shape(name: str, layer: gptq.GPTQLinear, max_rows: int, gen: torch.Gen
 
 
 def time_tiles(layer: gptq.GPTQLinear, weight: torch.Tensor, gen: torch.Generator) -> dict:
-    """ms per product at a few row counts: each candidate tiling, kernels.matmul, cuBLAS, tinygemm."""
+    """ms per product at a few row counts: each candidate tiling, the default path (fused, or the weight decoded
+    then kernels.matmul past DEQUANTIZE_ROWS), kernels.matmul and cuBLAS on the bf16 weight, tinygemm."""
     from model import gptq_triton, kernels
 
     codes, scale_zero, _ = gptq.int4mm_operands(layer)
@@ -149,7 +150,9 @@ def time_tiles(layer: gptq.GPTQLinear, weight: torch.Tensor, gen: torch.Generato
     products = {"bf16 kernels.matmul": lambda x: kernels.matmul(x, weight),
                 "bf16 cublas": lambda x: F.linear(x, weight),
                 "int4 tinygemm": lambda x: torch._weight_int4pack_mm(x, packed, GROUP, scale_zero),
-                "int4 fused default": lambda x: gptq_triton.gptq_matmul(x, *layer.gptq_tensors())}
+                "int4 default": lambda x: gptq_triton.gptq_matmul(x, *layer.gptq_tensors()),
+                "int4 decode weight + bf16 kernels.matmul": lambda x: kernels.matmul(x, decoded(layer, x).t()),
+                "int4 decode weight alone": lambda x: decoded(layer, x)}
     out = {}
     for m in TIMED_ROWS:
         x = torch.randn(m, layer.in_features, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -158,6 +161,12 @@ def time_tiles(layer: gptq.GPTQLinear, weight: torch.Tensor, gen: torch.Generato
             if t.block_m <= max(64, 4 * m):  # tiles far taller than the rows only waste work
                 out[m][f"int4 fused {label(t)}"] = time_ms(partial(fused_with_tile, layer.gptq_tensors(), t, x))
     return out
+
+
+def decoded(layer: gptq.GPTQLinear, x: torch.Tensor) -> torch.Tensor:
+    from model import gptq_triton
+
+    return gptq_triton.dequantize(*layer.gptq_tensors(), x.dtype)
 
 
 def fused_with_tile(tensors: tuple, tile: Tile, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ in steps of `kernels.BLOCK_K`, each step one `tl.dot` of a [BLOCK_M, BLOCK_K] ac
 The weight tile is dequantized in registers to exactly the reference's values, so a row's output is the
 reference's bit for bit, whatever the tile and however many rows share the call (K is never split).
 Whether small tiles (mma.sync) and large ones (wgmma) round alike is a property of the GPU: bench/int4.py
-checks every tiling of `TILES` against the reference there.
+checks every tiling of `TILES` against the reference there. Past DEQUANTIZE_ROWS rows (prefill) the
+reference itself runs: the weight decoded by the same tile code into a [K, N] buffer, then kernels.matmul.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import kernels
 from .kernels import BLOCK_K, grouped_tile
 
 
@@ -42,6 +44,10 @@ class Tile(NamedTuple):
 # (tl.dot's smallest) and narrow N tiles, so that even a 4096-wide projection gives 256 programs to spread
 # over 132 multiprocessors.
 TILES = (Tile(16, 16, 4, 6), Tile(64, 64, 4, 4), Tile(128, 128, 8, 3))
+# Past this many rows the weight is decoded once into the model dtype and multiplied by kernels.matmul: the
+# reference by definition, and at prefill sizes the decode is small beside the product (bench/int4.py times
+# both at each row count)
+DEQUANTIZE_ROWS = 512
 
 
 @triton.jit
@@ -129,6 +135,29 @@ def _matmul_kernel(x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, bias_p
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _dequantize_kernel(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, out_ptr, N, K, GROUP_SIZE: tl.constexpr,
+                       ACT_ORDER: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    k_start, offs_n = tl.program_id(0) * BLOCK_K, tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w = _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k_start, offs_n, mask_n, N, K, GROUP_SIZE,
+                          ACT_ORDER, BLOCK_K, BLOCK_N, out_ptr.dtype.element_ty)
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w, mask=(offs_k[:, None] < K) & mask_n[None, :])
+
+
+def dequantize(qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor, group_size: int, act_order: bool,
+               dtype: torch.dtype) -> Tensor:
+    """W [K, N] in dtype: the reference's weight (exact in fp32, rounded once), decoded as the fused kernel does."""
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    out = torch.empty(k, n, dtype=dtype, device=qweight.device)
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        _dequantize_kernel[(triton.cdiv(k, BLOCK_K), triton.cdiv(n, 64))](
+            qweight, scales, qzeros, g_idx, out, n, k, GROUP_SIZE=group_size, ACT_ORDER=act_order, BLOCK_K=BLOCK_K,
+            BLOCK_N=64)
+    return out
+
+
 def tile_for(m: int) -> Tile:
     """The tiling for m rows."""
     return next((tile for tile in TILES if m <= tile.block_m), TILES[-1])
@@ -136,9 +165,13 @@ def tile_for(m: int) -> Tile:
 
 def gptq_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor, group_size: int,
                 act_order: bool, bias: Tensor | None = None, tile: Tile | None = None) -> Tensor:
-    """x [M, K] (bf16 or fp16, unit stride along K) @ W + bias -> [M, N] in x's dtype."""
+    """x [M, K] (bf16 or fp16, unit stride along K) @ W + bias -> [M, N] in x's dtype. Without a tile, more
+    than DEQUANTIZE_ROWS rows take the reference itself: the weight decoded once, then `kernels.matmul`."""
     m, k = x.shape
     n = qweight.shape[1]
+    if tile is None and m > DEQUANTIZE_ROWS:
+        weight = dequantize(qweight, scales, qzeros, g_idx, group_size, act_order, x.dtype)
+        return kernels.matmul(x, weight.t(), bias)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out

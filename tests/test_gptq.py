@@ -175,6 +175,7 @@ def test_fused_kernel_dequantizes_to_the_reference_weight(interpreter, k, n, gro
     for tile in (gptq_triton.TILES[0], gptq_triton.TILES[-1]):
         fused = gptq_triton.gptq_matmul(eye, *layer.gptq_tensors(), tile=tile)
         assert torch.equal(fused, layer.dequantize().to(dtype).t()), tile
+    assert torch.equal(gptq_triton.dequantize(*layer.gptq_tensors(), dtype), layer.dequantize().to(dtype).t())
 
 
 # candidates for one row (bench/int4.py): out.T = W x.T; several K steps decoded per loop iteration (K = 384 is 6 steps:
@@ -196,6 +197,24 @@ def test_fused_kernel_equals_the_invariant_reference_at_every_tiling(interpreter
         assert torch.equal(gptq_triton.gptq_matmul(x[:m], *layer.gptq_tensors(), bias=layer.bias), reference[:m]), m
     for tile in (*gptq_triton.TILES, *(gptq_triton.Tile(*t) for t in ONE_ROW_TILES)):
         assert torch.equal(gptq_triton.gptq_matmul(x, *layer.gptq_tensors(), bias=layer.bias, tile=tile), reference)
+
+
+def test_prefill_rows_take_the_reference_itself(interpreter, monkeypatch):
+    """Past DEQUANTIZE_ROWS rows the product is the weight decoded once, then kernels.matmul (here from 16 rows,
+    to keep the interpreter quick): the fused kernel's bits below the threshold, the reference's above it."""
+    gptq_triton, kernels = interpreter
+    monkeypatch.setattr(gptq_triton, "DEQUANTIZE_ROWS", 16)
+    layer = _random_layer(192, 24, 64, True, exact=True)
+    weight = layer.dequantize().to(torch.bfloat16)
+    x = _exact_rows(40, 192)
+    reference = kernels.matmul(x, weight, layer.bias)
+    for m in (16, 17, 40):
+        assert torch.equal(gptq_triton.gptq_matmul(x[:m], *layer.gptq_tensors(), bias=layer.bias), reference[:m]), m
+    calls = []
+    monkeypatch.setattr(gptq_triton, "dequantize", lambda *a: calls.append(a) or weight.t())
+    gptq_triton.gptq_matmul(x[:16], *layer.gptq_tensors())
+    gptq_triton.gptq_matmul(x[:17], *layer.gptq_tensors())
+    assert len(calls) == 1  # 16 rows fused, 17 decoded
 
 
 @pytest.mark.parametrize("m", [1, 16, 70])
