@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,8 +61,19 @@ def plan_task(task, mode: str, data, tok, *, subjects=None, limit=None, options=
     if not docs:
         raise UserError(f"{task.name}: no documents to evaluate"
                         + (f" (--limit {limit})" if limit is not None else ""))
-    requests = [task.requests(doc, tok, mode, options) for doc in docs]
+    requests = _requests_of(task, docs, tok, mode, options)
     return Plan(task, mode, options, docs, requests, run_dir, data_manifest=data.manifest())
+
+
+def _requests_of(task, docs: list[Doc], tok, mode: str, options: dict) -> list[list[Request]]:
+    """task.requests of every document, in order, by a few threads over contiguous slices: tiktoken lets go
+    of the GIL while it encodes (14,042 MMLU prompts of about 700 tokens each)."""
+    workers = min(8, os.cpu_count() or 1)
+    size = -(-len(docs) // (4 * workers))
+    slices = [docs[i:i + size] for i in range(0, len(docs), size)]
+    with ThreadPoolExecutor(workers) as pool:
+        done = pool.map(lambda part: [task.requests(doc, tok, mode, options) for doc in part], slices)
+        return [requests for part in done for requests in part]
 
 
 def _limit(docs: list[Doc], limit: int | None) -> list[Doc]:
