@@ -22,7 +22,9 @@ machine (its disk holds the checkpoint and the run folder between them), each in
 call's limit:
     python -m bench.family --only 72b-int4 ... --stop-after 420            # writes (~2 min), serves until interrupted
     python -m bench.family --only 72b-int4 ... --stop-after 540 --resume   # again until the row has timings
-The last call's row holds the timings of every call added up (results.json sums a resumed run's).
+The last call's row holds the timings of every call added up (results.json sums a resumed run's). The random
+weights are seeded by tensor name, so a checkpoint written again on a fresh machine has the same bytes and
+fingerprint: a run folder (ROOT/runs/<name>) brought from an earlier machine resumes there too.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -67,15 +70,17 @@ def config(keys: dict) -> dict:
             **keys, "kv_channels": keys["hidden_size"] // keys["num_attention_heads"]}
 
 
-def random_tensor(shape, dtype) -> torch.Tensor:
+def random_tensor(shape, dtype, seed: int) -> torch.Tensor:
     """Random bits of `dtype` with a small exponent: floats in ±[2^-7, 2^-6) (fp16 scales: [2^-8, 2^-7)),
-    integers anything."""
+    integers anything. Seeded, so a checkpoint written again (a fresh machine) has the same fingerprint and a
+    run interrupted on another machine can be resumed on it."""
     n = 1
     for d in shape:
         n *= d
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     if dtype == torch.int32:
-        return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, device=DEVICE).cpu()
-    bits = torch.randint(-2**15, 2**15 - 1, (n,), dtype=torch.int16, device=DEVICE)
+        return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, device=DEVICE, generator=gen).cpu()
+    bits = torch.randint(-2**15, 2**15 - 1, (n,), dtype=torch.int16, device=DEVICE, generator=gen)
     pinned = (0x3C00, 0x807F) if dtype == torch.bfloat16 else (0x1C00, 0x03FF)  # (exponent, sign+mantissa mask)
     bits = (bits & pinned[1]) | pinned[0]
     return bits.view(dtype).view(shape).cpu()
@@ -110,7 +115,7 @@ def make(name: str, shape, dtype) -> torch.Tensor:
         return torch.ones(shape, dtype=dtype)
     if name.endswith(".g_idx"):
         return (torch.arange(shape[0]) // GROUP_SIZE).to(torch.int32)
-    return random_tensor(shape, dtype)
+    return random_tensor(shape, dtype, seed=zlib.crc32(name.encode()))
 
 
 def write_checkpoint(directory: Path, keys: dict, quantized: bool, vocab: Path) -> float:
