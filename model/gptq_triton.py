@@ -40,10 +40,11 @@ class Tile(NamedTuple):
     k_steps: int = 1
 
 
-# By row count, smallest first: the first whose block_m covers the rows, else the last. One row: block_m 16
-# (tl.dot's smallest) and narrow N tiles, so that even a 4096-wide projection gives 256 programs to spread
-# over 132 multiprocessors.
-TILES = (Tile(16, 16, 4, 6), Tile(64, 64, 4, 4), Tile(128, 128, 8, 3))
+# By row count, smallest first: the first whose block_m covers the rows, else the last (up to DEQUANTIZE_ROWS).
+# One row: block_m 16 (tl.dot's smallest) and narrow N tiles, so that even a 4096-wide projection gives 128
+# programs to spread over 132 multiprocessors. The fastest at 1-16, 64 and 256 rows of the tilings that agreed
+# everywhere on an H100 (bench/results/int4_bits_continuations_h100.json, 2026-12-07).
+TILES = (Tile(16, 32, 4, 4), Tile(64, 32, 4, 6), Tile(64, 128, 4, 4))
 # Past this many rows the weight is decoded once into the model dtype and multiplied by kernels.matmul: the
 # reference by definition, and at prefill sizes the decode is small beside the product (bench/int4.py times
 # both at each row count)
