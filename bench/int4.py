@@ -56,6 +56,7 @@ from model import (
     ops,
 )
 from model.engine import Engine
+from model import gptq_triton, kernels
 from model.gptq_triton import Tile
 
 torch.set_grad_enabled(False)
@@ -122,8 +123,6 @@ def fill_random(layer: gptq.GPTQLinear, gen: torch.Generator) -> gptq.GPTQLinear
 
 
 def check_shape(name: str, layer: gptq.GPTQLinear, max_rows: int, gen: torch.Generator) -> dict:
-    from model import gptq_triton, kernels
-
     tensors = layer.gptq_tensors()
     x = torch.randn(max_rows, layer.in_features, device="cuda", dtype=torch.bfloat16, generator=gen)
     weight = layer.dequantize().to(torch.bfloat16)
@@ -142,8 +141,6 @@ def check_shape(name: str, layer: gptq.GPTQLinear, max_rows: int, gen: torch.Gen
 def time_tiles(layer: gptq.GPTQLinear, weight: torch.Tensor, gen: torch.Generator) -> dict:
     """ms per product at a few row counts: each candidate tiling, the default path (fused, or the weight decoded
     then kernels.matmul past DEQUANTIZE_ROWS), kernels.matmul and cuBLAS on the bf16 weight, tinygemm."""
-    from model import gptq_triton, kernels
-
     codes, scale_zero, _ = gptq.int4mm_operands(layer)
     packed = torch._convert_weight_to_int4pack(gptq.pack_nibble_pairs(codes), 8)
     scale_zero = scale_zero.to(torch.bfloat16)
@@ -164,14 +161,10 @@ def time_tiles(layer: gptq.GPTQLinear, weight: torch.Tensor, gen: torch.Generato
 
 
 def decoded(layer: gptq.GPTQLinear, x: torch.Tensor) -> torch.Tensor:
-    from model import gptq_triton
-
     return gptq_triton.dequantize(*layer.gptq_tensors(), x.dtype)
 
 
 def fused_with_tile(tensors: tuple, tile: Tile, x: torch.Tensor) -> torch.Tensor:
-    from model import gptq_triton
-
     return gptq_triton.gptq_matmul(x, *tensors, tile=tile)
 
 
@@ -298,17 +291,15 @@ def random_int4_model() -> Qwen:
     return model.eval()
 
 
-def profile_rows(model: Qwen, tok, name: str, kernels: str, only: list[str]) -> list[dict]:
-    from model import gptq_triton
-
+def profile_rows(model: Qwen, tok, name: str, kernel_set: str, only: list[str]) -> list[dict]:
     task = profile_task.TASK
     docs = [d for d in task.load(None, "fewshot") if d.doc_id.removeprefix("profile/") in only]
     requests = [task.requests(d, tok, "fewshot", {})[0] for d in docs]
     resident = round(torch.cuda.memory_allocated() / 2**30, 2)
-    backend = NativeBackend(model, tok, progress=False, kernels=kernels)
+    backend = NativeBackend(model, tok, progress=False, kernels=kernel_set)
     out = []
     for doc, r in zip(docs, profile(backend, requests)):
-        out.append({"part": "speed", "model": name, "kernels": kernels, "int4_path": gptq.int4_path(model),
+        out.append({"part": "speed", "model": name, "kernels": kernel_set, "int4_path": gptq.int4_path(model),
                     "int4_one_row_tile": label(gptq_triton.tile_for(1)),
                     "measurement": doc.doc_id.removeprefix("profile/"), "tokens_per_s": round(r.tokens / r.seconds, 2),
                     "peak_gib": round(r.peak_memory_gb, 2), "resident_gib": resident})
@@ -322,18 +313,18 @@ def part_speed(vocab: str, only: list[str], kernel_sets: list[str]) -> list[dict
     with torch.device("cuda"):
         model = Qwen(ModelArgs()).to(torch.bfloat16)
     init_weights(model, std=0.02, seed=0).eval()
-    for kernels in kernel_sets:
-        rows += profile_rows(model, tok, "bf16", kernels, only)
+    for kernel_set in kernel_sets:
+        rows += profile_rows(model, tok, "bf16", kernel_set, only)
     del model
     free()
     model = random_int4_model()
     gptq.use_int4mm(model, "triton")
-    for kernels in kernel_sets:
-        rows += profile_rows(model, tok, "int4 triton", kernels, only)
+    for kernel_set in kernel_sets:
+        rows += profile_rows(model, tok, "int4 triton", kernel_set, only)
     gptq.use_int4mm(model, "tinygemm")  # repacks for good: last
     free()
-    for kernels in kernel_sets:
-        rows += profile_rows(model, tok, "int4 tinygemm", kernels, only)
+    for kernel_set in kernel_sets:
+        rows += profile_rows(model, tok, "int4 tinygemm", kernel_set, only)
     return rows
 
 
@@ -378,8 +369,6 @@ def main():
         result["rows"] += part_continuations(args.tiny, args.papers)
         out.write_text(json.dumps(result, indent=1))
     if args.fastest_one_row_tile:
-        from model import gptq_triton
-
         fastest = {label(t): t for t in CANDIDATE_TILES}[result["tiles"]["fastest_agreeing_by_rows"][1]]
         gptq_triton.TILES = (fastest, *gptq_triton.TILES[1:])
     if "speed" in parts:

@@ -14,7 +14,6 @@ reference itself runs: the weight decoded by the same tile code into a [K, N] bu
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
@@ -152,10 +151,11 @@ def dequantize(qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor, g
     """W [K, N] in dtype: the reference's weight (exact in fp32, rounded once), decoded as the fused kernel does."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     out = torch.empty(k, n, dtype=dtype, device=qweight.device)
-    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
-        _dequantize_kernel[(triton.cdiv(k, BLOCK_K), triton.cdiv(n, 64))](
+    block_n = 64
+    with kernels.launching_on(out):
+        _dequantize_kernel[(triton.cdiv(k, BLOCK_K), triton.cdiv(n, block_n))](
             qweight, scales, qzeros, g_idx, out, n, k, GROUP_SIZE=group_size, ACT_ORDER=act_order, BLOCK_K=BLOCK_K,
-            BLOCK_N=64)
+            BLOCK_N=block_n)
     return out
 
 
@@ -178,7 +178,7 @@ def gptq_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_id
         return out
     tile = tile or tile_for(m)
     grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton launches on the current GPU
+    with kernels.launching_on(x):
         _matmul_kernel[grid](x, qweight, scales, qzeros, g_idx, bias if bias is not None else scales, out, m, n, k,
                              x.stride(0), out.stride(0), GROUP_SIZE=group_size, ACT_ORDER=act_order,
                              HAS_BIAS=bias is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-def _on(x: Tensor):
+def launching_on(x: Tensor):
     """Launch on x's GPU: Triton takes the current device's stream, which is GPU 0 unless set."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
@@ -100,7 +100,7 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: tuple | 
         return out.view(*x.shape[:-1], N)
     block_m, block_n, warps, stages = tile or matmul_tile(M)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    with _on(x):
+    with launching_on(x):
         _matmul_kernel[grid](a, weight, bias if bias is not None else weight, out, M, N, K, a.stride(0), a.stride(1),
                              weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
                              HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
@@ -168,7 +168,7 @@ def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) ->
     out = torch.empty_like(rows)
     if rows.shape[0]:
         D = rows.shape[1]
-        with _on(x):
+        with launching_on(x):
             _add_rms_norm_kernel[(rows.shape[0],)](rows, deltas, weight, total, out, rows.stride(0), deltas.stride(0),
                                                    total.stride(0), out.stride(0), D, eps, HAS_DELTA=delta is not None,
                                                    BLOCK=triton.next_power_of_2(D), num_warps=8)
@@ -231,7 +231,7 @@ def rope_qkv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, q_scale:
     else:
         cache_k, cache_v, rows, slots, cache_strides, slot_strides = k, v, cos, cos, (0, 0, 0), (0, 0)
     if B * T:
-        with _on(q):
+        with launching_on(q):
             _rope_qkv_kernel[(B * T, 2 * H)](q, k, v, cos, sin, scale, q_out, k_out, cache_k, cache_v, rows, slots, H, T,
                                              q.stride(1), k.stride(1), v.stride(1), D, *cache_strides, *slot_strides,
                                              HAS_SCALE=q_scale is not None, STORE=store is not None, D=D)
@@ -252,7 +252,7 @@ def swiglu(up: Tensor, gate: Tensor) -> Tensor:
     out = torch.empty_like(up)
     n = up.numel()
     if n:
-        with _on(up):
+        with launching_on(up):
             _swiglu_kernel[(triton.cdiv(n, 1024),)](up, gate, out, n, BLOCK=1024)
     return out
 
@@ -356,7 +356,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Tensor, p
     assert k.stride(-1) == v.stride(-1) == pk.stride(-1) == pv.stride(-1) == q.stride(-1) == 1
     out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(T, block_m), B * H)
-    with _on(q):
+    with launching_on(q):
         _attention_kernel[grid](q, k, v, key_pos, pk, pv, q_pos, out, T, S, P, H, D ** -0.5, window or 0,
                                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                 v.stride(0), v.stride(1), v.stride(2), key_pos.stride(0), pk.stride(0), pk.stride(1),
@@ -451,7 +451,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Te
     out = torch.empty(B, 1, H, D, dtype=q.dtype, device=q.device)
     strides = (q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                key_pos.stride(0), pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1), q_pos.stride(0))
-    with _on(q):
+    with launching_on(q):
         for rows, first, count in ((16, 0, n_shared), (1, n_shared, n_split - n_shared)):
             if count:
                 _decode_split_kernel[(count, triton.cdiv(B, rows) * H)](
