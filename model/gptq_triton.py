@@ -98,9 +98,12 @@ def _k_step(acc, x_ptr, qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k_start,
                 other=0.0)
     w = _dequantized_tile(qweight_ptr, scales_ptr, qzeros_ptr, g_idx_ptr, k_start, offs_n, mask_n, N, K, GROUP_SIZE,
                           ACT_ORDER, BLOCK_K, BLOCK_N, x_ptr.dtype.element_ty)
+    # an if/else, not an early return: compiled Triton goes on past a return inside a constexpr if
     if WEIGHTS_FIRST:
-        return tl.dot(tl.trans(w), tl.trans(x), acc)
-    return tl.dot(x, w, acc)
+        acc = tl.dot(tl.trans(w), tl.trans(x), acc)
+    else:
+        acc = tl.dot(x, w, acc)
+    return acc
 
 
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel for every row count

@@ -8,6 +8,9 @@ writer, not model.gptq's, so a convention shared by a wrong reader and writer ca
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,6 +200,20 @@ def test_fused_kernel_equals_the_invariant_reference_at_every_tiling(interpreter
         assert torch.equal(gptq_triton.gptq_matmul(x[:m], *layer.gptq_tensors(), bias=layer.bias), reference[:m]), m
     for tile in (*gptq_triton.TILES, *(gptq_triton.Tile(*t) for t in ONE_ROW_TILES)):
         assert torch.equal(gptq_triton.gptq_matmul(x, *layer.gptq_tensors(), bias=layer.bias, tile=tile), reference)
+
+
+def test_every_tiling_compiles_for_hopper():
+    """The interpreter runs kernels as Python; only the compiler sees, for one, a return inside a constexpr if."""
+    pytest.importorskip("triton", minversion="3.7")
+    from model import gptq_triton
+
+    tiles = [json.dumps(list(t)) for t in (*gptq_triton.TILES, *(gptq_triton.Tile(*t) for t in ONE_ROW_TILES))]
+    root = Path(__file__).parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(root / "tests" / "hopper_compile.py"), *tiles], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled") == len(tiles)
 
 
 def test_prefill_rows_take_the_reference_itself(interpreter, monkeypatch):
