@@ -7,6 +7,8 @@ v1.1 layout: HF-style keys, 8 safetensors shards and their index, like the relea
 --ckpt on local disk unless it is there already. Parts, each a few minutes on an H100:
   disk   the checkpoint read once cold (O_DIRECT, else after dropping the page cache as root) and once warm
   hash   the first shard read from the page cache alone, then hashed as read: xxh3-128 (the loader's), blake2b
+  load   load_model in this process, as a run loads, then with the fingerprint's hashing made a no-op: whether
+         the hash (one thread, in file order) bounds the load
   mmlu1  --task mmlu --limit 1 (57 documents), then its plots drawn in a fresh process (what --plots adds)
          and the floor of any GPU process (python, torch, one tensor on the device)
   mmlu   full --task mmlu (14,042)
@@ -23,6 +25,7 @@ where a fixed cost hides.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import mmap
@@ -36,7 +39,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("disk", "hash", "mmlu1", "mmlu", "gsm8k", "peer")
+PARTS = ("disk", "hash", "load", "mmlu1", "mmlu", "gsm8k", "peer")
 SHARDS = 8
 # Qwen-7B v1.1's config.json (the keys the loader reads), as released
 QWEN_7B = {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "hidden_size": 4096, "intermediate_size": 22016,
@@ -171,6 +174,32 @@ def hash_rows(ckpt: Path) -> list[dict]:
     return rows
 
 
+def load_rows(ckpt: Path) -> list[dict]:
+    """load_model timed in this process (bf16, the first GPU), with the fingerprint, then without its hashing."""
+    from unittest import mock
+
+    from model import loading
+
+    class NoHash:
+        def update(self, data):
+            pass
+
+        def hexdigest(self):
+            return ""
+
+    rows = []
+    as_read = "load_model (fingerprint as read)"
+    for name, patch in ((as_read, None), ("load_model, hashing off", NoHash), (as_read, None)):  # first use, once
+        with mock.patch.object(loading.xxhash, "xxh3_128", patch) if patch else contextlib.nullcontext():
+            started = time.perf_counter()
+            model = loading.load_model(ckpt, dtype="bf16", device="cuda")
+            rows.append({"command": name, "seconds": round(time.perf_counter() - started, 2)})
+        del model
+        torch.cuda.empty_cache()
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 # ---- the commands -----------------------------------------------------------------------------------------
 def commands(args) -> list[tuple[str, list[str]]]:
     peer = ["--no-dynamic-ntk", "--no-logn"]
@@ -296,6 +325,8 @@ def main(argv=None) -> int:
         read_speed(sorted(args.ckpt.glob("*.safetensors")), direct=False)  # the rows below load from the page cache
     if "hash" in args.parts:
         rows += hash_rows(args.ckpt)
+    if "load" in args.parts:
+        rows += load_rows(args.ckpt)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "compileall", "-q", "eval", "model"], cwd=REPO, check=True, env=installed_env())
     print(f"compiled the sources in {time.perf_counter() - started:.1f} s (a fresh machine pays this once)")
