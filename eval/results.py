@@ -62,14 +62,20 @@ class Record:
     doc: dict
     responses: list[dict]  # {"kind": ResponseClassName, **fields}: what the model produced
     scores: dict  # task.score(doc, responses): recomputed from `responses` at the end of every invocation
+    _line: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (scores, line)
 
     def flat(self) -> dict:
         """The record as tasks, compare and report read it: the fields, then the scores, in one dict."""
         return {**{name: getattr(self, name) for name in RECORD_FIELDS}, **self.scores}
 
     def line(self) -> str:
-        flat = self.flat()
-        return json.dumps({**flat, "checksum": stable_hash(flat)}, ensure_ascii=False, sort_keys=True) + "\n"
+        """Its samples.jsonl line. Kept, since a run writes each record twice (as it finishes, then in canonical
+        order; 2 s of a full MMLU run), for as long as `scores` is the same dict: a re-score assigns a new one."""
+        if self._line is None or self._line[0] is not self.scores:
+            flat = self.flat()
+            text = json.dumps({**flat, "checksum": stable_hash(flat)}, ensure_ascii=False, sort_keys=True) + "\n"
+            self._line = (self.scores, text)
+        return self._line[1]
 
     @classmethod
     def parse(cls, obj: dict, where: str) -> "Record":

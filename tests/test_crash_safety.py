@@ -87,6 +87,18 @@ def record(doc_id: str) -> Record:
     return Record(doc_id, "", "", 0, False, {}, [], {})
 
 
+def test_a_record_line_is_kept_until_its_scores_are_replaced():
+    """A run writes each record twice (as it finishes, in canonical order at the end): the line is encoded
+    once, and a re-score (a new scores dict) gives the new scores under a valid checksum."""
+    record = Record("d1", "s", "h", 3, False, {"q": 1}, [{"kind": "Choice"}], {"correct": True})
+    first = record.line()
+    assert record.line() is first
+    record.scores = {"correct": False}
+    again = json.loads(record.line())
+    assert again["correct"] is False
+    assert Record.parse(again, "samples.jsonl").scores == {"correct": False}
+
+
 def test_torn_last_line_is_dropped_with_a_warning(tmp_path):
     samples = tmp_path / "samples.jsonl"
     append_lines(samples, [record("a"), record("b")])
