@@ -70,7 +70,7 @@ class Record:
 
     def line(self) -> str:
         """Its samples.jsonl line. Kept, since a run writes each record twice (as it finishes, then in canonical
-        order; 2 s of a full MMLU run), for as long as `scores` is the same dict: a re-score assigns a new one."""
+        order; 1.5 s of a full MMLU run), for as long as `scores` is the same dict: a re-score assigns a new one."""
         if self._line is None or self._line[0] is not self.scores:
             flat = self.flat()
             text = json.dumps({**flat, "checksum": stable_hash(flat)}, ensure_ascii=False, sort_keys=True) + "\n"
