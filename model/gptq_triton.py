@@ -158,7 +158,7 @@ def dequantize(qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor, g
     with kernels.launching_on(out):
         _dequantize_kernel[(triton.cdiv(k, BLOCK_K), triton.cdiv(n, block_n))](
             qweight, scales, qzeros, g_idx, out, n, k, GROUP_SIZE=group_size, ACT_ORDER=act_order, BLOCK_K=BLOCK_K,
-            BLOCK_N=block_n)
+            BLOCK_N=block_n, enable_fp_fusion=kernels.FP_FUSION)
     return out
 
 
@@ -186,5 +186,6 @@ def gptq_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_id
                              x.stride(0), out.stride(0), GROUP_SIZE=group_size, ACT_ORDER=act_order,
                              HAS_BIAS=bias is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
                              BLOCK_K=BLOCK_K, GROUP_M=8, WEIGHTS_FIRST=tile.weights_first, K_STEPS=tile.k_steps,
-                             num_warps=tile.warps, num_stages=tile.stages)
+                             num_warps=tile.warps, num_stages=tile.stages,
+                             enable_fp_fusion=kernels.FP_FUSION)
     return out

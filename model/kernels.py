@@ -36,6 +36,9 @@ BLOCK_K = 64  # the one K step of every matmul: the reduction order of a dot pro
 ATTN_BLOCK_N = 64  # the one key-block size of attention
 DECODE_SPLIT = 256  # keys per split of decode attention: a long cache is read by many programs at batch 1
 DECODE_BLOCK_N = 64  # keys per step inside a split
+# Every launch asks for FMA contraction (a * b + c in one rounding) itself rather than taking Triton's default,
+# which Triton 3.10 turns off: a Triton upgrade must not move the last bits a kernel gives.
+FP_FUSION = True
 
 
 # ---- matmul -------------------------------------------------------------------------------------------
@@ -104,7 +107,8 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: tuple | 
         _matmul_kernel[grid](a, weight, bias if bias is not None else weight, out, M, N, K, a.stride(0), a.stride(1),
                              weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
                              HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
-                             BLOCK_N=block_n, BLOCK_K=BLOCK_K, GROUP_M=8, num_warps=warps, num_stages=stages)
+                             BLOCK_N=block_n, BLOCK_K=BLOCK_K, GROUP_M=8, num_warps=warps, num_stages=stages,
+                             enable_fp_fusion=FP_FUSION)
     return out.view(*x.shape[:-1], N)
 
 
@@ -171,7 +175,8 @@ def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) ->
         with launching_on(x):
             _add_rms_norm_kernel[(rows.shape[0],)](rows, deltas, weight, total, out, rows.stride(0), deltas.stride(0),
                                                    total.stride(0), out.stride(0), D, eps, HAS_DELTA=delta is not None,
-                                                   BLOCK=triton.next_power_of_2(D), num_warps=8)
+                                                   BLOCK=triton.next_power_of_2(D), num_warps=8,
+                                                   enable_fp_fusion=FP_FUSION)
     return (x if delta is None else total.view(x.shape)), out.view(x.shape)
 
 
@@ -234,7 +239,8 @@ def rope_qkv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, q_scale:
         with launching_on(q):
             _rope_qkv_kernel[(B * T, 2 * H)](q, k, v, cos, sin, scale, q_out, k_out, cache_k, cache_v, rows, slots, H, T,
                                              q.stride(1), k.stride(1), v.stride(1), D, *cache_strides, *slot_strides,
-                                             HAS_SCALE=q_scale is not None, STORE=store is not None, D=D)
+                                             HAS_SCALE=q_scale is not None, STORE=store is not None, D=D,
+                                             enable_fp_fusion=FP_FUSION)
     return q_out, k_out
 
 
@@ -253,7 +259,7 @@ def swiglu(up: Tensor, gate: Tensor) -> Tensor:
     n = up.numel()
     if n:
         with launching_on(up):
-            _swiglu_kernel[(triton.cdiv(n, 1024),)](up, gate, out, n, BLOCK=1024)
+            _swiglu_kernel[(triton.cdiv(n, 1024),)](up, gate, out, n, BLOCK=1024, enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -363,7 +369,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Tensor, p
                                 pv.stride(0), pv.stride(1), q_pos.stride(0),
                                 out.stride(0), out.stride(1), out.stride(2),
                                 ALIGNED=aligned, IEEE=q.dtype == torch.float32, D=D, BLOCK_M=block_m,
-                                BLOCK_N=ATTN_BLOCK_N, num_warps=4, num_stages=2)
+                                BLOCK_N=ATTN_BLOCK_N, num_warps=4, num_stages=2, enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -457,6 +463,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Te
                 _decode_split_kernel[(count, triton.cdiv(B, rows) * H)](
                     q, k, v, key_pos, pk, pv, q_pos, parts, S, P, B, H, D ** -0.5, window or 0, n_split, first,
                     *strides, ROWS=rows, IEEE=q.dtype == torch.float32, D=D, BLOCK_N=DECODE_BLOCK_N,
-                    SPLIT=DECODE_SPLIT, num_warps=4, num_stages=2)
-        _decode_combine_kernel[(B * H,)](parts, out, H, n_split, out.stride(0), out.stride(2), D=D, num_warps=1)
+                    SPLIT=DECODE_SPLIT, num_warps=4, num_stages=2, enable_fp_fusion=FP_FUSION)
+        _decode_combine_kernel[(B * H,)](parts, out, H, n_split, out.stride(0), out.stride(2), D=D, num_warps=1,
+                                         enable_fp_fusion=FP_FUSION)
     return out

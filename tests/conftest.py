@@ -49,6 +49,20 @@ SLOW_TESTS = {"test_all_canonical_solutions_pass", "test_parallel_results_equal_
               "test_tiny_model_end_to_end_ntk_matters_only_past_the_training_length"}
 
 
+@pytest.fixture
+def launches_pin_fp_fusion(monkeypatch):
+    """Every Triton launch in the interpreter asks for FMA contraction itself (model.kernels.FP_FUSION), so a
+    Triton release that changes the default (3.10 turns it off) does not move a kernel's last bits."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    run = interpreter.InterpretedFunction.run
+
+    def checked(self, *args, grid, warmup, **kwargs):
+        assert kwargs.get("enable_fp_fusion") is True, f"{self.fn.__name__} launched without enable_fp_fusion"
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", checked)
+
+
 def pytest_collection_modifyitems(items):
     """`-m "not slow"`: the quick subset. End-to-end runs are marked here, by the fixtures they use or by name."""
     for item in items:

@@ -11,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from model import gptq_triton
+from model import gptq_triton, kernels
 
 HOPPER = GPUTarget("cuda", 90, 32)
 POINTERS = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*bf16", "qzeros_ptr": "*i32",
@@ -24,7 +24,8 @@ def compile_for_hopper(kernel, constexprs: dict, warps: int = 4, stages: int = 3
     signature = {name: "constexpr" if name in constexprs else POINTERS.get(name, "i32") for name in names}
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constexprs.items()})
-    return triton.compile(source, target=HOPPER, options={"num_warps": warps, "num_stages": stages})
+    return triton.compile(source, target=HOPPER, options={"num_warps": warps, "num_stages": stages,
+                                                          "enable_fp_fusion": kernels.FP_FUSION})
 
 
 def main():

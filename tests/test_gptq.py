@@ -111,7 +111,7 @@ def test_tinygemm_weight_error_bound():
 
 # ---- the fused Triton kernel against the reference (Triton's interpreter) --------------------------
 @pytest.fixture
-def interpreter(monkeypatch):
+def interpreter(monkeypatch, launches_pin_fp_fusion):
     """model.gptq_triton and model.kernels on Triton's interpreter, with its bf16 arithmetic made the GPU's
     (Triton 3.9): its tl.dot multiplies bf16 operands as their raw uint16 bits, and it casts fp32 to bf16
     by truncation. Here bf16 operands are read as numbers and fp32 rounds to the nearest even bf16."""

@@ -16,6 +16,7 @@ from model import kernels  # noqa: E402
 from model.ops import explicit_attention  # noqa: E402
 from model.qwen import _visible  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("launches_pin_fp_fusion")
 D, H = 16, 2
 
 
