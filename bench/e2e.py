@@ -25,7 +25,6 @@ where a fixed cost hides.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import mmap
@@ -193,7 +192,7 @@ def load_rows(ckpt: Path) -> list[dict]:
     rows = []
     as_read = "load_model (fingerprint as read)"
     for name, patch in ((as_read, None), ("load_model, hashing off", NoHash), (as_read, None)):  # first use, once
-        with mock.patch.object(loading.xxhash, "xxh3_128", patch) if patch else contextlib.nullcontext():
+        with mock.patch.object(loading.xxhash, "xxh3_128", patch or loading.xxhash.xxh3_128):
             started = time.perf_counter()
             model = loading.load_model(ckpt, dtype="bf16", device="cuda")
             rows.append({"command": name, "seconds": round(time.perf_counter() - started, 2)})

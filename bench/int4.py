@@ -50,13 +50,14 @@ from model import (
     Qwen,
     QwenTokenizer,
     gptq,
+    gptq_triton,
     init_weights,
+    kernels,
     load_model,
     load_tokenizer,
     ops,
 )
 from model.engine import Engine
-from model import gptq_triton, kernels
 from model.gptq_triton import Tile
 
 torch.set_grad_enabled(False)

@@ -155,10 +155,9 @@ def dequantize(qweight: Tensor, scales: Tensor, qzeros: Tensor, g_idx: Tensor, g
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     out = torch.empty(k, n, dtype=dtype, device=qweight.device)
     block_n = 64
-    with kernels.launching_on(out):
-        _dequantize_kernel[(triton.cdiv(k, BLOCK_K), triton.cdiv(n, block_n))](
-            qweight, scales, qzeros, g_idx, out, n, k, GROUP_SIZE=group_size, ACT_ORDER=act_order, BLOCK_K=BLOCK_K,
-            BLOCK_N=block_n, enable_fp_fusion=kernels.FP_FUSION)
+    kernels.launch(_dequantize_kernel, (triton.cdiv(k, BLOCK_K), triton.cdiv(n, block_n)), out, qweight, scales,
+                   qzeros, g_idx, out, n, k, GROUP_SIZE=group_size, ACT_ORDER=act_order, BLOCK_K=BLOCK_K,
+                   BLOCK_N=block_n)
     return out
 
 
@@ -181,11 +180,9 @@ def gptq_matmul(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor, g_id
         return out
     tile = tile or tile_for(m)
     grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)
-    with kernels.launching_on(x):
-        _matmul_kernel[grid](x, qweight, scales, qzeros, g_idx, bias if bias is not None else scales, out, m, n, k,
-                             x.stride(0), out.stride(0), GROUP_SIZE=group_size, ACT_ORDER=act_order,
-                             HAS_BIAS=bias is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                             BLOCK_K=BLOCK_K, GROUP_M=8, WEIGHTS_FIRST=tile.weights_first, K_STEPS=tile.k_steps,
-                             num_warps=tile.warps, num_stages=tile.stages,
-                             enable_fp_fusion=kernels.FP_FUSION)
+    kernels.launch(_matmul_kernel, grid, x, x, qweight, scales, qzeros, g_idx, bias if bias is not None else scales,
+                   out, m, n, k, x.stride(0), out.stride(0), GROUP_SIZE=group_size, ACT_ORDER=act_order,
+                   HAS_BIAS=bias is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=BLOCK_K,
+                   GROUP_M=8, WEIGHTS_FIRST=tile.weights_first, K_STEPS=tile.k_steps, num_warps=tile.warps,
+                   num_stages=tile.stages)
     return out

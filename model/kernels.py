@@ -27,18 +27,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-def launching_on(x: Tensor):
-    """Launch on x's GPU: Triton takes the current device's stream, which is GPU 0 unless set."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+# Every launch asks for FMA contraction (a * b + c in one rounding) itself rather than taking Triton's default,
+# which Triton 3.10 turns off: a Triton upgrade must not move the last bits a kernel gives.
+FP_FUSION = True
+
+
+def launch(kernel, grid: tuple, on: Tensor, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) on `on`'s GPU (Triton takes the current device's stream, which is GPU 0
+    unless set), with FMA contraction pinned (FP_FUSION): every Triton launch of the model goes through here."""
+    with torch.cuda.device(on.device) if on.is_cuda else contextlib.nullcontext():
+        kernel[grid](*args, enable_fp_fusion=FP_FUSION, **kwargs)
 
 
 BLOCK_K = 64  # the one K step of every matmul: the reduction order of a dot product
 ATTN_BLOCK_N = 64  # the one key-block size of attention
 DECODE_SPLIT = 256  # keys per split of decode attention: a long cache is read by many programs at batch 1
 DECODE_BLOCK_N = 64  # keys per step inside a split
-# Every launch asks for FMA contraction (a * b + c in one rounding) itself rather than taking Triton's default,
-# which Triton 3.10 turns off: a Triton upgrade must not move the last bits a kernel gives.
-FP_FUSION = True
 
 
 # ---- matmul -------------------------------------------------------------------------------------------
@@ -103,12 +107,10 @@ def matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: tuple | 
         return out.view(*x.shape[:-1], N)
     block_m, block_n, warps, stages = tile or matmul_tile(M)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-    with launching_on(x):
-        _matmul_kernel[grid](a, weight, bias if bias is not None else weight, out, M, N, K, a.stride(0), a.stride(1),
-                             weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-                             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
-                             BLOCK_N=block_n, BLOCK_K=BLOCK_K, GROUP_M=8, num_warps=warps, num_stages=stages,
-                             enable_fp_fusion=FP_FUSION)
+    launch(_matmul_kernel, grid, x, a, weight, bias if bias is not None else weight, out, M, N, K, a.stride(0),
+           a.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
+           IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, GROUP_M=8,
+           num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], N)
 
 
@@ -172,11 +174,9 @@ def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) ->
     out = torch.empty_like(rows)
     if rows.shape[0]:
         D = rows.shape[1]
-        with launching_on(x):
-            _add_rms_norm_kernel[(rows.shape[0],)](rows, deltas, weight, total, out, rows.stride(0), deltas.stride(0),
-                                                   total.stride(0), out.stride(0), D, eps, HAS_DELTA=delta is not None,
-                                                   BLOCK=triton.next_power_of_2(D), num_warps=8,
-                                                   enable_fp_fusion=FP_FUSION)
+        launch(_add_rms_norm_kernel, (rows.shape[0],), x, rows, deltas, weight, total, out, rows.stride(0),
+               deltas.stride(0), total.stride(0), out.stride(0), D, eps, HAS_DELTA=delta is not None,
+               BLOCK=triton.next_power_of_2(D), num_warps=8)
     return (x if delta is None else total.view(x.shape)), out.view(x.shape)
 
 
@@ -236,11 +236,9 @@ def rope_qkv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, q_scale:
     else:
         cache_k, cache_v, rows, slots, cache_strides, slot_strides = k, v, cos, cos, (0, 0, 0), (0, 0)
     if B * T:
-        with launching_on(q):
-            _rope_qkv_kernel[(B * T, 2 * H)](q, k, v, cos, sin, scale, q_out, k_out, cache_k, cache_v, rows, slots, H, T,
-                                             q.stride(1), k.stride(1), v.stride(1), D, *cache_strides, *slot_strides,
-                                             HAS_SCALE=q_scale is not None, STORE=store is not None, D=D,
-                                             enable_fp_fusion=FP_FUSION)
+        launch(_rope_qkv_kernel, (B * T, 2 * H), q, q, k, v, cos, sin, scale, q_out, k_out, cache_k, cache_v, rows,
+               slots, H, T, q.stride(1), k.stride(1), v.stride(1), D, *cache_strides, *slot_strides,
+               HAS_SCALE=q_scale is not None, STORE=store is not None, D=D)
     return q_out, k_out
 
 
@@ -258,8 +256,7 @@ def swiglu(up: Tensor, gate: Tensor) -> Tensor:
     out = torch.empty_like(up)
     n = up.numel()
     if n:
-        with launching_on(up):
-            _swiglu_kernel[(triton.cdiv(n, 1024),)](up, gate, out, n, BLOCK=1024, enable_fp_fusion=FP_FUSION)
+        launch(_swiglu_kernel, (triton.cdiv(n, 1024),), up, up, gate, out, n, BLOCK=1024)
     return out
 
 
@@ -362,14 +359,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Tensor, p
     assert k.stride(-1) == v.stride(-1) == pk.stride(-1) == pv.stride(-1) == q.stride(-1) == 1
     out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(T, block_m), B * H)
-    with launching_on(q):
-        _attention_kernel[grid](q, k, v, key_pos, pk, pv, q_pos, out, T, S, P, H, D ** -0.5, window or 0,
-                                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                                v.stride(0), v.stride(1), v.stride(2), key_pos.stride(0), pk.stride(0), pk.stride(1),
-                                pv.stride(0), pv.stride(1), q_pos.stride(0),
-                                out.stride(0), out.stride(1), out.stride(2),
-                                ALIGNED=aligned, IEEE=q.dtype == torch.float32, D=D, BLOCK_M=block_m,
-                                BLOCK_N=ATTN_BLOCK_N, num_warps=4, num_stages=2, enable_fp_fusion=FP_FUSION)
+    launch(_attention_kernel, grid, q, q, k, v, key_pos, pk, pv, q_pos, out, T, S, P, H, D ** -0.5, window or 0,
+           q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+           v.stride(0), v.stride(1), v.stride(2), key_pos.stride(0), pk.stride(0), pk.stride(1),
+           pv.stride(0), pv.stride(1), q_pos.stride(0), out.stride(0), out.stride(1), out.stride(2),
+           ALIGNED=aligned, IEEE=q.dtype == torch.float32, D=D, BLOCK_M=block_m, BLOCK_N=ATTN_BLOCK_N,
+           num_warps=4, num_stages=2)
     return out
 
 
@@ -457,13 +452,11 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, key_pos: Tensor, q_pos: Te
     out = torch.empty(B, 1, H, D, dtype=q.dtype, device=q.device)
     strides = (q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                key_pos.stride(0), pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1), q_pos.stride(0))
-    with launching_on(q):
-        for rows, first, count in ((16, 0, n_shared), (1, n_shared, n_split - n_shared)):
-            if count:
-                _decode_split_kernel[(count, triton.cdiv(B, rows) * H)](
-                    q, k, v, key_pos, pk, pv, q_pos, parts, S, P, B, H, D ** -0.5, window or 0, n_split, first,
-                    *strides, ROWS=rows, IEEE=q.dtype == torch.float32, D=D, BLOCK_N=DECODE_BLOCK_N,
-                    SPLIT=DECODE_SPLIT, num_warps=4, num_stages=2, enable_fp_fusion=FP_FUSION)
-        _decode_combine_kernel[(B * H,)](parts, out, H, n_split, out.stride(0), out.stride(2), D=D, num_warps=1,
-                                         enable_fp_fusion=FP_FUSION)
+    for rows, first, count in ((16, 0, n_shared), (1, n_shared, n_split - n_shared)):
+        if count:
+            launch(_decode_split_kernel, (count, triton.cdiv(B, rows) * H), q, q, k, v, key_pos, pk, pv, q_pos, parts,
+                   S, P, B, H, D ** -0.5, window or 0, n_split, first, *strides, ROWS=rows,
+                   IEEE=q.dtype == torch.float32, D=D, BLOCK_N=DECODE_BLOCK_N, SPLIT=DECODE_SPLIT, num_warps=4,
+                   num_stages=2)
+    launch(_decode_combine_kernel, (B * H,), q, parts, out, H, n_split, out.stride(0), out.stride(2), D=D, num_warps=1)
     return out

@@ -51,8 +51,8 @@ SLOW_TESTS = {"test_all_canonical_solutions_pass", "test_parallel_results_equal_
 
 @pytest.fixture
 def launches_pin_fp_fusion(monkeypatch):
-    """Every Triton launch in the interpreter asks for FMA contraction itself (model.kernels.FP_FUSION), so a
-    Triton release that changes the default (3.10 turns it off) does not move a kernel's last bits."""
+    """Every Triton launch in the interpreter asks for FMA contraction itself (model.kernels.launch pins
+    FP_FUSION), so a Triton release that changes the default (3.10 turns it off) does not move a kernel's bits."""
     interpreter = pytest.importorskip("triton.runtime.interpreter")
     run = interpreter.InterpretedFunction.run
 
